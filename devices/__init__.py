@@ -1,0 +1,1 @@
+"""Device profiles, shipped as YAML data (installed as ``edgepeft.devices``)."""

@@ -1,0 +1,100 @@
+"""Atomic writes: everything lands under a temp name in the destination dir, then renames.
+
+A crash or SIGKILL leaves only ``.edgepeft-tmp-*`` names behind, never a partial file
+under the final name, and never touches what an earlier run wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from edgepeft.errors import EdgepeftError
+
+TMP_PREFIX = ".edgepeft-tmp-"
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise EdgepeftError(f"--out {path} is a file, expected a directory", "Pass a directory path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgepeftError(f"cannot create output directory {path}: {e.strerror}",
+                            "Choose a directory you can write to") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise EdgepeftError(f"output directory {path} is not writable", "Choose a directory you can write to")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path next to ``final``; rename onto ``final`` only if the block succeeds."""
+    final = Path(final)
+    ensure_writable_dir(final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix or final.suffix, dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        _fsync(tmp_path)
+        os.replace(tmp_path, final)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temp directory next to ``final``; it replaces ``final`` only on success."""
+    final = Path(final)
+    ensure_writable_dir(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f"{TMP_PREFIX}old-{final.name}-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_bytes(final: Path, data: bytes) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(final: Path, text: str) -> None:
+    write_bytes(final, text.encode())
+
+
+def write_json(final: Path, obj) -> None:
+    write_text(final, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def _fsync(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    except OSError:
+        pass
+
+
+def clean_stale_temps(directory: Path) -> None:
+    """Remove temp files a killed run left behind (never final names)."""
+    for p in Path(directory).glob(TMP_PREFIX + "*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)

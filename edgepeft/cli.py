@@ -1,0 +1,51 @@
+"""The ``edgepeft`` command line.
+
+The root imports nothing heavy: each subcommand lives in ``edgepeft/commands/<name>.py``
+and is imported only when it is invoked (or when ``--help`` lists it), so ``edgepeft
+bench`` on a Jetson never imports bitsandbytes and ``edgepeft --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from edgepeft import __version__
+
+# name -> module under edgepeft.commands exposing ``command`` (a click.Command).
+COMMANDS: dict[str, str] = {
+    "inspect": "inspect",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        mod = COMMANDS.get(name)
+        if mod is None:
+            return None
+        return importlib.import_module(f"edgepeft.commands.{mod}").command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgepeft")
+def cli():
+    """Train, export, benchmark and ship quantized LoRA adapters for edge devices."""
+
+
+def main(argv=None):
+    import sys
+    import warnings
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--debug" not in args:
+        # Library chatter (bitsandbytes, transformers) must not bury the one-line errors.
+        warnings.simplefilter("ignore")
+    cli.main(args=args, prog_name="edgepeft")
+
+
+if __name__ == "__main__":
+    main()

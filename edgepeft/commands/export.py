@@ -1,0 +1,52 @@
+"""edgepeft export --format gguf|onnx ..."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from edgepeft.ui import edgepeft_command, print_json
+
+# format -> module under edgepeft.export exposing ``export(request) -> dict`` (the result record).
+WRITERS = {"gguf": "edgepeft.export.gguf", "onnx": "edgepeft.export.onnx"}
+
+
+@edgepeft_command("export", json_option=True)
+@click.option("--format", "fmt", default="gguf", show_default=True, help="gguf | onnx")
+@click.option("--base", required=True, help="Base model: HF folder, .gguf, hub id, or alias (smollm2-135m).")
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(), help="PEFT adapter folder (repeatable).")
+@click.option("--name", "names", multiple=True, help="Name for each --adapter, in order (default: folder name).")
+@click.option("--mode", default="merged", show_default=True, help="merged | separate")
+@click.option("--quant", default=None, help="gguf: f32 f16 bf16 q8_0 q4_0 q4_k_m q5_k_m q6_k; onnx: int4 int8 fp16 fp32")
+@click.option("--adapter-type", default="f16", show_default=True, help="GGUF adapter tensors: f16 | q8_0")
+@click.option("--prune", default=None, help="energy=0.99 | rank=8 | size=2MB, optionally ,drop=1e-4")
+@click.option("--merge-into", default="auto", show_default=True, help="auto | dequantized | original")
+@click.option("--calib", type=click.Path(), default=None, help="JSONL calibration set for --merge-into auto.")
+@click.option("--force", is_flag=True, help="Accept an adapter whose recorded base fingerprint differs (shapes are still checked).")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading a pickle (.bin) adapter. Unsafe with untrusted files.")
+@click.option("--no-verify", is_flag=True, help="Skip the parity check against the PyTorch reference.")
+@click.option("--block-size", default=32, show_default=True, type=int, help="onnx int4 block size")
+@click.option("--accuracy-level", default=4, show_default=True, type=int, help="onnx MatMulNBits accuracy level")
+@click.option("--target", default="cpu", show_default=True, help="onnx target: cpu | cuda | qnn-htp")
+@click.option("--device", default=None, help="Device profile name or YAML path (onnx qnn-htp).")
+@click.option("--adapter-quant", is_flag=True, help="onnx: also int4-quantize LoRA matmuls.")
+@click.option("--out", required=True, type=click.Path(), help="Output directory.")
+def command(fmt, base, adapters, names, mode, quant, adapter_type, prune, merge_into, calib, force, allow_pickle,
+            no_verify, block_size, accuracy_level, target, device, adapter_quant, out, as_json):
+    """Prune/merge an adapter and write GGUF or ONNX artifacts, verified against PyTorch."""
+    from edgepeft.export.request import ExportRequest
+
+    req = ExportRequest(format=fmt, base=base, adapters=list(adapters), names=list(names), out=out, mode=mode,
+                        quant=quant, adapter_type=adapter_type, prune=prune, merge_into=merge_into, calib=calib,
+                        force=force, allow_pickle=allow_pickle, verify=not no_verify, block_size=block_size,
+                        accuracy_level=accuracy_level, target=target, device=device, adapter_quant=adapter_quant)
+    writer = importlib.import_module(WRITERS[req.format])
+    result = writer.export(req)
+    if as_json:
+        print_json(result)
+    else:
+        from edgepeft.ui import info
+
+        for f in result.get("files", []):
+            info(f"wrote {f}")

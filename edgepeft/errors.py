@@ -1,0 +1,39 @@
+"""User-facing errors.
+
+Every problem a user can fix is an :class:`EdgepeftError`: the CLI prints it as one
+line (what was asked, what was found, how to fix it) and exits with status 2.
+Anything else is a bug and keeps its traceback under ``--debug``.
+"""
+
+from __future__ import annotations
+
+EXIT_USAGE = 2
+
+
+class EdgepeftError(Exception):
+    """A problem with the user's input or environment, reported as one line."""
+
+    def __init__(self, problem: str, fix: str | None = None):
+        self.problem = problem.rstrip(".")
+        self.fix = fix
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        return f"{self.problem}. {self.fix}" if self.fix else f"{self.problem}."
+
+
+class ConfigError(EdgepeftError):
+    """A config field got a value outside what it allows."""
+
+    def __init__(self, field: str, value, allowed: str, source: str | None = None):
+        where = f" in {source}" if source else ""
+        super().__init__(f"{field}={value!r}{where} is not allowed", f"Allowed: {allowed}")
+        self.field = field
+
+
+class MismatchError(EdgepeftError):
+    """An adapter or artifact does not fit the base it is paired with."""
+
+
+class IntegrityError(EdgepeftError):
+    """A file is truncated, corrupt, or fails its hash check."""

@@ -1,0 +1,1 @@
+"""Adapter surgery and format writers (installed as ``edgepeft.export``)."""

@@ -1,0 +1,68 @@
+"""ExportRequest: the typed, self-validating config behind ``edgepeft export``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgepeft.errors import ConfigError
+
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+ONNX_QUANTS = ("int4", "int8", "fp16", "fp32")
+FORMATS = ("gguf", "onnx")
+MODES = ("merged", "separate")
+MERGE_INTO = ("auto", "dequantized", "original")
+ONNX_TARGETS = ("cpu", "cuda", "qnn-htp")
+
+
+@dataclass
+class ExportRequest:
+    format: str
+    base: str
+    adapters: list[Path]
+    out: Path
+    mode: str = "merged"
+    quant: str | None = None  # default per format: q4_k_m / int4
+    adapter_type: str = "f16"  # GGUF adapter tensor type: f16 | q8_0
+    prune: str | None = None  # e.g. "energy=0.99", "rank=8", "size=2MB", "drop=1e-4" (comma-joined)
+    merge_into: str = "auto"
+    calib: Path | None = None
+    names: list[str] = field(default_factory=list)  # --name per adapter
+    force: bool = False  # override the fingerprint check only (never shapes)
+    allow_pickle: bool = False
+    verify: bool = True  # run the artifact against the PyTorch reference after writing
+    # ONNX
+    block_size: int = 32
+    accuracy_level: int = 4
+    target: str = "cpu"
+    device: str | None = None
+    adapter_quant: bool = False
+    static_shapes: bool = True
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ConfigError("--format", self.format, ", ".join(FORMATS))
+        if self.mode not in MODES:
+            raise ConfigError("--mode", self.mode, ", ".join(MODES))
+        if self.merge_into not in MERGE_INTO:
+            raise ConfigError("--merge-into", self.merge_into, ", ".join(MERGE_INTO))
+        quants = GGUF_QUANTS if self.format == "gguf" else ONNX_QUANTS
+        if self.quant is None:
+            self.quant = "q4_k_m" if self.format == "gguf" else "int4"
+        self.quant = self.quant.lower()
+        if self.quant not in quants:
+            raise ConfigError("--quant", self.quant, f"for --format {self.format}: {', '.join(quants)}")
+        if self.adapter_type not in ("f16", "q8_0", "f32"):
+            raise ConfigError("--adapter-type", self.adapter_type, "f16, q8_0, f32")
+        if self.target not in ONNX_TARGETS:
+            raise ConfigError("--target", self.target, ", ".join(ONNX_TARGETS))
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise ConfigError("--block-size", self.block_size, "16, 32, 64, 128, 256")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError("--accuracy-level", self.accuracy_level, "0-4")
+        if self.names and len(self.names) != len(self.adapters):
+            raise ConfigError("--name", self.names, f"one --name per --adapter ({len(self.adapters)} given)")
+        if self.mode == "separate" and not self.adapters:
+            raise ConfigError("--mode", self.mode, "separate needs at least one --adapter")
+        self.out = Path(self.out)
+        self.adapters = [Path(a) for a in self.adapters]

@@ -1,0 +1,1 @@
+"""Runtime adapters for benchmarking (installed as ``edgepeft.runtimes``)."""

@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random models built from config with the real SmolLM2 tokenizer.
+
+The tokenizer comes from the embedded smollm2-135m GGUF (no network). Tiny models have
+2 layers and hidden size 64, GQA (4 query heads, 2 KV heads) so Q/K permutations and
+head grouping are exercised, and a larger-than-default init so logits are peaked and
+top-1 comparisons are meaningful.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.08)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real embedded base (dequantized once, then cached)."""
+    from edgepeft.models import resolve_base
+
+    return resolve_base("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(smollm2, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tokenizer")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(smollm2.path).save_pretrained(d)
+    return d
+
+
+def make_tiny(model_type: str, out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = AutoConfig.for_model(
+        model_type, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=(model_type == "qwen2"), torch_dtype="float32", **TINY)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
+    return make_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, tokenizer_dir) -> Path:
+    return make_tiny("qwen2", tmp_path_factory.mktemp("tiny-qwen2"), tokenizer_dir)
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny_model(request, tiny_llama, tiny_qwen2) -> Path:
+    return {"llama": tiny_llama, "qwen2": tiny_qwen2}[request.param]
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess (as a user would), capturing output."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "edgepeft", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=e, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Bad input: exit 2, one line on stderr naming the problem, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    err = proc.stderr.strip()
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("edgepeft: error: "), err
+    for n in needles:
+        assert n.lower() in err.lower(), (n, err)
