@@ -1,0 +1,258 @@
+"""Device profiles: typed, validated views of ``devices/*.yaml``.
+
+A profile says what a target can hold and run: memory, bandwidth (with where the number
+comes from), cores, which runtimes and execution providers with which options, which
+formats and quant types, and how to reach it. ``bench`` uses it to refuse an artifact that
+cannot work there before copying anything, and to pick execution providers.
+
+YAML is loaded with a loader that remembers the line of every key, so a bad value is
+reported as ``file:line: field=value is not allowed``.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgepeft.errors import ConfigError, EdgepeftError
+
+RUNTIME_NAMES = ("llama.cpp", "onnxruntime-genai", "onnxruntime")
+FORMATS = {
+    "gguf": ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q4_k_s", "q5_k_m", "q5_0", "q6_k"),
+    "onnx": ("fp32", "fp16", "int8", "int4", "qnn-ctx"),
+}
+REACH_KINDS = ("local", "ssh", "adb")
+# Part of memory the OS, display and other processes keep; the artifact plus KV cache must fit the rest.
+DEFAULT_USABLE_FRACTION = 0.75
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    gb_s: float
+    source: str
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    name: str
+    providers: tuple[str, ...] = ()  # execution providers / backends, in preference order
+    options: dict = field(default_factory=dict)  # runtime options, e.g. n_gpu_layers, n_threads
+    provider_options: dict = field(default_factory=dict)  # provider -> {option: value}
+    binaries: dict = field(default_factory=dict)  # remote llama-bench / llama-cli paths
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class Reach:
+    kind: str = "local"
+    uri: str | None = None  # ssh://user@host[:port] or adb://SERIAL
+    python: str = "python3"
+    workdir: str = "~/edgepeft-bench"
+    known_hosts: str | None = None
+    timeout_s: float = 20.0
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    description: str
+    memory_gb: float
+    bandwidth: Bandwidth
+    cores: int
+    runtimes: dict[str, RuntimeSpec]
+    formats: dict[str, tuple[str, ...]]
+    reach: Reach
+    arch: str = "x86_64"
+    usable_fraction: float = DEFAULT_USABLE_FRACTION
+    source: str = ""  # the YAML file it came from
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.memory_gb * self.usable_fraction * 1e9)
+
+    def runtime(self, name: str) -> RuntimeSpec:
+        if name not in self.runtimes:
+            raise EdgepeftError(f"device {self.name} has no runtime {name!r}",
+                                f"Runtimes on this device: {', '.join(self.runtimes) or 'none'}")
+        return self.runtimes[name]
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+class _LineDict(dict):
+    lines: dict
+    line: int
+
+
+def _loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        d = _LineDict(loader.construct_mapping(node, deep=True))
+        d.lines = {loader.construct_object(k, deep=True): k.start_mark.line + 1 for k, _ in node.value}
+        d.line = node.start_mark.line + 1
+        return d
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return Loader
+
+
+class _Fields:
+    """Read typed fields from one YAML mapping, raising ConfigError with file:line."""
+
+    def __init__(self, data, path: str, prefix: str = ""):
+        if not isinstance(data, dict):
+            raise EdgepeftError(f"{path}: {prefix or 'profile'} must be a mapping, got {type(data).__name__}",
+                                "See devices/x86-64-cpu.yaml for the layout")
+        self.data, self.path, self.prefix = data, path, prefix
+        self.seen: set[str] = set()
+
+    def where(self, key: str | None = None) -> str:
+        lines = getattr(self.data, "lines", {})
+        line = lines.get(key) if key is not None else None
+        return f"{self.path}:{line or getattr(self.data, 'line', '?')}"
+
+    def get(self, key: str, kind, default=..., allowed: str | None = None, check=None):
+        self.seen.add(key)
+        name = f"{self.prefix}{key}"
+        if key not in self.data:
+            if default is ...:
+                raise EdgepeftError(f"{self.where()}: missing required field {name!r}",
+                                    "See devices/x86-64-cpu.yaml for the layout")
+            return default
+        value = self.data[key]
+        ok = isinstance(value, kind) and not (kind in (int, float, (int, float)) and isinstance(value, bool))
+        if ok and check is not None:
+            ok = check(value)
+        if not ok:
+            raise ConfigError(name, value, allowed or _kind_name(kind), source=self.where(key))
+        return value
+
+    def done(self):
+        extra = [k for k in self.data if k not in self.seen]
+        if extra:
+            k = extra[0]
+            raise EdgepeftError(f"{self.where(k)}: unknown field {self.prefix}{k!r}",
+                                f"Allowed here: {', '.join(sorted(self.seen))}")
+
+
+def _kind_name(kind) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return {str: "a string", int: "an integer", float: "a number", dict: "a mapping", list: "a list",
+            bool: "true or false"}.get(kind, kind.__name__)
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def parse_profile(data, path: str) -> DeviceProfile:
+    f = _Fields(data, path)
+    name = f.get("name", str)
+    bw = _Fields(f.get("bandwidth", dict), path, "bandwidth.")
+    bandwidth = Bandwidth(float(bw.get("gb_s", (int, float), check=_positive, allowed="a number > 0")),
+                          bw.get("source", str))
+    bw.done()
+    runtimes = {}
+    for rname, spec in f.get("runtimes", dict).items():
+        if rname not in RUNTIME_NAMES:
+            raise ConfigError("runtimes", rname, ", ".join(RUNTIME_NAMES),
+                              source=f"{path}:{data['runtimes'].lines.get(rname, '?')}")
+        r = _Fields(spec if spec is not None else _LineDict(), path, f"runtimes.{rname}.")
+        runtimes[rname] = RuntimeSpec(
+            name=rname,
+            providers=tuple(r.get("providers", list, default=[])),
+            options=dict(r.get("options", dict, default={})),
+            provider_options=dict(r.get("provider_options", dict, default={})),
+            binaries=dict(r.get("binaries", dict, default={})),
+            notes=r.get("notes", str, default=""),
+        )
+        r.done()
+    formats = {}
+    for fmt, quants in f.get("formats", dict).items():
+        where = f"{path}:{data['formats'].lines.get(fmt, '?')}"
+        if fmt not in FORMATS:
+            raise ConfigError("formats", fmt, ", ".join(FORMATS), source=where)
+        if not isinstance(quants, list):
+            raise ConfigError(f"formats.{fmt}", quants, "a list of quant types", source=where)
+        for q in quants:
+            if q not in FORMATS[fmt]:
+                raise ConfigError(f"formats.{fmt}", q, ", ".join(FORMATS[fmt]), source=where)
+        formats[fmt] = tuple(quants)
+    rd = _Fields(f.get("reach", dict, default=_LineDict(kind="local")), path, "reach.")
+    reach = Reach(
+        kind=rd.get("kind", str, check=lambda v: v in REACH_KINDS, allowed=", ".join(REACH_KINDS)),
+        uri=rd.get("uri", str, default=None, check=lambda v: v.startswith(("ssh://", "adb://")),
+                   allowed="ssh://user@host[:port] or adb://SERIAL"),
+        python=rd.get("python", str, default="python3"),
+        workdir=rd.get("workdir", str, default="~/edgepeft-bench"),
+        known_hosts=rd.get("known_hosts", str, default=None),
+        timeout_s=float(rd.get("timeout_s", (int, float), default=20.0, check=_positive, allowed="a number > 0")),
+        notes=rd.get("notes", str, default=""),
+    )
+    rd.done()
+    prof = DeviceProfile(
+        name=name,
+        description=f.get("description", str),
+        memory_gb=float(f.get("memory_gb", (int, float), check=_positive, allowed="a number > 0")),
+        bandwidth=bandwidth,
+        cores=f.get("cores", int, check=_positive, allowed="an integer > 0"),
+        runtimes=runtimes,
+        formats=formats,
+        reach=reach,
+        arch=f.get("arch", str, default="x86_64", check=lambda v: v in ("x86_64", "arm64"),
+                   allowed="x86_64, arm64"),
+        usable_fraction=float(f.get("usable_fraction", (int, float), default=DEFAULT_USABLE_FRACTION,
+                                    check=lambda v: 0 < v <= 1, allowed="a number in (0, 1]")),
+        source=path,
+    )
+    f.done()
+    return prof
+
+
+def load_profile_file(path: Path) -> DeviceProfile:
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise EdgepeftError(f"cannot read device profile {path}: {e.strerror}", "Check the path") from e
+    try:
+        data = yaml.load(text, Loader=_loader())  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"{mark.line + 1}" if mark else "?"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise EdgepeftError(f"{path}:{line}: invalid YAML ({problem})", "Fix the YAML syntax") from e
+    return parse_profile(data, str(path))
+
+
+def shipped_profiles() -> dict[str, Path]:
+    root = importlib.resources.files("edgepeft.devices")
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def load_profile(spec: str) -> DeviceProfile:
+    """A profile by shipped name (``jetson-orin-nano-8gb``) or YAML path."""
+    p = Path(spec).expanduser()
+    if spec.endswith((".yaml", ".yml")) or p.is_file():
+        if not p.is_file():
+            raise EdgepeftError(f"device profile {spec} does not exist", "Check the path")
+        return load_profile_file(p)
+    known = shipped_profiles()
+    if spec not in known:
+        raise EdgepeftError(f"unknown device {spec!r}",
+                            f"Known devices: {', '.join(sorted(known))}, local, ssh://user@host[:port], "
+                            "adb://SERIAL, or a profile .yaml path")
+    return load_profile_file(known[spec])
+
+
+def local_profile_name() -> str:
+    return "arm64-cpu" if platform.machine().lower() in ("aarch64", "arm64") else "x86-64-cpu"
