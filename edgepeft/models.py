@@ -115,10 +115,10 @@ def resolve_base(spec: str | os.PathLike) -> ResolvedBase:
             return _resolve_gguf(spec, p, "gguf")
         raise EdgepeftError(f"--base {spec} is a file but not a .gguf",
                             "Pass a Hugging Face model folder, a .gguf file, or an alias: " + ", ".join(ALIASES))
+    if _HUB_ID.match(spec) and not spec.endswith(".gguf"):
+        return _resolve_hub(spec)
     if spec.endswith(".gguf") or os.sep in spec or spec.startswith("."):
         raise EdgepeftError(f"--base {spec} does not exist", "Check the path")
-    if _HUB_ID.match(spec):
-        return _resolve_hub(spec)
     raise EdgepeftError(f"unknown base {spec!r}: not a path, hub id or alias",
                         "Known aliases: " + ", ".join(ALIASES) + "; or pass a local model folder")
 
