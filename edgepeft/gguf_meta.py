@@ -8,7 +8,6 @@ reader is used for everything else.
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 from edgepeft.errors import IntegrityError
@@ -18,29 +17,11 @@ _MAX_TENSORS = 1 << 20
 _MAX_KV = 1 << 16
 
 
-def check_gguf(path: Path) -> None:
-    path = Path(path)
-    if path.is_dir():
-        raise IntegrityError(f"{path} is a directory, expected a .gguf file", "Pass the .gguf file itself")
-    size = path.stat().st_size
-    if size == 0:
-        raise IntegrityError(f"{path} is empty (0 bytes)", "Re-export or re-download it")
-    with open(path, "rb") as f:
-        head = f.read(24)
-    if len(head) < 24 or head[:4] != GGUF_MAGIC:
-        raise IntegrityError(f"{path} is not a GGUF file (magic {head[:4]!r})", "Pass a .gguf written by llama.cpp or edgepeft")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-    if version not in (2, 3):
-        raise IntegrityError(f"{path}: unsupported GGUF version {version}", "Re-export with a current llama.cpp/edgepeft")
-    if n_tensors > _MAX_TENSORS or n_kv > _MAX_KV:
-        raise IntegrityError(f"{path}: implausible GGUF header ({n_tensors} tensors, {n_kv} keys); the file is corrupt",
-                             "Re-export or re-download it")
-    reader = _reader(path)
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise IntegrityError(f"{path}: tensor {t.name} ends at byte {end} past the file end ({size}); it is truncated",
-                                 "Re-export or re-download it")
+def check_gguf(path: Path):
+    """Bounded header walk (edgepeft.security): magic, version, counts, every offset and size."""
+    from edgepeft.security import check_gguf_header
+
+    return check_gguf_header(path)
 
 
 def _reader(path: Path):
