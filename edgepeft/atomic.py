@@ -7,16 +7,32 @@ under the final name, and never touches what an earlier run wrote.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from edgepeft.errors import EdgepeftError
 
 TMP_PREFIX = ".edgepeft-tmp-"
+PAUSE_ENV = "EDGEPEFT_PAUSE_AT"
+
+
+def fault_point(name: str) -> None:
+    """Test hook for the kill tests: ``EDGEPEFT_PAUSE_AT="<glob>=<marker file>"`` makes the
+    process write the marker and sleep when it reaches a point whose name matches, so a test
+    can SIGKILL it at exactly that point. Without the variable this is one dict lookup."""
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    pattern, _, marker = spec.rpartition("=")
+    if fnmatch.fnmatchcase(name, pattern):
+        Path(marker).write_text(name)
+        time.sleep(3600)
 
 
 def ensure_writable_dir(path: Path) -> Path:
@@ -44,6 +60,7 @@ def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp_path
         _fsync(tmp_path)
+        fault_point(f"before-rename:{final.name}")
         os.replace(tmp_path, final)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -58,6 +75,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=final.parent))
     try:
         yield tmp
+        fault_point(f"before-rename:{final.name}")
         if final.exists():
             old = final.with_name(f"{TMP_PREFIX}old-{final.name}-{os.getpid()}")
             os.replace(final, old)
