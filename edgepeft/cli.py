@@ -16,6 +16,7 @@ from edgepeft import __version__
 # name -> module under edgepeft.commands exposing ``command`` (a click.Command).
 COMMANDS: dict[str, str] = {
     "inspect": "inspect",
+    "export": "export",
 }
 
 
