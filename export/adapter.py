@@ -1,0 +1,252 @@
+"""Load and validate a PEFT LoRA adapter against its base, producing an :class:`AdapterPlan`.
+
+Everything the writers cannot carry is refused here, once, with the reason and the exports
+that could carry it. Shapes are checked against the base's safetensors headers (no model
+load), and the base fingerprint recorded by ``edgepeft train`` in ``RUN_DIR/manifest.json``
+(the adapter folder's parent) is compared with the base we were given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from edgepeft.export.plan import AdapterPlan, LoraModule
+
+from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
+from edgepeft.fingerprint import read_safetensors_header, sha256_file, short
+from edgepeft.models import ResolvedBase
+
+SAFE_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+MANIFEST = "manifest.json"
+
+# "base_model.model.<target>.lora_A[.<adapter>].weight" / "...lora_embedding_A[.<adapter>]"
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<target>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                  r"(?:\.[^.]+)?(?:\.weight)?$")
+# PEFT init schemes that rewrite the base weights: the adapter only fits that rewritten base.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+
+_MERGE_HINT = ("only a merged export could carry it; merge with PEFT's merge_and_unload(), save_pretrained the result "
+               "and pass that folder as --base")
+
+
+def load_adapter(path, base: ResolvedBase, *, name: str | None = None, force: bool = False,
+                 allow_pickle: bool = False) -> AdapterPlan:
+    """Load the PEFT LoRA adapter in folder ``path`` and check it against ``base``."""
+    folder = Path(path)
+    config = _read_config(folder)
+    _refuse_unsupported_config(folder, config)
+    weights_file, tensors = _read_tensors(folder, allow_pickle)
+    groups = _group(folder, tensors, base, config.get("modules_to_save") or [])
+    base_shapes = {t.name: (t.shape, t) for t in base.tensors()}  # headers only, no weights read
+    modules = {}
+    for target in sorted(groups, key=natural_key):
+        a, b = groups[target]
+        _check_shapes(folder, target, a, b, base, base_shapes)
+        r = int(a.shape[0])
+        cfg_r, alpha = _rank_alpha(config, target)
+        if cfg_r != r:
+            raise IntegrityError(
+                f"adapter {folder}: {target} has rank {r} in its tensors but adapter_config.json says r={cfg_r}",
+                "The config and weights disagree; re-save the adapter with save_pretrained")
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        modules[target] = LoraModule(target=target, a=a, b=b, scale=float(scale), alpha=float(alpha))
+    if not modules:
+        raise EdgepeftError(f"adapter {folder} holds no LoRA tensors (no lora_A/lora_B weights)",
+                            "Pass the folder written by PeftModel.save_pretrained")
+    manifest = _read_manifest(folder)
+    recorded = manifest.get("base_fingerprint")
+    if recorded and recorded != base.fingerprint and not force:
+        raise MismatchError(
+            f"adapter {folder} was trained on base {short(recorded)} but --base {base.spec} is {short(base.fingerprint)}",
+            "Pass the base it was trained on, or --force if you know the weights are equivalent")
+    return AdapterPlan(name=name or _default_name(folder), modules=modules, adapter_sha256=sha256_file(weights_file),
+                       base_fingerprint=recorded or None, source=folder.resolve(),
+                       train_summary={k: v for k, v in manifest.items() if k != "base_fingerprint"})
+
+
+def load_adapters(paths, base: ResolvedBase, names=None, *, force: bool = False,
+                  allow_pickle: bool = False) -> list[AdapterPlan]:
+    """Several adapters for one base. Names default to the folder names and must be unique."""
+    paths = [Path(p) for p in paths]
+    names = list(names or [])
+    if names and len(names) != len(paths):
+        raise EdgepeftError(f"{len(names)} names given for {len(paths)} adapters", "Pass one --name per --adapter")
+    plans = [load_adapter(p, base, name=(names[i] if names else None), force=force, allow_pickle=allow_pickle)
+             for i, p in enumerate(paths)]
+    seen: dict[str, Path] = {}
+    for plan in plans:
+        if plan.name in seen:
+            raise EdgepeftError(f"two adapters are both named {plan.name!r} ({seen[plan.name]} and {plan.source})",
+                                "Give each a distinct --name")
+        seen[plan.name] = plan.source
+    return plans
+
+
+def natural_key(name: str):
+    """Model order: layers.2 before layers.10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _default_name(folder: Path) -> str:
+    folder = folder.resolve()
+    # a training run writes RUN_DIR/adapter: the run's name says more than "adapter"
+    return folder.parent.name if folder.name == "adapter" and folder.parent.name else folder.name
+
+
+def _read_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise EdgepeftError(f"adapter {folder} is not a directory", "Pass the folder written by PeftModel.save_pretrained")
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise EdgepeftError(f"{folder} is not a PEFT adapter (no adapter_config.json)",
+                            "Pass the folder written by PeftModel.save_pretrained")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise IntegrityError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno})", "Fix or re-save it") from e
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise EdgepeftError(f"adapter {folder} is a {peft_type or 'unknown'} adapter, edgepeft exports LoRA only",
+                            "Train a LoRA adapter (peft_type LORA)")
+    return config
+
+
+def _refuse_unsupported_config(folder: Path, cfg: dict) -> None:
+    if cfg.get("use_dora"):
+        raise EdgepeftError(f"adapter {folder} uses DoRA (use_dora=true): its magnitude vectors rescale whole weight "
+                            "columns, which neither GGUF nor ONNX LoRA adapters can express", _MERGE_HINT)
+    if cfg.get("lora_bias"):
+        raise EdgepeftError(f"adapter {folder} trains LoRA biases (lora_bias=true), which the adapter formats cannot carry",
+                            _MERGE_HINT)
+    if cfg.get("fan_in_fan_out"):
+        raise EdgepeftError(f"adapter {folder} has fan_in_fan_out=true (Conv1D layers), unsupported for llama/qwen2",
+                            "Train with nn.Linear targets (fan_in_fan_out=false)")
+    for key in ("layer_replication", "target_parameters", "trainable_token_indices"):
+        if cfg.get(key):
+            raise EdgepeftError(f"adapter {folder} uses {key}={cfg[key]!r}, which the exporters cannot carry", _MERGE_HINT)
+    init = str(cfg.get("init_lora_weights", "true")).lower()
+    if init.startswith(_BASE_REWRITING_INITS):
+        raise EdgepeftError(f"adapter {folder} was initialised with init_lora_weights={init!r}, which rewrites the base "
+                            "weights, so it does not fit the original base",
+                            "Save it with save_pretrained(path_initial_model_for_weight_conversion=...) to get a plain LoRA")
+
+
+def _read_tensors(folder: Path, allow_pickle: bool):
+    """Return (weights file, {key: fp32 tensor}). Pickle only when explicitly allowed."""
+    import torch
+
+    safe, pickled = folder / SAFE_NAME, folder / PICKLE_NAME
+    if safe.is_file():
+        read_safetensors_header(safe)  # named IntegrityError on a truncated/corrupt file
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(safe))
+        weights_file = safe
+    elif pickled.is_file():
+        if not allow_pickle:
+            raise EdgepeftError(f"adapter {folder} is a pickle file ({PICKLE_NAME}); edgepeft never unpickles by default",
+                                "Re-save with save_pretrained(safe_serialization=True), or pass --allow-pickle if you "
+                                "trust the file")
+        tensors = torch.load(pickled, map_location="cpu", weights_only=True)
+        weights_file = pickled
+    else:
+        raise EdgepeftError(f"adapter {folder} has no weights ({SAFE_NAME} missing)",
+                            "Pass the folder written by PeftModel.save_pretrained")
+    return weights_file, {k: v.float() for k, v in tensors.items()}
+
+
+def _group(folder: Path, tensors: dict, base: ResolvedBase, to_save: list[str]) -> dict[str, tuple]:
+    """{target: (a (r,in), b (out,r))} in nn.Linear orientation; refuse tensors we cannot carry."""
+    tied = bool(base.config.get("tie_word_embeddings", False))
+    parts: dict[str, dict] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        module = key.split(".modules_to_save.")[0].removeprefix("base_model.model.").removesuffix(".weight")
+        if ".modules_to_save." in key or (not m and any(module.split(".")[-1] == n or module == n for n in to_save)):
+            raise EdgepeftError(f"adapter {folder} saves a full copy of {module} (modules_to_save): the adapter formats "
+                                "carry only low-rank A/B pairs", _MERGE_HINT)
+        if ".base_layer." in key:
+            # PEFT saves the whole embedding matrix when embeddings are targeted; it must equal the base's.
+            _check_saved_base_layer(folder, key, t, base)
+            continue
+        if not m:
+            raise EdgepeftError(f"adapter {folder} has tensor {key}, which is not a LoRA A/B weight",
+                                "edgepeft exports plain LoRA adapters only; " + _MERGE_HINT)
+        target, kind = m["target"], m["kind"]
+        leaf = target.rsplit(".", 1)[-1]
+        if tied and (leaf == "lm_head" or "embed_tokens" in leaf):
+            raise EdgepeftError(
+                f"adapter {folder} puts LoRA on {target}, but the base ties its input and output embeddings, so the "
+                "update would change both at once",
+                "Only a merged GGUF export with an untied output.weight could carry it; retrain without "
+                f"{leaf} in target_modules")
+        if kind.startswith("lora_embedding"):
+            # nn.Embedding: ΔW (vocab, hidden) = (B @ A)ᵀ with A (r, vocab), B (hidden, r);
+            # normalise to ΔW = b @ a with a = Bᵀ (r, hidden), b = Aᵀ (vocab, r).
+            kind, t = ("lora_B", t.t()) if kind.endswith("A") else ("lora_A", t.t())
+        parts.setdefault(target, {})[kind] = t.contiguous()
+    groups = {}
+    for target, p in parts.items():
+        if set(p) != {"lora_A", "lora_B"}:
+            missing = ({"lora_A", "lora_B"} - set(p)).pop()
+            raise IntegrityError(f"adapter {folder}: {target} has no {missing} tensor", "Re-save the adapter")
+        groups[target] = (p["lora_A"], p["lora_B"])
+    return groups
+
+
+def _check_saved_base_layer(folder: Path, key: str, t, base: ResolvedBase) -> None:
+    from safetensors import safe_open
+
+    name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    entry = next((e for e in base.tensors() if e.name == name), None)
+    if entry is None or tuple(entry.shape) != tuple(t.shape):
+        raise EdgepeftError(f"adapter {folder} carries a full {name} of shape {tuple(t.shape)} that the base does not "
+                            "have (resized vocabulary?)", _MERGE_HINT)
+    with safe_open(str(entry.file), "pt") as f:
+        same = bool((f.get_tensor(name).float() == t).all())
+    if not same:
+        raise EdgepeftError(f"adapter {folder} carries a modified full copy of {name}", _MERGE_HINT)
+
+
+def _check_shapes(folder, target, a, b, base, base_shapes) -> None:
+    entry = base_shapes.get(target + ".weight")
+    if entry is None:
+        raise MismatchError(f"adapter {folder} targets {target}, but base {base.spec} has no tensor {target}.weight",
+                            "Pass the base the adapter was trained on")
+    want = tuple(entry[0])
+    if len(want) != 2 or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise MismatchError(f"adapter {folder}: {target} has A {tuple(a.shape)} and B {tuple(b.shape)}, which do not "
+                            f"form a LoRA update of {target}.weight {want}", "Pass the base it was trained on")
+    out_f, in_f = want
+    for tensor, dim, n, what in ((a, 1, in_f, "lora_A"), (b, 0, out_f, "lora_B")):
+        if tensor.shape[dim] != n:
+            raise MismatchError(f"adapter {folder}: {target}.{what} has shape {tuple(tensor.shape)}, but base "
+                                f"{target}.weight is {want}", "Pass the base the adapter was trained on")
+
+
+def _rank_alpha(cfg: dict, target: str) -> tuple[int, float]:
+    """PEFT's own rule (peft.utils.other.get_pattern_key): first pattern whose regex matches the key's tail."""
+    def lookup(patterns: dict, default):
+        for key, value in (patterns or {}).items():
+            if re.match(rf"(.*\.)?({key})$", target):
+                return value
+        return default
+
+    return int(lookup(cfg.get("rank_pattern"), cfg.get("r", 8))), float(lookup(cfg.get("alpha_pattern"),
+                                                                              cfg.get("lora_alpha", 8)))
+
+
+def _read_manifest(folder: Path) -> dict:
+    """The training run's manifest (RUN_DIR/manifest.json, RUN_DIR being the adapter's parent), if any."""
+    for candidate in (folder.resolve().parent / MANIFEST, folder / MANIFEST):
+        if candidate.is_file():
+            try:
+                data = json.loads(candidate.read_text())
+            except json.JSONDecodeError as e:
+                raise IntegrityError(f"{candidate} is not valid JSON ({e.msg})", "Fix or delete the manifest") from e
+            return data if isinstance(data, dict) else {}
+    return {}

@@ -1,0 +1,248 @@
+"""Merge adapters into their base: W' = W + Σ s·B·A, in fp32, written back in the base's dtype.
+
+Two merge targets:
+
+- ``original``: the 16/32-bit base as stored.
+- ``dequantized``: every weight that QLoRA training quantized (the decoder's nn.Linear layers;
+  transformers' bitsandbytes integration skips embeddings and lm_head) replaced by its NF4
+  round trip through bitsandbytes (blocksize 64, double quant), i.e. the weights the adapter
+  was actually trained against.
+
+``choose_merge_target`` (``--merge-into auto``) merges both ways, lets the writer quantize
+each to its target format and measure held-out loss, and keeps the better one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from edgepeft.export.plan import AdapterPlan
+
+from edgepeft import atomic
+from edgepeft.errors import EdgepeftError, MismatchError
+from edgepeft.models import ResolvedBase
+
+MERGE_TARGETS = ("original", "dequantized")
+NF4_BLOCKSIZE = 64  # bitsandbytes Params4bit default, what BitsAndBytesConfig(load_in_4bit=True) trains against
+MERGE_RECORD = "edgepeft-merge.json"
+# Files of ours in a cached base folder that must not travel into a merged copy.
+_SKIP_FILES = {".edgepeft-fingerprint.json", "edgepeft-source.json", MERGE_RECORD}
+
+
+def is_nf4_quantized(name: str, shape: tuple) -> bool:
+    """Would BitsAndBytesConfig(load_in_4bit=True) have quantized this tensor? (decoder Linear weights)"""
+    leaf = name.removesuffix(".weight").rsplit(".", 1)[-1]
+    return name.endswith(".weight") and len(shape) == 2 and leaf not in ("lm_head", "embed_tokens")
+
+
+def nf4_round_trip(w):
+    """W -> NF4 (blocksize 64, double-quantized absmax) -> fp32, exactly as QLoRA training sees it."""
+    import bitsandbytes.functional as bnbf
+
+    q, state = bnbf.quantize_4bit(w.float().contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=True,
+                                  quant_type="nf4")
+    return bnbf.dequantize_4bit(q, state).float()
+
+
+def merged_tensors(base: ResolvedBase, plans: Iterable[AdapterPlan], target: str = "original",
+                   ) -> Iterator[tuple[Path, dict]]:
+    """Yield (base weight file, {name: merged tensor in the base dtype}) one file at a time."""
+    import torch
+    from safetensors import safe_open
+
+    if target not in MERGE_TARGETS:
+        raise EdgepeftError(f"--merge-into {target!r} is not a merge target", f"Use one of: {', '.join(MERGE_TARGETS)}")
+    plans = list(plans)
+    deltas = _deltas_by_weight(plans)
+    found = set()
+    for wf in base.weight_files:
+        out = {}
+        with safe_open(str(wf), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                w = f.get_tensor(name)
+                dtype = w.dtype
+                touched = name in deltas or (target == "dequantized" and is_nf4_quantized(name, tuple(w.shape)))
+                if not touched:
+                    out[name] = w
+                    continue
+                w32 = nf4_round_trip(w) if target == "dequantized" and is_nf4_quantized(name, tuple(w.shape)) \
+                    else w.float()
+                for plan, module in deltas.get(name, ()):
+                    w32 = w32 + module.delta()
+                    found.add(name)
+                if not torch.isfinite(w32).all():
+                    who = ", ".join(p.name for p, _ in deltas.get(name, ())) or "no adapter"
+                    raise EdgepeftError(f"merging into {name.removesuffix('.weight')} gives NaN/Inf (adapter {who})",
+                                        "The adapter (or its scale) is broken; check its training loss, or export it "
+                                        "with --mode separate")
+                out[name] = w32.to(dtype)
+        yield wf, out
+    missing = sorted(set(deltas) - found)
+    if missing:
+        raise MismatchError(f"base {base.spec} has no tensor {missing[0]} to merge into",
+                            "Pass the base the adapter was trained on")
+
+
+def merged_state_dict(base: ResolvedBase, plans: Iterable[AdapterPlan], target: str = "original") -> dict:
+    """The whole merged model as one state dict (base dtype). For small models and tests."""
+    sd = {}
+    for _, tensors in merged_tensors(base, plans, target):
+        sd.update(tensors)
+    return sd
+
+
+def merge_into_folder(base: ResolvedBase, plans: Iterable[AdapterPlan], out_dir, target: str = "original") -> Path:
+    """Write a complete Hugging Face folder (config, tokenizer, safetensors in the base dtype) for the merged model.
+
+    The base's file layout is kept (same shard names, same index), so the folder loads with
+    ``from_pretrained`` and converts with any HF -> GGUF/ONNX tool. Written atomically.
+    """
+    from safetensors.torch import save_file
+
+    plans = list(plans)
+    out_dir = Path(out_dir)
+    with atomic.atomic_dir(out_dir) as tmp:
+        for wf, tensors in merged_tensors(base, plans, target):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / wf.name), metadata={"format": "pt"})
+        for src in base.path.iterdir():
+            if src.is_file() and src.suffix != ".safetensors" and src.name not in _SKIP_FILES:
+                shutil.copy2(src, tmp / src.name)
+        _clean_config(tmp / "config.json")
+        atomic.write_json(tmp / MERGE_RECORD, {
+            "target": target,
+            "base": base.spec,
+            "base_fingerprint": base.fingerprint,
+            "adapters": [{"name": p.name, "adapter_sha256": p.adapter_sha256, "ranks": p.ranks,
+                          "pruned": p.prune_report is not None} for p in plans],
+        })
+    return out_dir
+
+
+def _clean_config(path: Path) -> None:
+    # a base loaded from a quantized checkpoint must not tell loaders the merged weights are quantized
+    cfg = json.loads(path.read_text())
+    if cfg.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _deltas_by_weight(plans: list[AdapterPlan]) -> dict[str, list]:
+    deltas: dict[str, list] = {}
+    for plan in plans:
+        for target, module in plan.modules.items():
+            deltas.setdefault(target + ".weight", []).append((plan, module))
+    return deltas
+
+
+# --- --merge-into auto -------------------------------------------------------------------------
+
+def choose_merge_target(base: ResolvedBase, plans: Iterable[AdapterPlan], evaluate_loss: Callable[[Path], float],
+                        *, keep: Path | None = None) -> tuple[str, dict[str, float]]:
+    """Merge into both targets, score each with ``evaluate_loss(merged_hf_folder)``, keep the lower loss.
+
+    The writer supplies ``evaluate_loss``: quantize the folder to its target format and return
+    held-out loss on the calibration set, so the choice accounts for the second quantization.
+    With ``keep``, the winning merged folder is moved there (saving a third merge). Ties go to
+    ``dequantized``, the weights the adapter was trained against.
+    """
+    plans = list(plans)
+    losses: dict[str, float] = {}
+    work = Path(tempfile.mkdtemp(prefix="edgepeft-merge-auto-"))
+    try:
+        for target in ("dequantized", "original"):
+            folder = merge_into_folder(base, plans, work / target, target=target)
+            losses[target] = float(evaluate_loss(folder))
+        chosen = min(("dequantized", "original"), key=lambda t: (losses[t], t != "dequantized"))
+        if keep is not None:
+            keep = Path(keep)
+            if keep.exists():
+                shutil.rmtree(keep)
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(work / chosen), str(keep))
+            record = keep / MERGE_RECORD
+            data = json.loads(record.read_text())
+            data["auto"] = {"chosen": chosen, "losses": losses}
+            atomic.write_json(record, data)
+        return chosen, losses
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def load_calibration(path=None, limit: int = 64) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs from a JSONL file: keys prompt/completion, or input/output, or text."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgepeftError(f"--calib {path} does not exist", "Pass a JSONL file with prompt/completion lines")
+    pairs = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EdgepeftError(f"--calib {path} line {i} is not JSON ({e.msg})", "One JSON object per line") from e
+        pair = _pair(row)
+        if pair is None:
+            raise EdgepeftError(f"--calib {path} line {i} has keys {sorted(row)}",
+                                "Each line needs prompt+completion, input+output, or text")
+        pairs.append(pair)
+        if len(pairs) >= limit:
+            break
+    if not pairs:
+        raise EdgepeftError(f"--calib {path} is empty", "Pass a JSONL file with prompt/completion lines")
+    return pairs
+
+
+def _pair(row) -> tuple[str, str] | None:
+    if not isinstance(row, dict):
+        return None
+    for p, c in (("prompt", "completion"), ("input", "output"), ("prompt", "response")):
+        if isinstance(row.get(p), str) and isinstance(row.get(c), str):
+            return row[p], row[c]
+    if isinstance(row.get("text"), str):
+        return "", row["text"]
+    return None
+
+
+def completion_loss(model, tokenizer, pairs: list[tuple[str, str]], max_len: int = 256) -> float:
+    """Mean NLL per completion token (prompt tokens are context only), PyTorch fp32."""
+    import torch
+
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for prompt, completion in pairs:
+            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+            c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+            ids = (p_ids + c_ids)[:max_len]
+            n_ctx = max(len(p_ids), 1)  # the first token has no prediction
+            if len(ids) <= n_ctx:
+                continue
+            x = torch.tensor([ids])
+            logits = model(input_ids=x).logits[0, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")[n_ctx - 1:]
+            total += float(nll.sum())
+            count += nll.numel()
+    if count == 0:
+        raise EdgepeftError("the calibration set has no completion tokens to score", "Pass non-empty completions")
+    return total / count
+
+
+def torch_loss_evaluator(pairs: list[tuple[str, str]], max_len: int = 256) -> Callable[[Path], float]:
+    """A default ``evaluate_loss`` for choose_merge_target: fp32 PyTorch, no second quantization."""
+
+    def evaluate(folder: Path) -> float:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(folder)
+        try:
+            return completion_loss(model, tok, pairs, max_len)
+        finally:
+            del model
+
+    return evaluate
