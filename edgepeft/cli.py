@@ -17,6 +17,8 @@ from edgepeft import __version__
 COMMANDS: dict[str, str] = {
     "inspect": "inspect",
     "export": "export",
+    "pack": "pack",
+    "verify": "verify",
 }
 
 
