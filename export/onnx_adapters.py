@@ -1,0 +1,238 @@
+"""Swappable LoRA for ONNX Runtime: overridable graph inputs plus ``.onnx_adapter`` files.
+
+The model builder emits a LoRA module as two float MatMuls whose weights are plain
+initializers (``model.layers.0.attn.q_proj.lora_A.MatMul.weight``, B already scaled).
+:func:`make_lora_inputs` turns each of those into an initializer that is *also* a graph
+input, renamed to the Hugging Face target (``model.layers.0.self_attn.q_proj.lora_A.weight``),
+with the rank dimension symbolic (``lora_r``) and a rank-0 default: with no adapter active
+A is (in, 0) and B is (0, out), so the LoRA branch adds exact zeros and the model is the
+plain base. This is what Olive's ExtractAdapters pass does (``make_inputs``,
+``dynamic_lora_r``, ``optional_inputs``); olive-ai itself pins an older ORT stack, so the
+rewrite is done here in a few lines of ``onnx``.
+
+An ``.onnx_adapter`` (``onnxruntime.AdapterFormat``) then holds, per module, A as (in, r)
+and scale·B as (r, out), named exactly like the graph inputs. Names and shapes are checked
+when the file is written and again by :func:`check_onnx_adapter_fits` before it is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
+
+RANK_DIM = "lora_r"
+MODEL_FILE = "model.onnx"
+ADAPTER_SUFFIX = ".onnx_adapter"
+
+# builder sub-block name -> Hugging Face module name (names as data, not string replaces)
+BUILDER_BLOCKS = {"attn": "self_attn", "mlp": "mlp"}
+_HF_BLOCKS = {v: k for k, v in BUILDER_BLOCKS.items()}
+_BUILDER_LORA = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<block>\w+)\.(?P<proj>\w+)\.lora_(?P<ab>[AB])\.MatMul\.weight$")
+_PARAM = re.compile(r"^(?P<target>.+)\.lora_(?P<ab>[AB])\.weight$")
+_HF_TARGET = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<block>\w+)\.(?P<proj>\w+)$")
+
+
+def param_name(target: str, ab: str) -> str:
+    """The graph input / adapter parameter name of one LoRA matrix ("A" or "B")."""
+    return f"{target}.lora_{ab}.weight"
+
+
+def builder_node(target: str, ab: str) -> str:
+    """The builder's node name for a LoRA MatMul (used to keep it out of int4 quantization)."""
+    m = _HF_TARGET.match(target)
+    if not m or m["block"] not in _HF_BLOCKS:
+        raise EdgepeftError(f"LoRA target {target} is not a decoder-layer projection the ONNX builder emits",
+                            "Target attention/MLP projections (q/k/v/o_proj, gate/up/down_proj)")
+    return f"/model/layers.{m['layer']}/{_HF_BLOCKS[m['block']]}/{m['proj']}/lora_{ab}/MatMul"
+
+
+def _hf_target(builder_init: str) -> tuple[str, str] | None:
+    m = _BUILDER_LORA.match(builder_init)
+    if not m:
+        return None
+    block = BUILDER_BLOCKS.get(m["block"], m["block"])
+    return f"model.layers.{m['layer']}.{block}.{m['proj']}", m["ab"]
+
+
+# ------------------------------------------------------------------ graph rewrite
+def make_lora_inputs(model_path: Path) -> dict[str, dict]:
+    """Rewrite ``model_path`` in place; return the slots ``{param: {"shape": [...], "dtype": ...}}``.
+
+    ``shape`` has ``None`` in the rank position. Raises if the builder left no float LoRA
+    MatMul to rewrite (e.g. it was quantized), since the adapters would then have no slot.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model_path = Path(model_path)
+    model = onnx.load(str(model_path), load_external_data=True)
+    g = model.graph
+    slots = {}
+    for init in g.initializer:
+        hit = _hf_target(init.name)
+        if hit is None:
+            continue
+        target, ab = hit
+        new = param_name(target, ab)
+        arr = numpy_helper.to_array(init)
+        rank_axis = 1 if ab == "A" else 0  # builder stores the MatMul weight transposed: A (in, r), B (r, out)
+        shape = list(arr.shape)
+        shape[rank_axis] = 0
+        init.CopyFrom(numpy_helper.from_array(arr.reshape(-1)[:0].reshape(shape), new))
+        dims = [d if i != rank_axis else RANK_DIM for i, d in enumerate(arr.shape)]
+        g.input.append(helper.make_tensor_value_info(new, init.data_type, dims))
+        slots[new] = {"shape": [None if i == rank_axis else int(d) for i, d in enumerate(arr.shape)],
+                      "dtype": helper.tensor_dtype_to_np_dtype(init.data_type).name, "target": target}
+    # the initializers were renamed in place above; point the consumers at the new names
+    old_names = {}
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            hit = _hf_target(name)
+            if hit is not None:
+                node.input[i] = param_name(*hit)
+                old_names[name] = node.input[i]
+            elif "lora_" in name and node.op_type == "MatMulNBits":
+                raise EdgepeftError(f"LoRA MatMul {node.name} was quantized to MatMulNBits, so it cannot take adapters",
+                                    "Export without --adapter-quant")
+    if not slots:
+        raise EdgepeftError(f"{model_path} has no float LoRA MatMul to turn into adapter inputs",
+                            "This is a bug in the ONNX export; rerun with --debug")
+    for vi in list(g.value_info):  # stale shape info for the old names would mislead shape inference
+        if vi.name in old_names:
+            g.value_info.remove(vi)
+    data = model_path.with_name(model_path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=data.name, size_threshold=1024)
+    return slots
+
+
+def model_slots(model_dir: Path) -> dict[str, dict]:
+    """The adapter slots of an exported model, read from its graph inputs (weights not loaded)."""
+    import onnx
+    from onnx import helper
+
+    path = Path(model_dir)
+    path = path / MODEL_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise EdgepeftError(f"{path} does not exist", "Pass the folder written by edgepeft export --format onnx")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise IntegrityError(f"cannot read ONNX model {path}: {type(e).__name__}", "Re-export it") from e
+    slots = {}
+    for vi in model.graph.input:
+        m = _PARAM.match(vi.name)
+        if not m:
+            continue
+        t = vi.type.tensor_type
+        shape = [None if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        slots[vi.name] = {"shape": shape, "dtype": helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                          "target": m["target"]}
+    return slots
+
+
+# ------------------------------------------------------------------ adapter files
+def plan_parameters(plan, slots: dict[str, dict]) -> dict:
+    """``{param: np.ndarray}`` for one AdapterPlan, checked against the model's slots."""
+    import numpy as np
+
+    params = {}
+    for target, mod in plan.modules.items():
+        a = mod.a.float().T.contiguous().numpy()  # (in, r)
+        b = (mod.b.float() * mod.scale).T.contiguous().numpy()  # (r, out); scale folded like the builder does
+        for ab, arr in (("A", a), ("B", b)):
+            name = param_name(target, ab)
+            slot = slots.get(name)
+            if slot is None:
+                raise MismatchError(f"adapter {plan.name}: module {target} has no LoRA slot in the ONNX base "
+                                    f"(no graph input {name})",
+                                    f"Export the base with this adapter among --adapter so the slot exists "
+                                    f"({len(slots) // 2} modules have slots)")
+            params[name] = arr.astype(np.dtype(slot["dtype"]))
+    check_parameters(params, slots, where=f"adapter {plan.name}")
+    return params
+
+
+def check_parameters(params: dict, slots: dict[str, dict], where: str) -> dict[str, int]:
+    """Names, dtypes and shapes of adapter parameters vs the model's slots; returns ranks per target."""
+    ranks: dict[str, int] = {}
+    for name in sorted(params):
+        arr = params[name]
+        slot = slots.get(name)
+        if slot is None:
+            hint = _nearest(name, slots)
+            raise MismatchError(f"{where}: parameter {name} is not an adapter input of the model"
+                                + (f" (closest: {hint})" if hint else ""),
+                                "Export the adapter against this base with edgepeft export --mode separate")
+        shape = list(arr.shape)
+        want = slot["shape"]
+        if len(shape) != len(want) or any(w is not None and w != s for w, s in zip(want, shape)):
+            shown = ["r" if w is None else w for w in want]
+            raise MismatchError(f"{where}: parameter {name} has shape {shape}, the model expects {shown}",
+                                "The adapter was made for a different base; re-export it against this one")
+        if str(arr.dtype) != slot["dtype"]:
+            raise MismatchError(f"{where}: parameter {name} is {arr.dtype}, the model expects {slot['dtype']}",
+                                "Re-export the adapter against this base")
+        rank = shape[want.index(None)]
+        target = slot["target"]
+        if ranks.setdefault(target, rank) != rank:
+            raise MismatchError(f"{where}: {target} has A and B of different ranks ({ranks[target]} vs {rank})",
+                                "Re-export the adapter")
+    for target in ranks:
+        for ab in "AB":
+            if param_name(target, ab) not in params:
+                raise MismatchError(f"{where}: {target} has only one of lora_A/lora_B", "Re-export the adapter")
+    return ranks
+
+
+def _nearest(name: str, slots) -> str | None:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(slots), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def write_onnx_adapter(params: dict, path: Path) -> None:
+    """Write ``{param: ndarray}`` as an ORT ``.onnx_adapter`` (the caller owns atomicity of ``path``)."""
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
+    fmt.export_adapter(str(path))
+
+
+def read_onnx_adapter(path: Path) -> dict:
+    """``{param: ndarray}`` from an ``.onnx_adapter`` file."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise EdgepeftError(f"adapter file {path} does not exist", "Check the path")
+    try:
+        fmt = ort.AdapterFormat.read_adapter(str(path))
+        return {k: v.numpy() for k, v in fmt.get_parameters().items()}
+    except Exception as e:
+        raise IntegrityError(f"{path} is not a readable .onnx_adapter ({type(e).__name__})",
+                             "Re-export it with edgepeft export --format onnx --mode separate") from e
+
+
+def check_onnx_adapter_fits(model_dir, adapter_path) -> dict:
+    """Load-time check: does ``adapter_path`` fit the ONNX model in ``model_dir``?
+
+    Returns ``{"adapter": path, "modules": n, "ranks": {target: r}}``; raises
+    :class:`MismatchError` naming the first parameter whose name, dtype or shape does not fit.
+    Runtimes and bundles call this before ``og.Adapters.load`` / ``ort.LoraAdapter.Load``,
+    whose own errors do not say which tensor is wrong.
+    """
+    slots = model_slots(Path(model_dir))
+    if not slots:
+        raise MismatchError(f"ONNX model in {model_dir} has no LoRA inputs, so {adapter_path} cannot be applied",
+                            "Export the base with --mode separate")
+    params = read_onnx_adapter(Path(adapter_path))
+    ranks = check_parameters(params, slots, where=f"adapter {adapter_path}")
+    return {"adapter": str(adapter_path), "modules": len(ranks), "ranks": ranks}
