@@ -20,6 +20,8 @@ from edgepeft.errors import EdgepeftError
 
 TMP_PREFIX = ".edgepeft-tmp-"
 PAUSE_ENV = "EDGEPEFT_PAUSE_AT"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def fault_point(name: str) -> None:
@@ -57,6 +59,7 @@ def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix or final.suffix, dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; final artifacts get normal permissions
     try:
         yield tmp_path
         _fsync(tmp_path)
@@ -73,6 +76,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     ensure_writable_dir(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
         fault_point(f"before-rename:{final.name}")

@@ -268,6 +268,41 @@ def _copy_hashed(src: Path, dst: Path) -> dict:
     return {"sha256": h.hexdigest(), "size": n}
 
 
+_SEAL_KEY = "manifest_sha256"
+_ZERO = "0" * 64
+
+
+def _seal_line(value: str) -> str:
+    return f'"{_SEAL_KEY}": "{value}"'
+
+
+def seal_manifest(manifest: dict) -> bytes:
+    """Serialize with ``manifest_sha256`` = sha256 of these very bytes (with the field zeroed),
+    so a one-byte change anywhere in manifest.json, even in whitespace, fails verify."""
+    import hashlib
+
+    body = {_SEAL_KEY: _ZERO, **{k: v for k, v in manifest.items() if k != _SEAL_KEY}}
+    raw = (json.dumps(body, indent=2, default=str) + "\n").encode()
+    digest = hashlib.sha256(raw).hexdigest()
+    manifest[_SEAL_KEY] = digest
+    return raw.replace(_seal_line(_ZERO).encode(), _seal_line(digest).encode(), 1)
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    atomic.write_bytes(root / MANIFEST, seal_manifest(manifest))
+
+
+def _check_seal(path: Path, raw: bytes, m: dict) -> None:
+    import hashlib
+
+    got = m.get(_SEAL_KEY)
+    line = _seal_line(str(got)).encode()
+    if not isinstance(got, str) or raw.count(line) != 1 or \
+            hashlib.sha256(raw.replace(line, _seal_line(_ZERO).encode())).hexdigest() != got:
+        raise IntegrityError(f"{path} fails its own hash check (manifest_sha256); it was edited or corrupted",
+                             "Re-pack the bundle with edgepeft pack")
+
+
 # --------------------------------------------------------------------------------- pack
 @dataclass
 class PackInput:
@@ -355,7 +390,7 @@ def _new_bundle(inp: PackInput, out: Path) -> dict:
         base_size = manifest["files"][rel]["size"]
         manifest["base"] = {"path": rel, **base_rec, "suits": _suits("gguf", base_rec["quant"], base_size, ["llama.cpp"])}
         _write_new_files(tmp, manifest, adapters, onnx)
-        atomic.write_json(tmp / MANIFEST, manifest)
+        write_manifest(tmp, manifest)
     return manifest
 
 
@@ -415,7 +450,7 @@ def _add_to_bundle(inp: PackInput, out: Path) -> dict:
     adapters, onnx = _plan(inp, read_gguf(out / base_rel), manifest["base_fingerprint"], taken)
     _write_new_files(out, manifest, adapters, onnx, final=True)
     manifest["edgepeft_version"] = __version__
-    atomic.write_json(out / MANIFEST, manifest)
+    write_manifest(out, manifest)
     return manifest
 
 
@@ -458,8 +493,9 @@ def read_manifest(root: Path) -> dict:
     mpath = root / MANIFEST
     if mpath.is_symlink() or not mpath.is_file():
         raise IntegrityError(f"bundle {root} has no {MANIFEST}", "Pass a folder written by edgepeft pack")
+    raw = mpath.read_bytes()
     try:
-        m = json.loads(mpath.read_text())
+        m = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IntegrityError(f"{mpath} is not valid JSON ({e})", "Re-pack the bundle") from e
     if not isinstance(m, dict) or m.get("manifest_version") != MANIFEST_VERSION:
@@ -469,6 +505,7 @@ def read_manifest(root: Path) -> dict:
     for key, kind in (("files", dict), ("base", dict), ("adapters", list), ("onnx", list), ("base_fingerprint", str)):
         if not isinstance(m.get(key), kind):
             raise IntegrityError(f"{mpath}: field {key!r} is missing or not a {kind.__name__}", "Re-pack the bundle")
+    _check_seal(mpath, raw, m)
     return m
 
 
