@@ -614,3 +614,20 @@ def verify_path(target: Path) -> CheckedBundle:
     if not target.exists():
         raise EdgepeftError(f"bundle {target} does not exist", "Check the path")
     return verify(target)
+
+
+# ------------------------------------------------------------------------------ inspect
+def is_bundle(p: Path) -> bool:
+    return (p.is_dir() and (p / MANIFEST).is_file()) or (p.is_file() and p.suffix == ".tar")
+
+
+def describe_bundle(p: Path) -> dict:
+    """``edgepeft inspect BUNDLE``: what is inside, after the full check."""
+    checked = verify_path(p)
+    m = checked.manifest
+    return {"kind": "bundle", "path": str(p), "verified": True, "base": m["base"]["path"],
+            "architecture": m["base"].get("architecture"), "quant": m["base"].get("quant"),
+            "fingerprint": m["base_fingerprint"], "adapters": [a["name"] for a in m["adapters"]],
+            "onnx": [o["name"] for o in m["onnx"]],
+            "files": {rel: f["size"] for rel, f in m["files"].items()},
+            "total_bytes": sum(f["size"] for f in m["files"].values()), "warnings": checked.warnings}

@@ -52,8 +52,21 @@ def describe_base(spec: str) -> dict:
     }
 
 
+def _is_bundle(p: Path) -> bool:
+    from edgepeft.bundle import is_bundle
+
+    return is_bundle(p)
+
+
+def _describe_bundle(p: Path) -> dict:
+    from edgepeft.bundle import describe_bundle
+
+    return describe_bundle(p)
+
+
 INSPECTORS: list[Inspector] = [
     (_is_gguf, describe_gguf),
+    (_is_bundle, _describe_bundle),
 ]
 
 

@@ -20,6 +20,8 @@ BASE_TENSORS = {"token_embd.weight": (32, HIDDEN), "output_norm.weight": (HIDDEN
 for _i in range(2):
     BASE_TENSORS[f"blk.{_i}.attn_q.weight"] = (HIDDEN, HIDDEN)
     BASE_TENSORS[f"blk.{_i}.attn_v.weight"] = (KV, HIDDEN)
+# shapes of projections the base does NOT have (for "target not in base" cases)
+OTHER_TENSORS = {f"blk.{i}.attn_k.weight": (KV, HIDDEN) for i in range(2)}
 
 
 def write_base(path: Path, fingerprint: str = FP_A, arch: str = "llama", seed: int = 0) -> Path:
@@ -57,7 +59,7 @@ def write_adapter(path: Path, fingerprint: str = FP_A, rank: int = 4, name: str 
         w.add_string(k, v)
     for i in range(2):
         for t in targets:
-            out, inp = BASE_TENSORS[f"blk.{i}.{t}.weight"]
+            out, inp = {**BASE_TENSORS, **OTHER_TENSORS}[f"blk.{i}.{t}.weight"]
             w.add_tensor(f"blk.{i}.{t}.weight.lora_a", rng.standard_normal((rank, inp)).astype(np.float32))
             w.add_tensor(f"blk.{i}.{t}.weight.lora_b",
                          rng.standard_normal((out_dim or out, b_rank or rank)).astype(np.float32))
