@@ -1,0 +1,409 @@
+"""``edgepeft export --format gguf``: merged or separate GGUF files that run unchanged in llama.cpp.
+
+Pipeline: resolve the base, load (and prune) the adapters into :class:`AdapterPlan` s, then
+
+- merged: W' = W + s·B·A (surgery's ``merged_tensors``), streamed into one GGUF;
+- separate: the base GGUF plus one LoRA GGUF per adapter, laid out exactly as llama.cpp's
+  ``convert_lora_to_gguf.py`` writes them (``<tensor>.lora_a`` (r, in), ``<tensor>.lora_b``
+  (out, r) with the Q/K row permutation, one ``adapter.lora.alpha`` per file).
+
+Block quantizations run llama.cpp's own quantizer over an F32/F16 intermediate written to a
+temp file in ``--out``. Every file carries ``edgepeft.*`` metadata (base fingerprint,
+adapter hash and name, settings) so :func:`check_adapter_fits` can refuse an adapter made for
+another base of the same shape, which llama.cpp itself would load silently. Every export ends
+by running the artifact in llama.cpp against the PyTorch reference (``export/gguf_verify.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from edgepeft import __version__, atomic
+from edgepeft.archs import Arch
+from edgepeft.errors import EdgepeftError, MismatchError
+from edgepeft.export import gguf_tensors as gt
+from edgepeft.export.plan import AdapterPlan
+from edgepeft.export.quantize import get_quant, quantize
+from edgepeft.fingerprint import short
+from edgepeft.ui import info
+
+RECORD_NAME = "gguf-export.json"
+ADAPTER_TYPES = ("f16", "q8_0", "f32")
+
+
+class EdgepeftKeys:
+    """Our metadata keys (gguf-py's ``Keys`` style), all under the ``edgepeft.`` prefix."""
+
+    VERSION = "edgepeft.version"
+    MODE = "edgepeft.mode"  # base | merged | adapter
+    BASE_FINGERPRINT = "edgepeft.base_fingerprint"  # sha256 over the ORIGINAL base weights
+    BASE_SPEC = "edgepeft.base"
+    QUANT = "edgepeft.quant"
+    ADAPTER_NAME = "edgepeft.adapter.name"
+    ADAPTER_SHA256 = "edgepeft.adapter.sha256"
+    ADAPTER_SCALE_FOLDED = "edgepeft.adapter.scale_folded"  # true when per-module scales were folded into B
+    ADAPTERS = "edgepeft.adapters"  # JSON list (merged files): name, sha256, ranks
+    MERGE = "edgepeft.merge"  # JSON: target, auto choice and losses
+    PRUNE = "edgepeft.prune"  # JSON: settings and report summary
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+def export(req) -> dict:
+    """Run one GGUF export described by an ``ExportRequest``; return the result record."""
+    from edgepeft.models import resolve_base
+
+    t0 = time.perf_counter()
+    quant = get_quant(req.quant)
+    if req.adapter_type not in ADAPTER_TYPES:
+        raise EdgepeftError(f"--adapter-type {req.adapter_type!r} is not a GGUF adapter type",
+                            f"Allowed: {', '.join(ADAPTER_TYPES)}")
+    base = resolve_base(req.base)
+    arch = base.arch  # refuses unsupported architectures with the supported list
+    base.require_tokenizer()
+    if not (base.path / "tokenizer.json").is_file():
+        raise EdgepeftError(f"base {req.base} has no tokenizer.json (GGUF export embeds the tokenizer)",
+                            "Save the fast tokenizer next to the weights: tokenizer.save_pretrained(folder)")
+    out = atomic.ensure_writable_dir(req.out)
+    plans = _load_plans(req, base)
+    _check_free_space(out, base, quant.name, req.mode)
+    record: dict = {"format": "gguf", "mode": req.mode, "quant": quant.name, "base": req.base,
+                    "base_fingerprint": base.fingerprint, "architecture": arch.model_type, "files": [],
+                    "adapters": [_plan_summary(p) for p in plans], "edgepeft_version": __version__}
+    if req.mode == "merged":
+        path, merge = write_merged(base, plans, out, quant.name, req.merge_into, req.calib)
+        record["files"].append(str(path))
+        record["merge"] = merge
+        if req.verify:
+            from edgepeft.export.gguf_verify import verify_merged
+
+            record["verify"] = verify_merged(path, merge["reference_folder"] or base.path, plans, merge["target"])
+        _cleanup_reference(merge)
+    else:
+        base_path = write_model(base, [], out / f"base-{quant.name}.gguf", quant.name)
+        record["files"].append(str(base_path))
+        record["adapter_files"] = []
+        for plan in plans:
+            apath, note = write_adapter(plan, base, out / adapter_filename(plan.name), req.adapter_type)
+            record["files"].append(str(apath))
+            record["adapter_files"].append({"name": plan.name, "path": str(apath), **note})
+        if req.verify:
+            from edgepeft.export.gguf_verify import verify_separate
+
+            record["verify"] = verify_separate(base_path, [Path(a["path"]) for a in record["adapter_files"]],
+                                               base.path, plans)
+    record["seconds"] = round(time.perf_counter() - t0, 2)
+    record["peak_rss_mb"] = _peak_rss_mb()
+    atomic.write_json(out / RECORD_NAME, record)
+    return record
+
+
+def adapter_filename(name: str) -> str:
+    return f"{name}.lora.gguf"
+
+
+# --- adapters in, plans out --------------------------------------------------------------------
+
+def _load_plans(req, base) -> list[AdapterPlan]:
+    if not req.adapters:
+        return []
+    from edgepeft.export.adapter import load_adapters
+
+    plans = load_adapters(req.adapters, base, req.names or None, force=req.force, allow_pickle=req.allow_pickle)
+    if req.prune:
+        from edgepeft.export import prune as prune_mod  # the surgery issue's pruner
+
+        plans = [prune_mod.prune(p, req.prune) for p in plans]
+    return plans
+
+
+def _plan_summary(p: AdapterPlan) -> dict:
+    ranks = sorted(set(p.ranks.values()))
+    return {"name": p.name, "adapter_sha256": p.adapter_sha256, "modules": len(p.modules), "ranks": ranks,
+            "source": str(p.source) if p.source else None, "pruned": p.prune_report is not None}
+
+
+# --- model files (base or merged) --------------------------------------------------------------
+
+def write_merged(base, plans, out: Path, quant: str, merge_into: str, calib) -> tuple[Path, dict]:
+    """Merge ``plans`` into ``base`` and write one GGUF. Returns (path, merge record)."""
+    name = "+".join(p.name for p in plans) or "base"
+    final = out / f"{name}-merged-{quant}.gguf"
+    merge = {"target": "original" if merge_into == "auto" and not plans else merge_into, "reference_folder": None}
+    if merge["target"] != "auto":
+        return write_model(base, plans, final, quant, merge_target=merge["target"], merge=merge), merge
+    from edgepeft.export.merge import choose_merge_target
+    from edgepeft.models import resolve_base
+
+    keep = Path(atomic.TMP_PREFIX + "merge")
+    keep = out / keep
+    pairs = _calibration_pairs(base, calib)
+    evaluate = _gguf_loss_evaluator(out, quant, pairs)
+    chosen, losses = choose_merge_target(base, plans, evaluate, keep=keep)
+    merge.update(target=chosen, auto={"chosen": chosen, "losses": losses, "calib_pairs": len(pairs)},
+                 reference_folder=keep)
+    info(f"merge-into auto: {chosen} (held-out loss after {quant}: "
+         + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()) + ")")
+    merged_base = resolve_base(str(keep))
+    path = write_model(merged_base, [], final, quant, merge=merge, fingerprint_of=base, adapters=plans)
+    return path, merge
+
+
+def _cleanup_reference(merge: dict) -> None:
+    folder = merge.pop("reference_folder", None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_model(base, plans, final: Path, quant: str, *, merge_target: str = "original", merge: dict | None = None,
+                fingerprint_of=None, adapters=None) -> Path:
+    """Stream ``base`` (+ merged ``plans``) into ``final``; block quants go through llama.cpp's quantizer."""
+    q = get_quant(quant)
+    if q.written_directly:
+        with atomic.atomic_path(final) as tmp:
+            _write_float_gguf(base, plans, tmp, q.name, merge_target, merge, fingerprint_of, adapters)
+        return final
+    inter = _intermediate_type(base)
+    with atomic.atomic_path(final) as tmp, scratch_file(final.parent, ".intermediate.gguf") as itmp:
+        _write_float_gguf(base, plans, itmp, inter, merge_target, merge, fingerprint_of, adapters, quant=q.name)
+        quantize(itmp, tmp, q.name)
+    return final
+
+
+@contextlib.contextmanager
+def scratch_file(directory: Path, suffix: str):
+    """A temp file in ``directory`` (same disk as the result) that is removed whatever happens."""
+    fd, name = tempfile.mkstemp(prefix=atomic.TMP_PREFIX, suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def _intermediate_type(base) -> str:
+    dtypes = {t.dtype for t in base.tensors()}
+    return "f16" if dtypes <= {"F16"} else "f32"
+
+
+def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: str, merge: dict | None,
+                      fingerprint_of, adapters, quant: str | None = None) -> None:
+    import gguf
+
+    from edgepeft.export.gguf_tokenizer import add_tokenizer
+    from edgepeft.export.merge import merged_tensors
+
+    arch: Arch = base.arch
+    cfg = base.config
+    float_type = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+                  "bf16": gguf.GGMLQuantizationType.BF16}[float_name]
+    file_type = gguf.LlamaFileType[get_quant(float_name).gguf_ftype]
+    outs = gt.base_tensor_plan(base, arch, float_type)
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gt.gguf_arch(arch)], use_temp_file=False)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(Path(str(cfg.get("_name_or_path") or base.spec)).name or base.spec)
+    gt.add_hparams(writer, cfg, arch, file_type)
+    add_tokenizer(writer, base.path, cfg["vocab_size"])
+    fp_base = fingerprint_of or base
+    adapters = adapters if adapters is not None else plans
+    _add_common_meta(writer, "merged" if adapters else "base", fp_base, quant or float_name)
+    if adapters:
+        writer.add_string(EdgepeftKeys.ADAPTERS, json.dumps([_plan_summary(p) for p in adapters]))
+        writer.add_string(EdgepeftKeys.MERGE, json.dumps({k: v for k, v in (merge or {"target": merge_target}).items()
+                                                          if k != "reference_folder"}, default=str))
+        prune = [p.prune_report for p in adapters if p.prune_report]
+        if prune:
+            writer.add_string(EdgepeftKeys.PRUNE, json.dumps(prune, default=str))
+    gt.declare(writer, outs)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    by_name = {o.hf_name: o for o in outs}
+    for _, tensors in merged_tensors(base, plans, merge_target):
+        for hf_name, w in tensors.items():
+            o = by_name.get(hf_name)
+            if o is None:
+                continue
+            writer.write_tensor_data(gt.encode(gt.permute_qk(w, hf_name, arch, cfg), o.qtype))
+        tensors.clear()
+    writer.close()
+
+
+def _add_common_meta(writer, mode: str, base, quant: str) -> None:
+    writer.add_string(EdgepeftKeys.VERSION, __version__)
+    writer.add_string(EdgepeftKeys.MODE, mode)
+    writer.add_string(EdgepeftKeys.BASE_FINGERPRINT, base.fingerprint)
+    writer.add_string(EdgepeftKeys.BASE_SPEC, str(base.spec))
+    writer.add_string(EdgepeftKeys.QUANT, quant)
+
+
+# --- adapter files -------------------------------------------------------------------------------
+
+def file_alpha(plan: AdapterPlan) -> float:
+    """One alpha per file (llama.cpp's rule): the most common configured module alpha."""
+    return Counter(m.alpha for m in plan.modules.values()).most_common(1)[0][0]
+
+
+def fold_factor(scale: float, rank: int, alpha: float) -> float:
+    """Multiplier on B so that llama.cpp's alpha/rank gives ``scale`` (rsLoRA, alpha_pattern, pruning)."""
+    f = scale * rank / alpha
+    return 1.0 if abs(f - 1.0) < 1e-6 else f
+
+
+def write_adapter(plan: AdapterPlan, base, final: Path, adapter_type: str = "f16") -> tuple[Path, dict]:
+    """One LoRA GGUF for ``plan``, laid out like convert_lora_to_gguf.py. Returns (path, notes)."""
+    import gguf
+
+    arch, cfg = base.arch, base.config
+    tmap = gt.name_map(arch, cfg["num_hidden_layers"])
+    want = {"f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32,
+            "q8_0": gguf.GGMLQuantizationType.Q8_0}[adapter_type]
+    alpha = file_alpha(plan)
+    fell_back, folded = [], []
+    tensors = []  # (name, encoded array, qtype)
+    for target, m in plan.modules.items():
+        g = gt.map_name(tmap, target + ".weight")
+        f = fold_factor(m.scale, m.rank, alpha)
+        b = m.b.float() * f if f != 1.0 else m.b.float()
+        if f != 1.0:
+            folded.append(target)
+        b = gt.permute_qk(b, target + ".weight", arch, cfg)
+        for suffix, t in ((".lora_a", m.a.float()), (".lora_b", b)):
+            qtype = want
+            if want == gguf.GGMLQuantizationType.Q8_0 and t.shape[-1] % 32:
+                qtype = gguf.GGMLQuantizationType.F16  # Q8_0 blocks are 32 wide along each row
+                fell_back.append(g + suffix)
+            tensors.append((g + suffix, gt.encode(t, qtype), qtype))
+    with atomic.atomic_path(final) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gt.gguf_arch(arch)], use_temp_file=False)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        writer.add_name(plan.name)
+        _add_common_meta(writer, "adapter", base, adapter_type)
+        writer.add_string(EdgepeftKeys.ADAPTER_NAME, plan.name)
+        writer.add_string(EdgepeftKeys.ADAPTER_SHA256, plan.adapter_sha256)
+        writer.add_bool(EdgepeftKeys.ADAPTER_SCALE_FOLDED, bool(folded))
+        if plan.prune_report:
+            writer.add_string(EdgepeftKeys.PRUNE, json.dumps(plan.prune_report, default=str))
+        for name, data, qtype in tensors:
+            writer.add_tensor(name, data, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    note = {"alpha": alpha, "scale_folded_modules": len(folded), "f16_fallback": fell_back,
+            "type": adapter_type, "bytes": final.stat().st_size}
+    if fell_back:
+        info(f"{plan.name}: {len(fell_back)} tensors kept in F16 (Q8_0 needs rows that are a multiple of 32)")
+    return final, note
+
+
+# --- load-time check ---------------------------------------------------------------------------
+
+def check_adapter_fits(base_gguf, adapter_gguf) -> dict:
+    """Refuse an adapter GGUF that does not belong to ``base_gguf``; return what was checked.
+
+    llama.cpp checks only architecture and shapes, so a same-shape adapter trained on another
+    base loads silently there. We compare the base fingerprints edgepeft recorded in both files;
+    shapes are checked too, so foreign (non-edgepeft) adapters still get llama.cpp's guarantees.
+    """
+    from gguf import GGUFReader
+
+    from edgepeft.gguf_meta import check_gguf, field_value
+
+    base_gguf, adapter_gguf = Path(base_gguf), Path(adapter_gguf)
+    check_gguf(base_gguf)
+    check_gguf(adapter_gguf)
+    rb, ra = GGUFReader(str(base_gguf)), GGUFReader(str(adapter_gguf))
+    if field_value(ra, "general.type") != "adapter":
+        raise MismatchError(f"{adapter_gguf.name} is not a LoRA adapter GGUF (general.type="
+                            f"{field_value(ra, 'general.type')!r})", "Pass an adapter written by --mode separate")
+    if field_value(rb, "general.type") == "adapter":
+        raise MismatchError(f"{base_gguf.name} is an adapter, not a base model", "Pass the base GGUF first")
+    if field_value(rb, EdgepeftKeys.MODE) == "merged":
+        raise MismatchError(f"{base_gguf.name} already has adapters merged into it",
+                            "Load adapters on the base GGUF from --mode separate")
+    arch_b, arch_a = field_value(rb, "general.architecture"), field_value(ra, "general.architecture")
+    if arch_b != arch_a:
+        raise MismatchError(f"adapter {adapter_gguf.name} is for architecture {arch_a} but base {base_gguf.name} "
+                            f"is {arch_b}", "Pass the base the adapter was exported with")
+    fp_b, fp_a = field_value(rb, EdgepeftKeys.BASE_FINGERPRINT), field_value(ra, EdgepeftKeys.BASE_FINGERPRINT)
+    if fp_a and fp_b and fp_a != fp_b:
+        name = field_value(ra, EdgepeftKeys.ADAPTER_NAME) or adapter_gguf.name
+        raise MismatchError(f"adapter {name} was exported for base {short(fp_a)} but {base_gguf.name} is base "
+                            f"{short(fp_b)}", "Pair it with the base GGUF exported next to it")
+    base_shapes = {t.name: tuple(int(x) for x in t.shape) for t in rb.tensors}
+    ranks = {}
+    for t in ra.tensors:
+        if not t.name.endswith((".lora_a", ".lora_b")):
+            continue
+        target = t.name[:-len(".lora_a")]
+        shape = base_shapes.get(target)
+        if shape is None:
+            raise MismatchError(f"adapter {adapter_gguf.name} has {t.name} but the base has no tensor {target}",
+                                "Pass the base the adapter was exported with")
+        ne = tuple(int(x) for x in t.shape)  # ggml order: ne[0] is the row length
+        if t.name.endswith(".lora_a") and ne[0] != shape[0]:
+            raise MismatchError(f"{t.name} has input size {ne[0]} but {target} takes {shape[0]}",
+                                "Pass the base the adapter was exported with")
+        if t.name.endswith(".lora_b") and ne[1] != shape[1]:
+            raise MismatchError(f"{t.name} has output size {ne[1]} but {target} gives {shape[1]}",
+                                "Pass the base the adapter was exported with")
+        ranks[target] = ne[1] if t.name.endswith(".lora_a") else ne[0]
+    return {"base": str(base_gguf), "adapter": str(adapter_gguf), "architecture": arch_b,
+            "fingerprint_checked": bool(fp_a and fp_b), "base_fingerprint": fp_b, "modules": len(ranks)}
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def _check_free_space(out: Path, base, quant: str, mode: str) -> None:
+    """Refuse up front when --out cannot hold the intermediate plus the result (no partial files)."""
+    weights = sum(t.numel for t in base.tensors())
+    inter = 0 if get_quant(quant).written_directly else weights * 4
+    need = int((inter + weights * 4) * 1.05)
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise EdgepeftError(f"--out {out} has {free / 2**20:.0f} MiB free but the {mode} {quant} export needs about "
+                            f"{need / 2**20:.0f} MiB", "Free some space or choose another --out")
+
+
+def _calibration_pairs(base, calib) -> list[tuple[str, str]]:
+    if calib:
+        from edgepeft.export.merge import load_calibration
+
+        return load_calibration(calib, limit=32)
+    from edgepeft.train.chat import render_prompt
+    from edgepeft.train.demo import demo_splits
+
+    tok = base.load_tokenizer()
+    return [(render_prompt(tok, e.prompt), e.completion) for e in demo_splits()["eval"][:24]]
+
+
+def _gguf_loss_evaluator(out: Path, quant: str, pairs):
+    """``evaluate_loss`` for choose_merge_target: quantize the merged folder as asked, score it in llama.cpp."""
+
+    def evaluate(folder: Path) -> float:
+        from edgepeft.export.gguf_verify import gguf_completion_loss
+        from edgepeft.models import resolve_base
+
+        merged = resolve_base(str(folder))
+        with scratch_file(out, ".auto-candidate.gguf") as tmp:
+            write_model(merged, [], tmp, quant)
+            loss = gguf_completion_loss(tmp, merged.load_tokenizer(), pairs)
+        return loss
+
+    return evaluate
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -1,0 +1,154 @@
+"""Hugging Face tensors and hyper-parameters -> GGUF, as data from gguf-py's tables.
+
+Names come from ``gguf.get_tensor_name_map`` (gguf-py's per-architecture mapping), keys from
+``GGUFWriter``'s typed setters (which use ``gguf.Keys``). The only transform Llama-family
+weights need is llama.cpp's Q/K row permutation (HF stores rotary halves split; ggml's
+rope expects them interleaved per head); ``permute_qk`` applies it to a weight or to a
+LoRA B, which are both indexed by output rows.
+
+Writing is streamed: tensor infos are declared from the safetensors headers first, then
+each tensor is converted and written on its own, so peak memory is the tensors of one
+safetensors shard plus one converted tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgepeft.archs import Arch
+from edgepeft.errors import EdgepeftError
+
+# rope_type values llama.cpp needs no extra tensor for ("llama3" needs a generated rope_freqs tensor)
+_PLAIN_ROPE = (None, "default", "linear", "yarn")
+
+
+@dataclass(frozen=True)
+class TensorOut:
+    hf_name: str
+    gguf_name: str
+    shape: tuple[int, ...]  # torch order: (out_features, in_features)
+    qtype: object  # gguf.GGMLQuantizationType
+
+
+def gguf_arch(arch: Arch):
+    import gguf
+
+    return gguf.MODEL_ARCH[arch.gguf_arch]
+
+
+def name_map(arch: Arch, n_blocks: int):
+    import gguf
+
+    return gguf.get_tensor_name_map(gguf_arch(arch), n_blocks)
+
+
+def map_name(tmap, hf_name: str) -> str:
+    name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise EdgepeftError(f"tensor {hf_name} has no GGUF name in gguf-py's mapping",
+                            "This checkpoint layout is not supported for GGUF export")
+    return name
+
+
+def tensor_type(gguf_name: str, ndim: int, float_type):
+    """llama.cpp's rule: 1-D tensors and norms stay F32, matrices take the file's float type."""
+    import gguf
+
+    if ndim <= 1 or gguf_name.endswith("_norm.weight"):
+        return gguf.GGMLQuantizationType.F32
+    return float_type
+
+
+def heads(cfg: dict) -> tuple[int, int]:
+    n_head = cfg["num_attention_heads"]
+    return n_head, cfg.get("num_key_value_heads") or n_head
+
+
+def permute_qk(w, hf_name: str, arch: Arch, cfg: dict):
+    """Reorder Q/K output rows the way llama.cpp's converter does (identity for other tensors)."""
+    if not arch.permute_qk:
+        return w
+    n_head, n_kv = heads(cfg)
+    if ".q_proj." in hf_name:
+        n = n_head
+    elif ".k_proj." in hf_name:
+        n = n_kv
+    else:
+        return w
+    return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def encode(t, qtype) -> np.ndarray:
+    """Torch tensor -> the bytes/array GGUFWriter writes for ``qtype`` (F32, F16, BF16, Q8_0)."""
+    import gguf
+
+    data = t.detach().float().contiguous().numpy()
+    return gguf.quants.quantize(data, qtype)
+
+
+def declare(writer, outs: list[TensorOut]) -> None:
+    import gguf
+
+    floats = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
+    for o in outs:
+        byte_shape = gguf.quant_shape_to_byte_shape(o.shape, o.qtype)
+        nbytes = int(np.prod(byte_shape))
+        if o.qtype in floats:
+            writer.add_tensor_info(o.gguf_name, o.shape, np.dtype(floats[o.qtype]), nbytes, raw_dtype=o.qtype)
+        else:
+            writer.add_tensor_info(o.gguf_name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=o.qtype)
+
+
+def add_hparams(writer, cfg: dict, arch: Arch, file_type) -> None:
+    """The architecture keys llama.cpp reads for Llama/Mistral/Qwen2 models."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or rope.get("type")
+    if rope_type not in _PLAIN_ROPE:
+        raise EdgepeftError(f"rope_type {rope_type!r} is not supported by the GGUF writer yet",
+                            f"Supported: {', '.join(str(r) for r in _PLAIN_ROPE if r)}")
+    n_head, n_kv = heads(cfg)
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    theta = rope.get("rope_theta", cfg.get("rope_theta"))
+    if theta is not None:
+        writer.add_rope_freq_base(float(theta))
+    if rope_type in ("linear", "yarn") and rope.get("factor"):
+        import gguf
+
+        writer.add_rope_scaling_type(gguf.RopeScalingType[rope_type.upper()])
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        if rope_type == "yarn":
+            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    if cfg.get("head_dim"):
+        writer.add_key_length(cfg["head_dim"])
+        writer.add_value_length(cfg["head_dim"])
+    writer.add_file_type(file_type)
+    if arch.permute_qk:  # llama.cpp's llama converter also records these
+        writer.add_vocab_size(cfg["vocab_size"])
+        writer.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // n_head)
+
+
+def base_tensor_plan(base, arch: Arch, float_type) -> list[TensorOut]:
+    """Every base tensor's GGUF name, shape and type, from the safetensors headers (no weights read)."""
+    from safetensors import safe_open
+
+    tmap = name_map(arch, base.config["num_hidden_layers"])
+    shapes = {t.name: t.shape for t in base.tensors()}
+    outs = []
+    for wf in base.weight_files:
+        with safe_open(str(wf), "pt") as f:
+            names = list(f.keys())
+        for hf_name in names:
+            if hf_name.endswith(".rotary_emb.inv_freq"):
+                continue
+            g = map_name(tmap, hf_name)
+            shape = tuple(shapes[hf_name])
+            outs.append(TensorOut(hf_name, g, shape, tensor_type(g, len(shape), float_type)))
+    return outs

@@ -1,0 +1,111 @@
+"""Embed a Hugging Face BPE tokenizer in a GGUF so llama.cpp needs no other file.
+
+gguf-py's ``SpecialVocab`` carries merges, special ids, add_bos/eos and the chat template.
+The token list itself is built here because gguf-py's ``BpeVocab`` marks special tokens
+that live inside the main vocab (SmolLM2's ``<|im_start|>`` …) as NORMAL, and llama.cpp
+then splits them into pieces instead of parsing them as one control token.
+
+llama.cpp selects its pre-tokenizer regex by name (``tokenizer.ggml.pre``). We recognise
+the tokenizer.json pre-tokenizer by its structure, as data in ``PRE_TOKENIZERS``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgepeft.errors import EdgepeftError
+
+_LLAMA3_RE = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+              "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+_QWEN2_RE = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+             "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+
+# structural signature of tokenizer.json "pre_tokenizer" -> llama.cpp pre-tokenizer name
+PRE_TOKENIZERS: dict[tuple, str] = {
+    (("ByteLevel", True),): "gpt-2",
+    (("Digits", True), ("ByteLevel", True)): "smollm",
+    (("Split", _LLAMA3_RE), ("ByteLevel", False)): "llama-bpe",
+    (("Split", _QWEN2_RE), ("ByteLevel", False)): "qwen2",
+}
+DEFAULT_PRE = "default"
+
+
+def pre_signature(pre: dict | None) -> tuple:
+    if not pre:
+        return ()
+    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+    sig = []
+    for s in steps:
+        kind = s.get("type")
+        if kind == "ByteLevel":
+            sig.append((kind, bool(s.get("use_regex", True))))
+        elif kind == "Digits":
+            sig.append((kind, bool(s.get("individual_digits", False))))
+        elif kind == "Split":
+            pat = s.get("pattern", {})
+            sig.append((kind, pat.get("Regex") or pat.get("String")))
+        else:
+            sig.append((kind, None))
+    return tuple(sig)
+
+
+def detect_pre(folder: Path) -> str | None:
+    """The llama.cpp pre-tokenizer name for this tokenizer.json, or None if we do not know it."""
+    tj = folder / "tokenizer.json"
+    if not tj.is_file():
+        return None
+    data = json.loads(tj.read_text(encoding="utf-8"))
+    return PRE_TOKENIZERS.get(pre_signature(data.get("pre_tokenizer")))
+
+
+def token_list(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens and types in id order, padded to the model's vocab_size like llama.cpp expects."""
+    import gguf
+
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken
+    if reverse and max(reverse) >= vocab_size:
+        raise EdgepeftError(f"tokenizer has token id {max(reverse)} but the model's vocab_size is {vocab_size}",
+                            "Resize the embeddings (model.resize_token_embeddings) and save the model again")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        tok = reverse.get(i)
+        if tok is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(tok)
+            special = added[i].special or (tok.startswith("<|") and tok.endswith("|>"))
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(tok)
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def add_tokenizer(writer, folder: Path, vocab_size: int) -> dict:
+    """Write tokenizer.* keys for the BPE tokenizer in ``folder``. Returns what was written, for the record."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tj = folder / "tokenizer.json"
+    if not tj.is_file():
+        raise EdgepeftError(f"base {folder} has no tokenizer.json (GGUF export embeds the tokenizer)",
+                            "Save the tokenizer next to the weights: tokenizer.save_pretrained(folder)")
+    model_type = json.loads(tj.read_text(encoding="utf-8")).get("model", {}).get("type")
+    if model_type != "BPE":
+        raise EdgepeftError(f"base {folder}: tokenizer model {model_type!r} is not supported for GGUF export",
+                            "Supported: byte-level BPE tokenizers (Llama 3, SmolLM, Qwen2)")
+    tok = AutoTokenizer.from_pretrained(folder)
+    tokens, types = token_list(tok, vocab_size)
+    pre = detect_pre(folder)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre or DEFAULT_PRE)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    special.add_to_gguf(writer, quiet=True)
+    return {"model": "gpt2", "pre": pre or DEFAULT_PRE, "pre_recognised": pre is not None, "tokens": len(tokens),
+            "merges": len(special.merges), "special_ids": dict(special.special_token_ids),
+            "chat_template": bool(special.chat_template)}
