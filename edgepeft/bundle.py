@@ -154,6 +154,9 @@ def check_adapter_fits(base: GGUFArtifact, adapter: GGUFArtifact, base_fingerpri
     if fp != base_fingerprint:
         raise MismatchError(f"adapter {adapter.path.name} was made for base {short(fp)}, the bundle base is "
                             f"{short(base_fingerprint)}", "Pack it with the base it was trained on")
+    if base.meta.get("mode") == "merged":
+        raise MismatchError(f"base {base.path.name} already has adapters merged into it",
+                            "Bundle the base GGUF from --mode separate with its adapters")
     problem = adapter_fit_problem(base, adapter)
     if problem:
         raise MismatchError(problem, "Pack it with the base it was exported for")
@@ -176,7 +179,8 @@ def _adapter_record(art: GGUFArtifact, name: str) -> dict:
         "name": name,
         "format": "gguf",
         "base_fingerprint": art.fingerprint,
-        "adapter_sha256": m.get("adapter_sha256"),
+        "adapter_sha256": m.get("adapter.sha256") or m.get("adapter_sha256"),
+        "type": m.get("quant"),
         "alpha": art.header.metadata.get("adapter.lora.alpha"),
         "ranks": {k: sorted(v) for k, v in sorted(ranks.items())},
         "target_modules": m.get("target_modules") or sorted(ranks),
@@ -313,7 +317,7 @@ class PackInput:
 
 
 def _adapter_name(art: GGUFArtifact, given: str | None) -> str:
-    name = given or art.meta.get("adapter_name") or art.meta.get("name") or art.path.stem
+    name = given or art.meta.get("adapter.name") or art.meta.get("adapter_name") or art.path.stem
     return _check_name(str(name), "adapter")
 
 
@@ -324,8 +328,8 @@ def _base_record(art: GGUFArtifact) -> dict:
     if fp is None:
         raise EdgepeftError(f"--base {art.path} records no base fingerprint (edgepeft.base_fingerprint)",
                             "Export the base with edgepeft export --format gguf --mode separate")
-    quant = art.ggml_type_name()
-    return {"format": "gguf", "architecture": art.header.metadata.get("general.architecture"),
+    quant = str(art.meta.get("quant") or art.ggml_type_name())
+    return {"format": "gguf", "mode": art.meta.get("mode"), "architecture": art.header.metadata.get("general.architecture"),
             "quant": quant, "fingerprint": fp}
 
 

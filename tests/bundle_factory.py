@@ -1,6 +1,7 @@
 """Tiny synthetic GGUF bases and adapters (gguf-py GGUFWriter) for bundle tests.
 
-They carry the same ``edgepeft.*`` fingerprint metadata the GGUF exporter writes, and the
+They carry the ``edgepeft.*`` keys export/gguf.py writes (EdgepeftKeys: base_fingerprint,
+mode, quant, adapter.name, adapter.sha256, prune), and the
 LoRA tensor layout llama.cpp expects (lora_a ne=(in, r), lora_b ne=(r, out)), so pack and
 verify see exactly what they see on real exports, in milliseconds.
 """
@@ -24,7 +25,7 @@ for _i in range(2):
 OTHER_TENSORS = {f"blk.{i}.attn_k.weight": (KV, HIDDEN) for i in range(2)}
 
 
-def write_base(path: Path, fingerprint: str = FP_A, arch: str = "llama", seed: int = 0) -> Path:
+def write_base(path: Path, fingerprint: str = FP_A, arch: str = "llama", seed: int = 0, mode: str = "base") -> Path:
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -34,6 +35,8 @@ def write_base(path: Path, fingerprint: str = FP_A, arch: str = "llama", seed: i
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_block_count(2)
     w.add_string("edgepeft.base_fingerprint", fingerprint)
+    w.add_string("edgepeft.mode", mode)
+    w.add_string("edgepeft.quant", "f32")
     for name, shape in BASE_TENSORS.items():
         w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
     _finish(w)
@@ -51,8 +54,10 @@ def write_adapter(path: Path, fingerprint: str = FP_A, rank: int = 4, name: str 
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 8.0)
     w.add_string("edgepeft.base_fingerprint", fingerprint)
-    w.add_string("edgepeft.adapter_name", name or Path(path).stem)
-    w.add_string("edgepeft.adapter_sha256", "c" * 64)
+    w.add_string("edgepeft.mode", "adapter")
+    w.add_string("edgepeft.quant", "f32")
+    w.add_string("edgepeft.adapter.name", name or Path(path).stem)
+    w.add_string("edgepeft.adapter.sha256", "c" * 64)
     w.add_string("edgepeft.prune", json.dumps({"energy": 0.99}))
     w.add_string("edgepeft.train", json.dumps({"task": "demo-sort", "data_sha256": "d" * 64}))
     for k, v in (extra or {}).items():

@@ -236,3 +236,13 @@ def test_load_checked_has_no_bypass():
 
     assert list(inspect.signature(B.load_checked).parameters) == ["bundle_dir"]
 
+
+
+def test_adapters_never_go_on_a_merged_base(src, tmp_path):
+    from bundle_factory import write_base
+
+    merged = write_base(tmp_path / "merged.gguf", mode="merged")
+    with pytest.raises(MismatchError, match="already has adapters merged"):
+        B.pack(B.PackInput(base=merged, adapters=[src["a"]]), tmp_path / "out")
+    B.pack(B.PackInput(base=merged), tmp_path / "out")  # alone it is a fine thing to ship
+    assert B.load_checked(tmp_path / "out").adapter_names == []
