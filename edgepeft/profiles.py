@@ -225,7 +225,7 @@ def load_profile_file(path: Path) -> DeviceProfile:
     except OSError as e:
         raise EdgepeftError(f"cannot read device profile {path}: {e.strerror}", "Check the path") from e
     try:
-        data = yaml.load(text, Loader=_loader())  # noqa: S506 - SafeLoader subclass
+        data = yaml.load(text, Loader=_loader())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f"{mark.line + 1}" if mark else "?"

@@ -1,0 +1,134 @@
+"""The Runtime protocol every benchmark backend implements, and the registry of them.
+
+A runtime loads one :class:`Artifact` (a model plus named adapters) for one device
+profile and exposes the few operations a benchmark needs. Each implementation imports its
+SDK (llama_cpp, onnxruntime_genai, onnxruntime) only inside its own module, so picking
+one never imports the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from edgepeft.errors import EdgepeftError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edgepeft.profiles import DeviceProfile
+
+# runtime name -> "module:Class"; the module is imported only when the runtime is used.
+RUNTIMES: dict[str, str] = {
+    "llama.cpp": "edgepeft.runtimes.llamacpp:LlamaCppRuntime",
+    "onnxruntime-genai": "edgepeft.runtimes.ortgenai:OrtGenaiRuntime",
+    "onnxruntime": "edgepeft.runtimes.ort:OrtRuntime",
+}
+
+# artifact format -> runtimes that can run it, best first
+FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {
+    "gguf": ("llama.cpp",),
+    "onnx-genai": ("onnxruntime-genai", "onnxruntime"),
+    "onnx": ("onnxruntime",),
+}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a runtime loads: one model (file or folder) and its named adapter files."""
+
+    path: Path  # as the user named it
+    format: str  # gguf | onnx-genai | onnx
+    model: Path  # the file (gguf, onnx) or folder (genai) handed to the runtime
+    adapters: dict[str, Path] = field(default_factory=dict)
+    quant: str | None = None  # gguf file type (q4_k_m...) or onnx quant (int4...)
+
+    @property
+    def model_files(self) -> list[Path]:
+        if self.model.is_dir():
+            return sorted(p for p in self.model.rglob("*") if p.is_file() and p.suffix != ".onnx_adapter")
+        files = [self.model]
+        data = self.model.with_name(self.model.name + ".data")  # ONNX external data
+        return files + ([data] if data.exists() else [])
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.model_files)
+
+    @property
+    def adapter_bytes(self) -> dict[str, int]:
+        return {n: p.stat().st_size for n, p in self.adapters.items()}
+
+    @property
+    def files(self) -> list[Path]:
+        return self.model_files + list(self.adapters.values())
+
+
+class Runtime(Protocol):
+    """One inference engine behind the benchmark. Greedy decoding only."""
+
+    name: str
+
+    def load(self, artifact: Artifact, device: DeviceProfile) -> None:
+        """Load model and adapters (after the exporters' fit checks); no adapter active."""
+
+    def tokenize(self, text: str) -> list[int]:
+        """The runtime's own tokenizer (never timed)."""
+
+    def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> None:
+        """Append ``tokens`` to the sequence; keep logits for every position if asked."""
+
+    def decode(self, n: int, tokens: Sequence[int] | None = None) -> list[int]:
+        """Run ``n`` one-token steps, feeding ``tokens`` or else the greedy argmax; return what was fed."""
+
+    def logits(self) -> np.ndarray:
+        """float32 (rows, vocab): the last step's kept positions (one row unless all_logits)."""
+
+    def set_adapter(self, name: str | None) -> None:
+        """Activate one adapter (None: the base alone) and reset the KV cache."""
+
+    def reset(self) -> None:
+        """Empty the KV cache (same adapter)."""
+
+    def close(self) -> None:
+        """Free everything; the runtime may be loaded again."""
+
+
+def get_runtime(name: str) -> Runtime:
+    """A fresh runtime by name; an unknown name lists the known ones."""
+    target = RUNTIMES.get(name)
+    if target is None:
+        raise EdgepeftError(f"unknown runtime {name!r}", f"Known runtimes: {', '.join(RUNTIMES)}")
+    module, cls = target.split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise EdgepeftError(f"runtime {name} is not available here ({e})",
+                            f"Install its SDK, or pick another runtime: {', '.join(RUNTIMES)}") from e
+    return getattr(mod, cls)()
+
+
+def check_adapter_name(rt_name: str, adapters: dict, name: str | None) -> None:
+    if name is not None and name not in adapters:
+        raise EdgepeftError(f"{rt_name}: no adapter named {name!r} is loaded",
+                            f"Loaded adapters: {', '.join(adapters) or 'none'}")
+
+
+def fit_check(module: str, func: str, *args) -> None:
+    """Call an exporter's fit check (raises MismatchError when an adapter belongs to another base).
+
+    The exporter modules are written by the format engineers; until one is importable the
+    caller's own minimal check stands in (returns False so the caller knows to run it).
+    """
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return False
+    fn = getattr(mod, func, None)
+    if fn is None:
+        return False
+    fn(*args)
+    return True

@@ -1,0 +1,218 @@
+"""llama.cpp through llama-cpp-python's low-level C API (no high-level ``Llama`` wrapper).
+
+The high-level wrapper samples, caches and re-tokenizes behind our back; the C API lets
+the benchmark time exactly ``llama_decode`` and swap LoRA adapters with
+``llama_set_adapters_lora`` + ``llama_memory_clear``, as an app on the device would.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from edgepeft.runtimes.base import Artifact, check_adapter_name, fit_check
+
+from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
+
+_LOG: list[str] = []
+_LOG_CB = None  # keep the ctypes callback alive for the process lifetime
+
+
+def _quiet_logs(llama_cpp) -> None:
+    """Route llama.cpp's log to a ring buffer: stderr stays one line, errors can quote it."""
+    global _LOG_CB
+    if _LOG_CB is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def cb(level, text, user_data):
+        if text:
+            _LOG.append(text.decode("utf-8", "replace").rstrip())
+            del _LOG[:-20]
+
+    _LOG_CB = cb
+    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
+
+
+def _last_error() -> str:
+    for line in reversed(_LOG):
+        if "error" in line.lower() or "failed" in line.lower():
+            return line.strip()
+    return _LOG[-1].strip() if _LOG else "no log"
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+class LlamaCppRuntime:
+    name = "llama.cpp"
+
+    def __init__(self):
+        self.model = self.ctx = self.vocab = None
+        self.adapters: dict[str, object] = {}
+        self.active: str | None = None
+        self.n_ctx = 0
+
+    # ------------------------------------------------------------------ load
+    def load(self, artifact: Artifact, device, n_ctx: int = 1024) -> None:
+        import llama_cpp
+
+        from edgepeft.gguf_meta import check_gguf
+
+        self._ll = llama_cpp
+        _quiet_logs(llama_cpp)
+        check_gguf(artifact.model)
+        for name, path in artifact.adapters.items():
+            check_gguf(path)
+            if not fit_check("edgepeft.export.gguf", "check_adapter_fits", artifact.model, path):
+                _check_adapter_fallback(artifact.model, path)
+        spec = device.runtimes.get(self.name) if device is not None else None
+        opts = dict(spec.options) if spec else {}
+        llama_cpp.llama_backend_init()
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = int(opts.get("n_gpu_layers", 0))
+        self.model = llama_cpp.llama_model_load_from_file(str(artifact.model).encode(), mp)
+        if not self.model:
+            raise IntegrityError(f"llama.cpp could not load {artifact.model} ({_last_error()})",
+                                 "Re-export it with `edgepeft export --format gguf` or check the llama.cpp version")
+        threads = int(opts.get("n_threads", 0)) or physical_cores()
+        cp = llama_cpp.llama_context_default_params()
+        self.n_ctx = cp.n_ctx = n_ctx
+        cp.n_batch = n_ctx
+        cp.n_ubatch = min(512, n_ctx)
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            self.close()
+            raise EdgepeftError(f"llama.cpp could not create a {n_ctx}-token context ({_last_error()})",
+                                "Lower --prompt-tokens/--gen-tokens or free memory")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        for name, path in artifact.adapters.items():
+            ad = llama_cpp.llama_adapter_lora_init(self.model, str(path).encode())
+            if not ad:
+                self.close()
+                raise MismatchError(f"llama.cpp refused adapter {name} ({path}): {_last_error()}",
+                                    "Export the adapter against this base GGUF")
+            self.adapters[name] = ad
+        self.threads = threads
+        self.pos = 0
+        self._rows = 0
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode()
+        buf = (self._ll.llama_token * (len(data) + 8))()
+        n = self._ll.llama_tokenize(self.vocab, data, len(data), buf, len(buf), True, False)
+        if n < 0:
+            raise EdgepeftError("llama.cpp tokenizer overflow", "Use a shorter text")
+        return list(buf[:n])
+
+    # ------------------------------------------------------------ inference
+    def _run(self, tokens: Sequence[int], all_logits: bool) -> None:
+        if self.pos + len(tokens) > self.n_ctx:
+            raise EdgepeftError(f"sequence of {self.pos + len(tokens)} tokens exceeds the {self.n_ctx}-token context",
+                                "Lower --prompt-tokens/--gen-tokens")
+        b = self.batch
+        n = len(tokens)
+        for i, t in enumerate(tokens):
+            b.token[i] = t
+            b.pos[i] = self.pos + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 1 if (all_logits or i == n - 1) else 0
+        b.n_tokens = n
+        rc = self._ll.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise EdgepeftError(f"llama_decode failed with status {rc} ({_last_error()})",
+                                "Lower --prompt-tokens or free memory")
+        self.pos += n
+        self._rows = n if all_logits else 1
+        self._first = 0 if all_logits else n - 1
+
+    def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> None:
+        self._run(list(tokens), all_logits)
+
+    def decode(self, n: int, tokens: Sequence[int] | None = None) -> list[int]:
+        fed = []
+        for i in range(n):
+            t = tokens[i] if tokens is not None else int(np.argmax(self._last_row()))
+            self._run([t], False)
+            fed.append(t)
+        return fed
+
+    def _last_row(self) -> np.ndarray:
+        ptr = self._ll.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def logits(self) -> np.ndarray:
+        if self._rows == 0:
+            raise EdgepeftError("no logits yet", "Call prefill first")
+        rows = [np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self.ctx, self._first + i), shape=(self.n_vocab,))
+                for i in range(self._rows)]
+        return np.stack(rows).astype(np.float32, copy=True)
+
+    # -------------------------------------------------------------- adapters
+    def set_adapter(self, name: str | None) -> None:
+        check_adapter_name(self.name, self.adapters, name)
+        ll = self._ll
+        if name is None:
+            rc = ll.llama_set_adapters_lora(self.ctx, None, 0, None)
+        else:
+            arr = (ll.llama_adapter_lora_p_ctypes * 1)(self.adapters[name])
+            scales = (ctypes.c_float * 1)(1.0)
+            rc = ll.llama_set_adapters_lora(self.ctx, arr, 1, scales)
+        if rc != 0:
+            raise EdgepeftError(f"llama.cpp could not activate adapter {name} (status {rc})", _last_error())
+        self.active = name
+        self.reset()
+
+    def reset(self) -> None:
+        self._ll.llama_memory_clear(self._ll.llama_get_memory(self.ctx), True)
+        self.pos = 0
+        self._rows = 0
+
+    def close(self) -> None:
+        ll = getattr(self, "_ll", None)
+        if ll is None:
+            return
+        if getattr(self, "batch", None) is not None:
+            ll.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            ll.llama_free(self.ctx)
+            self.ctx = None
+        # adapters are freed together with their model
+        self.adapters = {}
+        if self.model:
+            ll.llama_model_free(self.model)
+            self.model = None
+
+
+def _check_adapter_fallback(base, adapter) -> None:
+    """Stand-in for export.gguf.check_adapter_fits until it lands: architecture + edgepeft fingerprints."""
+    from edgepeft.gguf_meta import _reader, field_value
+
+    keys = ("general.type", "general.architecture", "edgepeft.base_fingerprint", "edgepeft.fingerprint")
+    # only the few keys we need: read_metadata decodes every field, seconds on a 49k-token vocab
+    bm, am = ({k: field_value(r, k) for k in keys} for r in (_reader(base), _reader(adapter)))
+    if am.get("general.type") != "adapter":
+        raise MismatchError(f"{adapter} is not a LoRA adapter GGUF (general.type={am.get('general.type')!r})",
+                            "Pass adapter files written by `edgepeft export --mode separate`")
+    if am.get("general.architecture") != bm.get("general.architecture"):
+        raise MismatchError(f"adapter {adapter} is for {am.get('general.architecture')}, base {base} is "
+                            f"{bm.get('general.architecture')}", "Export the adapter against this base")
+    want = am.get("edgepeft.base_fingerprint")
+    have = bm.get("edgepeft.base_fingerprint") or bm.get("edgepeft.fingerprint")
+    if want and have and want != have:
+        raise MismatchError(f"adapter {adapter} was exported for base {want[:12]}, {base} is {have[:12]}",
+                            "Export the adapter against this base")
