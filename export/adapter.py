@@ -37,6 +37,8 @@ def load_adapter(path, base: ResolvedBase, *, name: str | None = None, force: bo
                  allow_pickle: bool = False) -> AdapterPlan:
     """Load the PEFT LoRA adapter in folder ``path`` and check it against ``base``."""
     folder = Path(path)
+    if (folder / "adapter" / "adapter_config.json").is_file():  # RUN_DIR from edgepeft train
+        folder = folder / "adapter"
     config = _read_config(folder)
     _refuse_unsupported_config(folder, config)
     weights_file, tensors = _read_tensors(folder, allow_pickle)
@@ -58,14 +60,21 @@ def load_adapter(path, base: ResolvedBase, *, name: str | None = None, force: bo
         raise EdgepeftError(f"adapter {folder} holds no LoRA tensors (no lora_A/lora_B weights)",
                             "Pass the folder written by PeftModel.save_pretrained")
     manifest = _read_manifest(folder)
-    recorded = manifest.get("base_fingerprint")
+    recorded = recorded_fingerprint(manifest)
     if recorded and recorded != base.fingerprint and not force:
         raise MismatchError(
             f"adapter {folder} was trained on base {short(recorded)} but --base {base.spec} is {short(base.fingerprint)}",
             "Pass the base it was trained on, or --force if you know the weights are equivalent")
     return AdapterPlan(name=name or _default_name(folder), modules=modules, adapter_sha256=sha256_file(weights_file),
-                       base_fingerprint=recorded or None, source=folder.resolve(),
+                       base_fingerprint=recorded or None, source=folder.resolve(), base_path=base.path,
                        train_summary={k: v for k, v in manifest.items() if k != "base_fingerprint"})
+
+
+def recorded_fingerprint(manifest: dict) -> str | None:
+    """The base fingerprint a training manifest records: ``base.fingerprint`` (edgepeft train) or ``base_fingerprint``."""
+    base = manifest.get("base")
+    fp = base.get("fingerprint") if isinstance(base, dict) else None
+    return fp or manifest.get("base_fingerprint") or None
 
 
 def load_adapters(paths, base: ResolvedBase, names=None, *, force: bool = False,
@@ -242,7 +251,7 @@ def _rank_alpha(cfg: dict, target: str) -> tuple[int, float]:
 
 def _read_manifest(folder: Path) -> dict:
     """The training run's manifest (RUN_DIR/manifest.json, RUN_DIR being the adapter's parent), if any."""
-    for candidate in (folder.resolve().parent / MANIFEST, folder / MANIFEST):
+    for candidate in (folder / MANIFEST, folder.resolve().parent / MANIFEST):
         if candidate.is_file():
             try:
                 data = json.loads(candidate.read_text())

@@ -207,15 +207,26 @@ def _pair(row) -> tuple[str, str] | None:
     return None
 
 
-def completion_loss(model, tokenizer, pairs: list[tuple[str, str]], max_len: int = 256) -> float:
-    """Mean NLL per completion token (prompt tokens are context only), PyTorch fp32."""
+def demo_calibration(n: int = 32) -> list[tuple[str, str]]:
+    """The default calibration set: the first ``n`` examples of the demo task's eval split."""
+    from edgepeft.train.tasks import get_task
+
+    return [(ex.prompt, ex.completion) for ex in get_task("demo").examples("eval")[:n]]
+
+
+def completion_loss(model, tokenizer, pairs: list[tuple[str, str]], max_len: int = 256, chat: bool = True) -> float:
+    """Mean NLL per completion token, PyTorch fp32. Prompts are context only, rendered with the chat
+    template as in training (``chat=False``: raw text, e.g. for a ``text`` calibration line)."""
     import torch
+
+    from edgepeft.train.chat import render_prompt
 
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
         for prompt, completion in pairs:
-            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+            text = render_prompt(tokenizer, prompt) if chat and prompt else prompt
+            p_ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
             c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
             ids = (p_ids + c_ids)[:max_len]
             n_ctx = max(len(p_ids), 1)  # the first token has no prediction
@@ -231,8 +242,10 @@ def completion_loss(model, tokenizer, pairs: list[tuple[str, str]], max_len: int
     return total / count
 
 
-def torch_loss_evaluator(pairs: list[tuple[str, str]], max_len: int = 256) -> Callable[[Path], float]:
-    """A default ``evaluate_loss`` for choose_merge_target: fp32 PyTorch, no second quantization."""
+def torch_loss_evaluator(pairs: list[tuple[str, str]] | None = None, max_len: int = 256) -> Callable[[Path], float]:
+    """A default ``evaluate_loss`` for choose_merge_target: fp32 PyTorch, no second quantization.
+    Writers wrap their own (quantize, then score in their runtime); ``pairs`` defaults to the demo eval split."""
+    pairs = pairs if pairs is not None else demo_calibration()
 
     def evaluate(folder: Path) -> float:
         import torch

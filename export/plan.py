@@ -18,7 +18,8 @@ class LoraModule:
     target: str  # HF module path, e.g. "model.layers.0.self_attn.q_proj" (its weight is target + ".weight")
     a: torch.Tensor  # (rank, in_features), float32
     b: torch.Tensor  # (out_features, rank), float32
-    scale: float  # multiplier on B @ A: alpha/r, or alpha/sqrt(r) for rsLoRA, per module
+    scale: float  # multiplier on B @ A: alpha/r, or alpha/sqrt(r) for rsLoRA, per module. Authoritative:
+    #               after pruning the rank changes but the scale is kept, so writers must not recompute it
     alpha: float  # the configured alpha for this module (before any folding)
 
     @property
@@ -52,6 +53,7 @@ class AdapterPlan:
     source: Path | None = None
     prune_report: dict | None = None  # settings and per-module ranks/errors, when pruned
     train_summary: dict = field(default_factory=dict)  # task, data hash, etc. from the training manifest
+    base_path: Path | None = None  # the HF folder it was validated against (prune reads ‖W‖ from it)
 
     @property
     def ranks(self) -> dict[str, int]:

@@ -239,21 +239,24 @@ def test_shape_mismatch_names_tensor(tiny_llama, tiny_qwen2, llama_adapter, tmp_
         load_adapter(llama_adapter[1], resolved(wide), force=True)  # --force never overrides shapes
 
 
-def test_fingerprint_mismatch_refused_and_forced(tiny_llama, tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("layout", ["train", "flat"])
+def test_fingerprint_mismatch_refused_and_forced(tiny_llama, tmp_path, tokenizer_dir, layout):
     from conftest import make_tiny
     from edgepeft.export.adapter import load_adapter
 
     run = tmp_path / "run"
     _, path = make_adapter(tiny_llama, run / "adapter")
     trained_on = resolved(tiny_llama)
-    (run / "manifest.json").write_text(json.dumps({"base_fingerprint": trained_on.fingerprint, "task": "demo"}))
+    manifest = ({"base": {"fingerprint": trained_on.fingerprint, "spec": "tiny"}, "task": "demo"} if layout == "train"
+                else {"base_fingerprint": trained_on.fingerprint, "task": "demo"})
+    (run / "manifest.json").write_text(json.dumps(manifest))
     assert load_adapter(path, trained_on).base_fingerprint == trained_on.fingerprint
     other = resolved(make_tiny("llama", tmp_path / "other", tokenizer_dir, seed=7))  # same shapes, other weights
     with pytest.raises(MismatchError) as e:
         load_adapter(path, other)
     assert trained_on.fingerprint[:16] in str(e.value) and other.fingerprint[:16] in str(e.value)
-    plan = load_adapter(path, other, force=True)
-    assert plan.name == "run" and plan.train_summary == {"task": "demo"}
+    plan = load_adapter(run, other, force=True)  # RUN_DIR is accepted too
+    assert plan.name == "run" and plan.train_summary["task"] == "demo"
 
 
 def test_load_adapters_names(tiny_llama, llama_adapter, tmp_path):

@@ -1,0 +1,150 @@
+"""Pruning (rank reduction via QR + small SVD, module dropping) and --merge-into auto.
+
+Reference values are computed independently here by forming ΔW and calling
+torch.linalg.svdvals in float64; tolerances: relative errors agree to 1e-6 absolute.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_surgery import TARGETS, make_adapter, resolved
+
+from edgepeft.errors import ConfigError, EdgepeftError
+
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def decaying_plan(tiny_llama, tmp_path_factory):
+    """An adapter whose modules have different singular-value decays, so energy picks different ranks."""
+    from edgepeft.export.adapter import load_adapter
+
+    _, path = make_adapter(tiny_llama, tmp_path_factory.mktemp("prune") / "adapter", seed=3)
+    plan = load_adapter(path, resolved(tiny_llama))
+    for i, m in enumerate(plan.modules.values()):
+        decay = 0.3 + 0.6 * (i % 5) / 4  # 0.3 .. 0.9 per module
+        m.b.mul_(decay ** torch.arange(m.rank, dtype=torch.float32))
+        with torch.no_grad():
+            qa, _ = torch.linalg.qr(m.a.T)  # orthonormal A rows: B's column norms become the spectrum
+            m.a.copy_(qa.T)
+    return plan
+
+
+def svals(m) -> torch.Tensor:
+    return torch.linalg.svdvals(m.delta().double())
+
+
+def test_energy_one_leaves_adapter_unchanged(decaying_plan):
+    from edgepeft.export.prune import prune
+
+    out = prune(decaying_plan, "energy=1.0")
+    assert list(out.modules) == list(decaying_plan.modules)
+    for t, m in decaying_plan.modules.items():
+        assert torch.equal(out.modules[t].a, m.a) and torch.equal(out.modules[t].b, m.b)
+        assert out.modules[t].scale == m.scale
+    rep = out.prune_report
+    assert rep["bytes_before"] == rep["bytes_after"] and rep["max_rel_error"] == 0.0
+
+
+@pytest.mark.parametrize("energy", [0.95, 0.8])
+def test_energy_error_equals_discarded_energy(decaying_plan, energy):
+    """‖ΔW − ΔW'‖/‖ΔW‖ measured on the full matrices == √(discarded σ² / Σσ²), per module."""
+    from edgepeft.export.prune import prune
+
+    out = prune(decaying_plan, f"energy={energy}")
+    rows = out.prune_report["modules"]
+    for t, m in decaying_plan.modules.items():
+        s2 = svals(m) ** 2
+        k = int((torch.cumsum(s2, 0) / s2.sum() < energy - 1e-12).sum()) + 1  # fewest keeping >= energy
+        new = out.modules[t]
+        assert new.rank == k == rows[t]["new_rank"], t
+        measured = float((m.delta().double() - new.delta().double()).norm() / m.delta().double().norm())
+        discarded = math.sqrt(float(s2[k:].sum() / s2.sum()))
+        assert measured == pytest.approx(discarded, abs=TOL), t
+        assert rows[t]["rel_error"] == pytest.approx(discarded, abs=TOL), t
+        assert new.scale == m.scale and new.alpha == m.alpha
+    ranks = set(out.ranks.values())
+    assert len(ranks) > 1, ranks  # ranks really differ per module
+    assert out.prune_report["bytes_after"] < out.prune_report["bytes_before"]
+
+
+def test_rank_cap_and_report(decaying_plan):
+    from edgepeft.export.prune import prune
+
+    out = prune(decaying_plan, "rank=3")
+    assert set(out.ranks.values()) == {3}
+    rep = out.prune_report
+    assert rep["bytes_after"] == sum(3 * (m.in_features + m.out_features) * 2 for m in decaying_plan.modules.values())
+    assert rep["modules"]["model.layers.0.self_attn.q_proj"]["old_rank"] == 8
+
+
+def test_size_budget(decaying_plan):
+    from edgepeft.export.prune import prune
+
+    budget = decaying_plan.nbytes() // 3
+    out = prune(decaying_plan, f"size={budget}B")
+    worst = max((m.in_features + m.out_features) * 2 for m in decaying_plan.modules.values())
+    assert budget - worst < out.nbytes() <= budget
+    assert len(set(out.ranks.values())) > 1
+
+
+def test_drop_negligible_module(tiny_llama, tmp_path):
+    from edgepeft.export.adapter import load_adapter
+    from edgepeft.export.prune import prune
+
+    _, path = make_adapter(tiny_llama, tmp_path / "a")
+    plan = load_adapter(path, resolved(tiny_llama))
+    plan.modules["model.layers.1.mlp.down_proj"].b.mul_(1e-6)
+    out = prune(plan, "drop=1e-4")  # ‖W‖ read from plan.base_path
+    assert "model.layers.1.mlp.down_proj" not in out.modules
+    assert len(out.modules) == 2 * len(TARGETS) - 1
+    row = out.prune_report["modules"]["model.layers.1.mlp.down_proj"]
+    assert row["dropped"] == "drop" and row["new_rank"] == 0 and row["delta_over_w"] < 1e-4
+    with pytest.raises(EdgepeftError, match="removes every module"):
+        prune(plan, "drop=0.99")
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("energy=1.5", "0 < energy <= 1"), ("rank=0", ">= 1"), ("foo=1", "energy=0<E<=1"),
+    ("energy=0.9,rank=4", "one of energy/rank/size"), ("size=2XB", "size"), ("", "energy"), ("rank=2,rank=3", "twice"),
+])
+def test_spec_validation(text, needle):
+    from edgepeft.export.prune import PruneSpec
+
+    with pytest.raises(ConfigError, match=needle.replace("*", r"\*").replace("(", r"\(")):
+        PruneSpec.parse(text)
+
+
+def test_spec_parse():
+    from edgepeft.export.prune import PruneSpec
+
+    assert PruneSpec.parse("size=2MB").size == 2_000_000
+    assert PruneSpec.parse("size=1.5MiB,drop=1e-4") == PruneSpec(size=int(1.5 * 2**20), drop=1e-4)
+    assert str(PruneSpec.parse(" energy=0.99 , drop=0.001")) == "energy=0.99,drop=0.001"
+
+
+def test_merge_auto_picks_lower_loss(tiny_llama, tmp_path):
+    from edgepeft.export.adapter import load_adapter
+    from edgepeft.export.merge import MERGE_RECORD, choose_merge_target, torch_loss_evaluator
+
+    _, path = make_adapter(tiny_llama, tmp_path / "a")
+    base = resolved(tiny_llama)
+    plan = load_adapter(path, base)
+    pairs = [("Parse this order: Ana wants 2 red mugs.", '{"to":"Oslo","who":"Ana","n":2}'), ("", "hello world")]
+    seen = []
+
+    def evaluate(folder):
+        seen.append(folder.name)
+        return torch_loss_evaluator(pairs)(folder)
+
+    chosen, losses = choose_merge_target(base, [plan], evaluate, keep=tmp_path / "kept")
+    assert seen == ["dequantized", "original"] and set(losses) == {"dequantized", "original"}
+    assert losses["dequantized"] != losses["original"]
+    assert chosen == min(losses, key=losses.get)
+    import json
+
+    rec = json.loads((tmp_path / "kept" / MERGE_RECORD).read_text())
+    assert rec["target"] == chosen and rec["auto"]["losses"] == losses
