@@ -171,8 +171,14 @@ def choose_merge_target(base: ResolvedBase, plans: Iterable[AdapterPlan], evalua
         shutil.rmtree(work, ignore_errors=True)
 
 
-def load_calibration(path=None, limit: int = 64) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs from a JSONL file: keys prompt/completion, or input/output, or text."""
+def load_calibration(path=None, limit: int = 64, tokenizer=None) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs from a JSONL file: keys prompt/completion, input/output, or text.
+
+    Pairs are the exact text a model scores. Prompts are user turns: pass ``tokenizer`` to
+    render them with its chat template, as training and evaluation do (``text`` lines are raw).
+    """
+    from edgepeft.train.chat import render_prompt
+
     path = Path(path)
     if not path.is_file():
         raise EdgepeftError(f"--calib {path} does not exist", "Pass a JSONL file with prompt/completion lines")
@@ -186,14 +192,25 @@ def load_calibration(path=None, limit: int = 64) -> list[tuple[str, str]]:
             raise EdgepeftError(f"--calib {path} line {i} is not JSON ({e.msg})", "One JSON object per line") from e
         pair = _pair(row)
         if pair is None:
-            raise EdgepeftError(f"--calib {path} line {i} has keys {sorted(row)}",
+            raise EdgepeftError(f"--calib {path} line {i} has keys {sorted(row) if isinstance(row, dict) else row!r}",
                                 "Each line needs prompt+completion, input+output, or text")
-        pairs.append(pair)
+        prompt, completion = pair
+        if tokenizer is not None and prompt:
+            prompt = render_prompt(tokenizer, prompt)
+        pairs.append((prompt, completion))
         if len(pairs) >= limit:
             break
     if not pairs:
         raise EdgepeftError(f"--calib {path} is empty", "Pass a JSONL file with prompt/completion lines")
     return pairs
+
+
+def demo_calibration(tokenizer, n: int = 24) -> list[tuple[str, str]]:
+    """The default calibration set: the demo task's eval split, prompts chat-rendered."""
+    from edgepeft.train.chat import render_prompt
+    from edgepeft.train.tasks import get_task
+
+    return [(render_prompt(tokenizer, ex.prompt), ex.completion) for ex in get_task("demo").examples("eval")[:n]]
 
 
 def _pair(row) -> tuple[str, str] | None:
@@ -207,26 +224,15 @@ def _pair(row) -> tuple[str, str] | None:
     return None
 
 
-def demo_calibration(n: int = 32) -> list[tuple[str, str]]:
-    """The default calibration set: the first ``n`` examples of the demo task's eval split."""
-    from edgepeft.train.tasks import get_task
-
-    return [(ex.prompt, ex.completion) for ex in get_task("demo").examples("eval")[:n]]
-
-
-def completion_loss(model, tokenizer, pairs: list[tuple[str, str]], max_len: int = 256, chat: bool = True) -> float:
-    """Mean NLL per completion token, PyTorch fp32. Prompts are context only, rendered with the chat
-    template as in training (``chat=False``: raw text, e.g. for a ``text`` calibration line)."""
+def completion_loss(model, tokenizer, pairs: list[tuple[str, str]], max_len: int = 256) -> float:
+    """Mean NLL per completion token, PyTorch fp32. Prompts (already rendered) are context only."""
     import torch
-
-    from edgepeft.train.chat import render_prompt
 
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
         for prompt, completion in pairs:
-            text = render_prompt(tokenizer, prompt) if chat and prompt else prompt
-            p_ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
             c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
             ids = (p_ids + c_ids)[:max_len]
             n_ctx = max(len(p_ids), 1)  # the first token has no prediction
@@ -245,17 +251,13 @@ def completion_loss(model, tokenizer, pairs: list[tuple[str, str]], max_len: int
 def torch_loss_evaluator(pairs: list[tuple[str, str]] | None = None, max_len: int = 256) -> Callable[[Path], float]:
     """A default ``evaluate_loss`` for choose_merge_target: fp32 PyTorch, no second quantization.
     Writers wrap their own (quantize, then score in their runtime); ``pairs`` defaults to the demo eval split."""
-    pairs = pairs if pairs is not None else demo_calibration()
 
     def evaluate(folder: Path) -> float:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(folder)
-        try:
-            return completion_loss(model, tok, pairs, max_len)
-        finally:
-            del model
+        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+        return completion_loss(model, tok, pairs if pairs is not None else demo_calibration(tok), max_len)
 
     return evaluate

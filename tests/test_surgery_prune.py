@@ -148,3 +148,21 @@ def test_merge_auto_picks_lower_loss(tiny_llama, tmp_path):
 
     rec = json.loads((tmp_path / "kept" / MERGE_RECORD).read_text())
     assert rec["target"] == chosen and rec["auto"]["losses"] == losses
+
+
+def test_load_calibration(tmp_path, tokenizer_dir):
+    from edgepeft.export.merge import demo_calibration, load_calibration
+    from transformers import AutoTokenizer
+
+    f = tmp_path / "calib.jsonl"
+    f.write_text('{"prompt": "Hi", "completion": "Hello"}\n\n{"text": "raw line"}\n')
+    assert load_calibration(f) == [("Hi", "Hello"), ("", "raw line")]
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rendered = load_calibration(f, tokenizer=tok)
+    assert rendered[0][0].endswith("assistant\n") and "Hi" in rendered[0][0] and rendered[1] == ("", "raw line")
+    assert len(demo_calibration(tok, n=3)) == 3
+    (tmp_path / "bad.jsonl").write_text('{"question": "x"}\n')
+    with pytest.raises(EdgepeftError, match="line 1 has keys"):
+        load_calibration(tmp_path / "bad.jsonl")
+    with pytest.raises(EdgepeftError, match="does not exist"):
+        load_calibration(tmp_path / "missing.jsonl")
