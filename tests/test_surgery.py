@@ -268,3 +268,19 @@ def test_load_adapters_names(tiny_llama, llama_adapter, tmp_path):
     assert [x.name for x in plans] == ["a", "b"]
     with pytest.raises(EdgepeftError, match="both named"):
         load_adapters([p, p], base)
+
+
+def test_cli_refusals_are_one_line(tiny_llama, llama_adapter, tmp_path, cli):
+    """Through the real CLI: a pickle adapter and a wrong-shape base each give one clean error line."""
+    from conftest import assert_clean_error
+
+    pk = tmp_path / "pk"
+    pk.mkdir()
+    (pk / "adapter_config.json").write_text((llama_adapter[1] / "adapter_config.json").read_text())
+    (pk / "adapter_model.bin").write_bytes(b"not even a pickle")
+    proc = cli("export", "--format", "gguf", "--base", tiny_llama, "--adapter", pk, "--out", tmp_path / "o1")
+    assert_clean_error(proc, "pickle", "--allow-pickle")
+    proc = cli("export", "--format", "gguf", "--base", "smollm2-135m", "--adapter", llama_adapter[1],
+               "--out", tmp_path / "o2")
+    assert_clean_error(proc, "lora_A has shape", "pass the base")
+    assert not (tmp_path / "o2" / "adapter.lora.gguf").exists()
