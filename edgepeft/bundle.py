@@ -492,6 +492,9 @@ class CheckedBundle:
 
 def read_manifest(root: Path) -> dict:
     root = Path(root)
+    if root.name.startswith(atomic.TMP_PREFIX):
+        raise IntegrityError(f"{root} is an unfinished write left by an interrupted edgepeft run",
+                             "Delete it and run the command again")
     if not root.is_dir():
         raise EdgepeftError(f"bundle {root} is not a directory", "Pass the folder written by edgepeft pack (or its .tar)")
     mpath = root / MANIFEST
@@ -609,6 +612,9 @@ def verify_path(target: Path) -> CheckedBundle:
     import tempfile
 
     target = Path(target)
+    if target.name.startswith(atomic.TMP_PREFIX):
+        raise IntegrityError(f"{target} is an unfinished write left by an interrupted edgepeft run",
+                             "Delete it and run the command again")
     if target.is_file() and tarfile.is_tarfile(target):
         with tempfile.TemporaryDirectory(prefix="edgepeft-verify-") as d:
             checked = verify(extract_tar(target, Path(d) / "bundle"))
