@@ -56,7 +56,10 @@ def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temp path next to ``final``; rename onto ``final`` only if the block succeeds."""
     final = Path(final)
     ensure_writable_dir(final.parent)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix or final.suffix, dir=final.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix or final.suffix, dir=final.parent)
+    except OSError as e:  # read-only or pseudo filesystems (root passes os.access checks)
+        raise _unwritable(final.parent, e) from e
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; final artifacts get normal permissions
@@ -75,7 +78,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp directory next to ``final``; it replaces ``final`` only on success."""
     final = Path(final)
     ensure_writable_dir(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=final.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=final.parent))
+    except OSError as e:
+        raise _unwritable(final.parent, e) from e
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
@@ -90,6 +96,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _unwritable(directory: Path, e: OSError) -> EdgepeftError:
+    return EdgepeftError(f"cannot write in {directory}: {e.strerror or e}", "Choose a directory you can write to")
 
 
 def write_bytes(final: Path, data: bytes) -> None:
