@@ -34,7 +34,6 @@ MANIFEST_VERSION = 1
 FINGERPRINT_KEYS = ("edgepeft.base_fingerprint", "edgepeft.fingerprint")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 22
-MAX_TAR_MEMBERS = 10_000
 
 
 # ----------------------------------------------------------------------------- paths
@@ -348,6 +347,8 @@ def pack(inp: PackInput, out: Path, tar: bool = False) -> dict:
             raise EdgepeftError("a new bundle needs --base", "Pass --base BASE.gguf")
         manifest = _new_bundle(inp, out)
     if tar:
+        from edgepeft.bundle_tar import write_tar
+
         write_tar(out, out.with_name(out.name + ".tar"))
     return manifest
 
@@ -565,51 +566,11 @@ def load_checked(bundle_dir: Path) -> CheckedBundle:
     return verify(bundle_dir)
 
 
-# ---------------------------------------------------------------------------------- tar
-def write_tar(src: Path, tar_path: Path) -> None:
-    """Tar the bundle's listed files (regular files only, normalised owners), atomically."""
-    m = read_manifest(src)
-    with atomic.atomic_path(tar_path, suffix=".tar") as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
-        for rel in [MANIFEST, *sorted(m["files"])]:
-            p = safe_member(src, rel)
-            info = tf.gettarinfo(str(p), arcname=rel)
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            info.mode = 0o644
-            with open(p, "rb") as f:
-                tf.addfile(info, f)
-
-
-def extract_tar(tar_path: Path, dest: Path) -> Path:
-    """Extract a bundle tar into a new ``dest``: regular files only, every name inside ``dest``."""
-    tar_path, dest = Path(tar_path), Path(dest)
-    if dest.exists():
-        raise EdgepeftError(f"{dest} already exists", "Extract into a new directory")
-    try:
-        tf = tarfile.open(tar_path, "r:*")  # noqa: SIM115 - closed by the with below
-    except (tarfile.TarError, OSError) as e:
-        raise IntegrityError(f"{tar_path} is not a readable tar ({e})", "Re-pack or re-download the bundle") from e
-    with tf:
-        members = []
-        for i, mem in enumerate(tf):
-            if i >= MAX_TAR_MEMBERS:
-                raise IntegrityError(f"{tar_path} has more than {MAX_TAR_MEMBERS} members", "Refusing to extract it")
-            if not (mem.isfile() or mem.isdir()):
-                raise IntegrityError(f"{tar_path}: member {mem.name!r} is a link or special file",
-                                     "Bundles hold regular files only; refusing to extract it")
-            check_relpath(mem.name.rstrip("/") if mem.isdir() else mem.name)
-            members.append(mem)
-        with atomic.atomic_dir(dest) as tmp:
-            try:
-                tf.extractall(tmp, members=members, filter="data")
-            except (tarfile.TarError, OSError) as e:
-                raise IntegrityError(f"{tar_path} cannot be extracted safely ({e})", "Refusing it") from e
-    return dest
-
-
 def verify_path(target: Path) -> CheckedBundle:
     """verify a bundle directory, or a .tar extracted into a throwaway directory."""
     import tempfile
+
+    from edgepeft.bundle_tar import extract_tar
 
     target = Path(target)
     if target.name.startswith(atomic.TMP_PREFIX):
@@ -641,3 +602,13 @@ def describe_bundle(p: Path) -> dict:
             "onnx": [o["name"] for o in m["onnx"]],
             "files": {rel: f["size"] for rel, f in m["files"].items()},
             "total_bytes": sum(f["size"] for f in m["files"].values()), "warnings": checked.warnings}
+
+
+def as_artifact(bundle_dir: Path, extra: dict | None = None):
+    """A checked bundle as a ``runtimes.base.Artifact`` (GGUF base + its adapters), for bench/runtimes."""
+    from edgepeft.runtimes.base import Artifact
+
+    checked = load_checked(bundle_dir)
+    adapters = {n: checked.adapter_path(n) for n in checked.adapter_names}
+    return Artifact(Path(bundle_dir), "gguf", checked.base_path, {**adapters, **(extra or {})},
+                    checked.manifest["base"].get("quant"))

@@ -11,6 +11,7 @@ import pytest
 from bundle_factory import FP_B, make_set, write_adapter
 
 from edgepeft import bundle as B
+from edgepeft.bundle_tar import extract_tar, write_tar
 from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
 
 
@@ -204,7 +205,7 @@ def test_tar_extraction_refuses_traversal_and_links(tmp_path, kind):
     dest = tmp_path / "x" / "dest"
     dest.parent.mkdir()
     with pytest.raises(IntegrityError):
-        B.extract_tar(tar, dest)
+        extract_tar(tar, dest)
     assert not dest.exists() and not (tmp_path / "x" / "evil.txt").exists()
     assert not Path("/tmp/edgepeft-evil.txt").exists()
     assert list(dest.parent.iterdir()) == []
@@ -212,10 +213,10 @@ def test_tar_extraction_refuses_traversal_and_links(tmp_path, kind):
 
 def test_tar_roundtrip_and_extracted_bundle_loads(packed, tmp_path):
     tar = tmp_path / "b.tar"
-    B.write_tar(packed, tar)
+    write_tar(packed, tar)
     with tarfile.open(tar) as tf:
         assert all(m.isfile() and m.uid == 0 for m in tf.getmembers())
-    dest = B.extract_tar(tar, tmp_path / "unpacked")
+    dest = extract_tar(tar, tmp_path / "unpacked")
     assert B.load_checked(dest).adapter_names == ["alpha", "beta"]
 
 
