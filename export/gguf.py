@@ -25,12 +25,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from edgepeft import __version__, atomic
-from edgepeft.archs import Arch
-from edgepeft.errors import EdgepeftError, MismatchError
 from edgepeft.export import gguf_tensors as gt
 from edgepeft.export.plan import AdapterPlan
 from edgepeft.export.quantize import get_quant, quantize
+
+from edgepeft import __version__, atomic
+from edgepeft.archs import Arch
+from edgepeft.errors import EdgepeftError, MismatchError
 from edgepeft.fingerprint import short
 from edgepeft.ui import info
 
@@ -140,6 +141,7 @@ def write_merged(base, plans, out: Path, quant: str, merge_into: str, calib) -> 
     if merge["target"] != "auto":
         return write_model(base, plans, final, quant, merge_target=merge["target"], merge=merge), merge
     from edgepeft.export.merge import choose_merge_target
+
     from edgepeft.models import resolve_base
 
     keep = Path(atomic.TMP_PREFIX + "merge")
@@ -196,7 +198,6 @@ def _intermediate_type(base) -> str:
 def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: str, merge: dict | None,
                       fingerprint_of, adapters, quant: str | None = None) -> None:
     import gguf
-
     from edgepeft.export.gguf_tokenizer import add_tokenizer
     from edgepeft.export.merge import merged_tensors
 
@@ -392,6 +393,7 @@ def _gguf_loss_evaluator(out: Path, quant: str, pairs):
 
     def evaluate(folder: Path) -> float:
         from edgepeft.export.gguf_verify import gguf_completion_loss
+
         from edgepeft.models import resolve_base
 
         merged = resolve_base(str(folder))

@@ -59,12 +59,17 @@ def detect_pre(folder: Path) -> str | None:
     return PRE_TOKENIZERS.get(pre_signature(data.get("pre_tokenizer")))
 
 
-def token_list(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
-    """Tokens and types in id order, padded to the model's vocab_size like llama.cpp expects."""
+def token_list(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens and types in id order, padded to the model's vocab_size like llama.cpp expects.
+
+    Read straight from tokenizer.json (no transformers import): the BPE vocab plus
+    ``added_tokens``, whose ``special`` flag makes them CONTROL tokens.
+    """
     import gguf
 
-    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder  # id -> AddedToken
+    reverse = {i: t for t, i in tokenizer_json["model"]["vocab"].items()}
+    added = {a["id"]: a for a in tokenizer_json.get("added_tokens") or []}
+    reverse.update({i: a["content"] for i, a in added.items()})
     if reverse and max(reverse) >= vocab_size:
         raise EdgepeftError(f"tokenizer has token id {max(reverse)} but the model's vocab_size is {vocab_size}",
                             "Resize the embeddings (model.resize_token_embeddings) and save the model again")
@@ -76,7 +81,7 @@ def token_list(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
             types.append(gguf.TokenType.UNUSED)
         elif i in added:
             tokens.append(tok)
-            special = added[i].special or (tok.startswith("<|") and tok.endswith("|>"))
+            special = added[i].get("special") or (tok.startswith("<|") and tok.endswith("|>"))
             types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(tok)
@@ -87,25 +92,39 @@ def token_list(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 def add_tokenizer(writer, folder: Path, vocab_size: int) -> dict:
     """Write tokenizer.* keys for the BPE tokenizer in ``folder``. Returns what was written, for the record."""
     import gguf
-    from transformers import AutoTokenizer
 
     tj = folder / "tokenizer.json"
     if not tj.is_file():
         raise EdgepeftError(f"base {folder} has no tokenizer.json (GGUF export embeds the tokenizer)",
                             "Save the tokenizer next to the weights: tokenizer.save_pretrained(folder)")
-    model_type = json.loads(tj.read_text(encoding="utf-8")).get("model", {}).get("type")
+    data = json.loads(tj.read_text(encoding="utf-8"))
+    model_type = data.get("model", {}).get("type")
     if model_type != "BPE":
         raise EdgepeftError(f"base {folder}: tokenizer model {model_type!r} is not supported for GGUF export",
                             "Supported: byte-level BPE tokenizers (Llama 3, SmolLM, Qwen2)")
-    tok = AutoTokenizer.from_pretrained(folder)
-    tokens, types = token_list(tok, vocab_size)
-    pre = detect_pre(folder)
+    tokens, types = token_list(data, vocab_size)
+    pre = PRE_TOKENIZERS.get(pre_signature(data.get("pre_tokenizer")))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre or DEFAULT_PRE)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
     special.add_to_gguf(writer, quiet=True)
+    add_bos = special.add_special_token.get("bos")
+    if add_bos is None:  # say it explicitly: llama.cpp's default for BPE vocabs is to add one
+        add_bos = _template_adds_bos(data)
+        writer.add_add_bos_token(add_bos)
     return {"model": "gpt2", "pre": pre or DEFAULT_PRE, "pre_recognised": pre is not None, "tokens": len(tokens),
             "merges": len(special.merges), "special_ids": dict(special.special_token_ids),
-            "chat_template": bool(special.chat_template)}
+            "chat_template": bool(special.chat_template), "add_bos": bool(add_bos)}
+
+
+def _template_adds_bos(tokenizer_json: dict) -> bool:
+    """Does the tokenizer's post-processor put a special token before the text?"""
+    post = tokenizer_json.get("post_processor") or {}
+    steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    for step in steps:
+        if step.get("type") == "TemplateProcessing":
+            single = step.get("single") or []
+            return bool(single) and "SpecialToken" in single[0]
+    return False

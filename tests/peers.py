@@ -1,0 +1,79 @@
+"""Peer tools: the llama.cpp sources vendored in the pinned llama-cpp-python sdist.
+
+``llama_cpp_src()`` downloads the sdist of exactly the installed llama-cpp-python version
+with ``pip download --no-binary :all: --no-deps`` (pip's cache makes repeats cheap), extracts
+it once into a cache dir, and returns its ``vendor/llama.cpp`` folder. Tests and benchmarks
+RUN the peer tools from there (``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``, ...);
+their code is never copied into edgepeft. Tests that need a peer skip when it cannot be had
+(no network and no cache).
+
+Use as a fixture: ``from tests.peers import llama_cpp_src`` (session fixture) or call
+``peer_dir()`` directly from a benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+# only what the peer converters need: keeps the extraction small and quick
+_MEMBERS = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/convert_lora_to_gguf.py",
+            "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/")
+
+
+def cache_root() -> Path:
+    root = os.environ.get("EDGEPEFT_PEER_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "edgepeft" / "peers"
+
+
+def peer_dir(members=_MEMBERS) -> Path:
+    """Extract (once) the pinned llama-cpp-python sdist; return its vendor/llama.cpp folder."""
+    ver = version("llama_cpp_python")
+    root = cache_root() / f"llama-cpp-python-{ver}"
+    src = root / f"llama_cpp_python-{ver}" / "vendor" / "llama.cpp"
+    marker = root / ".complete"
+    if marker.is_file():
+        return src
+    root.mkdir(parents=True, exist_ok=True)
+    dl = root / "sdist"
+    tarballs = list(dl.glob("llama_cpp_python-*.tar.gz"))
+    if not tarballs:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                        f"llama-cpp-python=={ver}", "-d", str(dl), "-q"], check=True, timeout=1800)
+        tarballs = list(dl.glob("llama_cpp_python-*.tar.gz"))
+    with tarfile.open(tarballs[0]) as tf:
+        prefix = f"llama_cpp_python-{ver}/"
+        picked = [m for m in tf.getmembers()
+                  if any(m.name.startswith(prefix + want) for want in members) and (m.isfile() or m.isdir())]
+        tf.extractall(root, members=picked, filter="data")
+    marker.write_text(ver)
+    return src
+
+
+def run_peer(script: str, *args, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run a vendored llama.cpp python tool with its own gguf-py (as llama.cpp does)."""
+    src = peer_dir()
+    env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("NO_LOCAL_GGUF", None)
+    proc = subprocess.run([sys.executable, str(src / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or src, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"peer {script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_src() -> Path:
+    try:
+        return peer_dir()
+    except (subprocess.SubprocessError, OSError) as e:
+        pytest.skip(f"llama-cpp-python sdist not available (offline, no pip cache): {e}")
