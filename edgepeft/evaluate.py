@@ -1,0 +1,131 @@
+"""Exact-match accuracy: the one metric every format and runtime is scored with.
+
+The metric is runtime-agnostic. A runtime only supplies ``generate(text) -> str``: greedy
+decoding of the rendered prompt text, returning the new text only. Everything else (which
+examples, how prompts are rendered, how answers are compared) lives here, so PyTorch,
+llama.cpp and ONNX Runtime numbers are comparable by construction::
+
+    from edgepeft.evaluate import exact_match, eval_prompts
+    from edgepeft.train.tasks import get_task
+
+    task = get_task("demo")
+    tok = resolve_base("smollm2-135m").load_tokenizer()   # the template lives with the tokenizer
+    acc = exact_match(lambda text: my_runtime.greedy(text, max_tokens=task.max_new_tokens),
+                      task.examples("eval"), tokenizer=tok)
+
+``generate`` receives ``render_prompt(tokenizer, example.prompt)`` (chat template applied,
+special tokens as literal text; see :func:`edgepeft.train.chat.render_prompt`). Without a
+``tokenizer`` it receives the raw user prompt. A prediction matches when, after
+:func:`normalize` (cut at the first end-of-turn marker, strip whitespace), it equals the
+reference completion exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from edgepeft.train.chat import Example, render_prompt
+
+END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>")
+
+
+def normalize(text: str) -> str:
+    for marker in END_MARKERS:
+        text = text.split(marker, 1)[0]
+    return text.strip()
+
+
+def is_match(prediction: str, reference: str) -> bool:
+    return normalize(prediction) == normalize(reference)
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    correct: int
+    total: int
+    misses: list[dict] = field(default_factory=list)  # first few wrong answers, for the report
+
+    def as_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total, "misses": self.misses}
+
+
+def score(predictions: Sequence[str], examples: Sequence[Example], keep_misses: int = 5) -> EvalResult:
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+    correct, misses = 0, []
+    for pred, ex in zip(predictions, examples):
+        if is_match(pred, ex.completion):
+            correct += 1
+        elif len(misses) < keep_misses:
+            misses.append({"prompt": ex.prompt, "expected": ex.completion, "got": normalize(pred)})
+    total = len(examples)
+    return EvalResult(correct / total if total else 0.0, correct, total, misses)
+
+
+def eval_prompts(examples: Sequence[Example], tokenizer=None) -> list[str]:
+    """The exact texts a runtime is asked to complete, in example order."""
+    return [render_prompt(tokenizer, ex.prompt) if tokenizer is not None else ex.prompt for ex in examples]
+
+
+def exact_match(generate: Callable[[str], str], examples: Sequence[Example], tokenizer=None) -> float:
+    """Fraction of ``examples`` whose greedy completion equals the reference exactly."""
+    prompts = eval_prompts(examples, tokenizer)
+    return score([generate(p) for p in prompts], examples).accuracy
+
+
+def exact_match_detail(generate_batch: Callable[[list[str]], list[str]], examples: Sequence[Example],
+                       tokenizer=None) -> EvalResult:
+    """Same metric, for runtimes that generate a whole batch of prompts at once."""
+    return score(generate_batch(eval_prompts(examples, tokenizer)), examples)
+
+
+def hf_generate_batch(model, tokenizer, max_new_tokens: int, batch_size: int = 16) -> Callable[[list[str]], list[str]]:
+    """Greedy batched generation with a transformers/PEFT model (left padding)."""
+    import torch
+
+    def run(texts: list[str]) -> list[str]:
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        outs: list[str] = []
+        device = next(model.parameters()).device
+        try:
+            for i in range(0, len(texts), batch_size):
+                enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(device)
+                with torch.no_grad():
+                    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                new = gen[:, enc["input_ids"].shape[1]:]
+                outs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        finally:
+            tokenizer.padding_side = side
+        return outs
+
+    return run
+
+
+def evaluate_hf(base_spec: str, adapter: str | None = None, task: str = "demo", split: str = "eval",
+                limit: int | None = None, batch_size: int = 16) -> dict:
+    """Score a base (plus optional PEFT adapter folder) on a task with PyTorch."""
+    import torch
+
+    from edgepeft.models import resolve_base
+    from edgepeft.train.tasks import get_task
+
+    t = get_task(task)
+    base = resolve_base(base_spec)
+    tok = base.load_tokenizer()
+    model = base.load_model(torch.float32)
+    if adapter is not None:
+        from edgepeft.train.adapter import load_adapter
+
+        model = load_adapter(model, adapter, base)
+    model.eval()
+    examples = t.examples(split)[:limit] if limit else t.examples(split)
+    result = exact_match_detail(hf_generate_batch(model, tok, t.max_new_tokens, batch_size), examples, tok)
+    return {"task": task, "split": split, "base": base_spec, "adapter": adapter, "runtime": "pytorch",
+            **result.as_dict()}

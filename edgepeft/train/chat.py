@@ -1,0 +1,39 @@
+"""Chat rendering shared by training, evaluation and every runtime.
+
+One function turns a user prompt into the exact text a model sees, via the tokenizer's own
+chat template, so PyTorch, llama.cpp and ONNX Runtime are all scored on identical inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt/completion pair; ``prompt`` is the user turn, before any chat template."""
+
+    prompt: str
+    completion: str
+
+
+def render_prompt(tokenizer, prompt: str | list[dict]) -> str:
+    """The text a runtime must complete: chat template applied, assistant turn opened.
+
+    ``prompt`` is a user message or a list of chat messages ending before the assistant
+    reply. The text carries special tokens literally (``<|im_start|>`` ...): tokenize it with
+    special-token parsing on and without adding a BOS of your own (llama.cpp:
+    ``tokenize(text.encode(), add_bos=False, special=True)``).
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # No template (rare for bases we support): a plain transcript, the same one training used.
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+def stop_strings(tokenizer) -> list[str]:
+    """Strings that end an assistant turn (EOS and end-of-turn markers) for runtimes without EOS ids."""
+    stops = {tokenizer.eos_token} if getattr(tokenizer, "eos_token", None) else set()
+    stops |= {t for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>") if t in tokenizer.get_vocab()}
+    return sorted(stops)
