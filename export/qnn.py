@@ -299,8 +299,9 @@ def htp_session(model_path: Path, target: HtpTarget, ctx_out: Path | None = None
     import onnxruntime as ort
 
     dev, htp = _qnn_device()
+    ort.set_default_logger_severity(4)  # errors reach the user as one EdgepeftError line, not ORT log spew
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     if not fallback:
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     if ctx_out is not None:
@@ -334,8 +335,9 @@ def unmapped_nodes(qdq: Path, target: HtpTarget) -> list[str]:
     with tempfile.TemporaryDirectory() as d:
         ctx = Path(d) / "probe_ctx.onnx"
         htp_session(qdq, target, ctx_out=ctx, fallback=True)
-        g = onnx.load(str(ctx), load_external_data=False).graph
-        return [f"{n.op_type}:{n.name}" for n in g.node if n.op_type != "EPContext"]
+        # no context model at all means no node mapped
+        g = onnx.load(str(ctx if ctx.is_file() else qdq), load_external_data=False).graph
+        return [f"{n.op_type}:{n.name or n.output[0]}" for n in g.node if n.op_type != "EPContext"]
 
 
 def verify_htp(qdq: Path, ctx: Path, feeds: list[dict], target: HtpTarget) -> dict:
