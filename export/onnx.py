@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from edgepeft import atomic
@@ -108,28 +110,57 @@ def load_plans(req, base) -> list:
 def _export_merged(req, base, plans, out: Path, work: Path) -> dict:
     hf = base.path
     merge_info = None
-    if plans:
-        from edgepeft.export.merge import (
-            choose_merge_target,
-            load_calibration,
-            merge_into_folder,
-            torch_loss_evaluator,
-        )
+    build = partial(build_genai, quant=req.quant, ep=BUILDER_EP[req.target], block_size=req.block_size,
+                    accuracy_level=req.accuracy_level, cache=work / "cache")
+    if plans and req.merge_into == "auto":
+        hf, merge_info = _merge_auto(req, base, plans, work, build)
+        shutil.copytree(work / "built" / merge_info["target"], out, dirs_exist_ok=True)
+    else:
+        if plans:
+            from edgepeft.export.merge import merge_into_folder
 
-        hf = work / "merged"
-        if req.merge_into == "auto":
-            # the PyTorch loss of each merge target; re-quantizing each through the builder would double the build
-            target, losses = choose_merge_target(base, plans, torch_loss_evaluator(load_calibration(req.calib)), keep=hf)
-            merge_info = {"target": target, "auto_losses": losses}
-        else:
-            merge_into_folder(base, plans, hf, target=req.merge_into)
+            hf = merge_into_folder(base, plans, work / "merged", target=req.merge_into)
             merge_info = {"target": req.merge_into}
-    build_genai(hf, out, req.quant, BUILDER_EP[req.target], req.block_size, req.accuracy_level, work / "cache")
+        build(hf, out)
     record = _record(req, base, plans, out)
     record["merge"] = merge_info
     if req.verify:
         record["verify"] = verify_merged(out, hf, req.quant)
     return record
+
+
+def _merge_auto(req, base, plans, work: Path, build) -> tuple[Path, dict]:
+    """--merge-into auto: build both merge targets at the requested quant, keep the lower held-out loss in ORT."""
+    from edgepeft.export.merge import choose_merge_target, demo_calibration, load_calibration
+
+    tok = base.load_tokenizer()
+    pairs = load_calibration(req.calib, limit=32, tokenizer=tok) if req.calib else demo_calibration(tok)
+
+    def evaluate(folder: Path) -> float:
+        built = work / "built" / folder.name  # choose_merge_target names the folders by target
+        build(folder, built)
+        return ort_completion_loss(OrtLM(built), tok, pairs)
+
+    hf = work / "merged"
+    chosen, losses = choose_merge_target(base, plans, evaluate, keep=hf)
+    return hf, {"target": chosen, "auto": {"chosen": chosen, "losses": losses, "calib_pairs": len(pairs),
+                                           "scored_in": f"onnxruntime {req.quant}"}}
+
+
+def ort_completion_loss(lm, tok, pairs) -> float:
+    """Mean next-token NLL of each completion given its (rendered) prompt, from ORT logits."""
+    import numpy as np
+
+    total, count = 0.0, 0
+    for prompt, completion in pairs:
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        c_ids = tok(completion, add_special_tokens=False)["input_ids"]
+        logits = lm.logits(p_ids + c_ids)[len(p_ids) - 1: -1]
+        logits = logits - logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        total -= float(logp[np.arange(len(c_ids)), c_ids].sum())
+        count += len(c_ids)
+    return total / max(count, 1)
 
 
 # ------------------------------------------------------------------ separate
@@ -141,8 +172,8 @@ def _export_separate(req, base, plans, out: Path, work: Path) -> dict:
     extra = {"adapter_path": str(slot_adapter)}
     if req.quant in ("int4", "int8"):  # keep LoRA matmuls float: the rank axis must stay dynamic
         extra["nodes_to_exclude"] = ",".join(oa.builder_node(t, ab) for t in targets for ab in "AB")
-    build_genai(base.path, out, req.quant, BUILDER_EP[req.target], req.block_size, req.accuracy_level,
-                work / "cache", extra)
+    build_genai(base.path, out, quant=req.quant, ep=BUILDER_EP[req.target], block_size=req.block_size,
+                accuracy_level=req.accuracy_level, cache=work / "cache", extra=extra)
     slots = oa.make_lora_inputs(out / oa.MODEL_FILE)
     (out / ADAPTER_DIR).mkdir()
     record = _record(req, base, plans, out)
@@ -183,7 +214,7 @@ def _slot_adapter(base, targets: list[str], folder: Path) -> Path:
 
 
 # ------------------------------------------------------------------ builder
-def build_genai(hf_dir: Path, out: Path, quant: str, ep: str, block_size: int, accuracy_level: int,
+def build_genai(hf_dir: Path, out: Path, *, quant: str, ep: str, block_size: int, accuracy_level: int,
                 cache: Path, extra: dict | None = None) -> None:
     """Run onnxruntime-genai's model builder as a library (its CLI --help crashes on Python 3.11)."""
     from edgepeft.ui import STATE
