@@ -16,9 +16,12 @@ from edgepeft import __version__
 # name -> module under edgepeft.commands exposing ``command`` (a click.Command).
 COMMANDS: dict[str, str] = {
     "inspect": "inspect",
+    "train": "train",
+    "eval": "eval",
     "export": "export",
     "pack": "pack",
     "verify": "verify",
+    "bench": "bench",
 }
 
 

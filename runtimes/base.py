@@ -71,12 +71,16 @@ class Runtime(Protocol):
     """One inference engine behind the benchmark. Greedy decoding only."""
 
     name: str
+    load_ms: float  # set by load(): engine load time, without edgepeft's own file checks
 
     def load(self, artifact: Artifact, device: DeviceProfile) -> None:
         """Load model and adapters (after the exporters' fit checks); no adapter active."""
 
-    def tokenize(self, text: str) -> list[int]:
-        """The runtime's own tokenizer (never timed)."""
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """The runtime's own tokenizer (never timed); ``special`` parses <|im_start|>-style markers."""
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Token ids back to text, special tokens kept as text."""
 
     def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> None:
         """Append ``tokens`` to the sequence; keep logits for every position if asked."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -76,6 +77,7 @@ class LlamaCppRuntime:
                 _check_adapter_fallback(artifact.model, path)
         spec = device.runtimes.get(self.name) if device is not None else None
         opts = dict(spec.options) if spec else {}
+        t0 = time.perf_counter()  # engine load only; our fit checks above are reported apart
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = int(opts.get("n_gpu_layers", 0))
@@ -105,17 +107,26 @@ class LlamaCppRuntime:
                 raise MismatchError(f"llama.cpp refused adapter {name} ({path}): {_last_error()}",
                                     "Export the adapter against this base GGUF")
             self.adapters[name] = ad
+        self.load_ms = (time.perf_counter() - t0) * 1e3
         self.threads = threads
         self.pos = 0
         self._rows = 0
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
         data = text.encode()
         buf = (self._ll.llama_token * (len(data) + 8))()
-        n = self._ll.llama_tokenize(self.vocab, data, len(data), buf, len(buf), True, False)
+        n = self._ll.llama_tokenize(self.vocab, data, len(data), buf, len(buf), True, special)
         if n < 0:
             raise EdgepeftError("llama.cpp tokenizer overflow", "Use a shorter text")
         return list(buf[:n])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        out = b""
+        buf = ctypes.create_string_buffer(256)
+        for t in tokens:
+            n = self._ll.llama_token_to_piece(self.vocab, int(t), buf, len(buf), 0, True)
+            out += buf.raw[:max(n, 0)]
+        return out.decode("utf-8", "replace")
 
     # ------------------------------------------------------------ inference
     def _run(self, tokens: Sequence[int], all_logits: bool) -> None:

@@ -12,6 +12,7 @@ with ``add_provider_for_devices`` instead of the classic ``providers=[...]`` lis
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,10 +60,11 @@ class OrtRuntime:
         model_file = artifact.model / "model.onnx" if artifact.model.is_dir() else artifact.model
         folder = model_file.parent
         for name, path in artifact.adapters.items():
-            if not fit_check("edgepeft.export.onnx", "check_onnx_adapter_fits", artifact.model, path):
+            if not fit_check("edgepeft.export.onnx_adapters", "check_onnx_adapter_fits", artifact.model, path):
                 from edgepeft.runtimes.ortgenai import _check_adapter_fallback
 
                 _check_adapter_fallback(folder, path)
+        t0 = time.perf_counter()  # engine load only; our fit checks above are reported apart
         spec = device.runtimes.get(self.name) if device is not None else None
         wanted = list(spec.providers) if spec else ["CPUExecutionProvider"]
         so = ort.SessionOptions()
@@ -103,14 +105,18 @@ class OrtRuntime:
             except Exception as e:
                 raise MismatchError(f"onnxruntime refused adapter {name} ({path}): {e}",
                                     "Export the adapter together with this model") from e
+        self.load_ms = (time.perf_counter() - t0) * 1e3
         self.tokenizer = _tokenizer(folder)
         self._kv_shape = _kv_shape(folder)
         self.reset()
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
         if self.tokenizer is None:
             raise EdgepeftError("no tokenizer.json next to the ONNX model", "Export with the tokenizer files")
-        return self.tokenizer.encode(text).ids
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=False)
 
     def reset(self) -> None:
         self.kv = {}

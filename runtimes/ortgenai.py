@@ -7,6 +7,7 @@ starts an empty KV cache) and activates the adapter on it; that is what an app d
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,9 +40,10 @@ class OrtGenaiRuntime:
             raise IntegrityError(f"{cfg_path} is missing or not JSON ({e})",
                                  "Pass a folder written by `edgepeft export --format onnx`") from e
         for name, path in artifact.adapters.items():
-            if not fit_check("edgepeft.export.onnx", "check_onnx_adapter_fits", folder, path):
+            if not fit_check("edgepeft.export.onnx_adapters", "check_onnx_adapter_fits", folder, path):
                 _check_adapter_fallback(folder, path)
         self.max_length = min(n_ctx, int(cfg["model"].get("context_length") or n_ctx))
+        t0 = time.perf_counter()  # engine load only; our fit checks above are reported apart
         config = og.Config(str(folder))
         spec = device.runtimes.get(self.name) if device is not None else None
         providers = list(spec.providers) if spec else ["cpu"]
@@ -68,6 +70,7 @@ class OrtGenaiRuntime:
                     raise MismatchError(f"onnxruntime-genai refused adapter {name} ({path}): {e}",
                                         "Export the adapter together with this model folder") from e
                 self.adapters[name] = path
+        self.load_ms = (time.perf_counter() - t0) * 1e3
         self._new_generator()
 
     def _new_generator(self) -> None:
@@ -80,8 +83,11 @@ class OrtGenaiRuntime:
         self.pos = 0
         self._rows = None
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(np.asarray(tokens, dtype=np.int32))
 
     def _append(self, tokens: Sequence[int]) -> None:
         if self.pos + len(tokens) > self.max_length:
