@@ -64,9 +64,22 @@ def _describe_bundle(p: Path) -> dict:
     return describe_bundle(p)
 
 
+def _is_onnx(p: Path) -> bool:
+    from edgepeft.export.onnx import is_onnx_export
+
+    return is_onnx_export(p)
+
+
+def _describe_onnx(p: Path) -> dict:
+    from edgepeft.export.onnx import describe_onnx
+
+    return describe_onnx(p)
+
+
 INSPECTORS: list[Inspector] = [
     (_is_gguf, describe_gguf),
     (_is_bundle, _describe_bundle),
+    (_is_onnx, _describe_onnx),
 ]
 
 
