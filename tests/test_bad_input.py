@@ -266,3 +266,11 @@ def test_export_pickle_adapter_refused(tiny_llama, lora, tmp_path):
 def test_export_unknown_quant(tiny_llama, tmp_path):
     bad(tmp_path, "export", "--base", tiny_llama, "--quant", "q3_xl", "--out", tmp_path / "o",
         needles=["--quant", "q4_k_m"])
+
+
+# --- train -----------------------------------------------------------------------------------
+
+def test_train_malformed_jsonl(tiny_llama, tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "2+2", "completion": "4"}\n{"prompt": "oops\n')
+    bad(tmp_path, "train", "--base", tiny_llama, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "run",
+        needles=["d.jsonl:2", "malformed JSON"])
