@@ -204,7 +204,7 @@ def _suits(fmt: str, quant: str, nbytes: int, runtimes: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------- ONNX facts
-ONNX_SIDECARS = ("edgepeft-manifest.json", "edgepeft.json", "manifest.json")
+ONNX_SIDECARS = ("edgepeft-onnx.json",)  # written by export/onnx.py
 
 
 def _onnx_dir_record(src: Path, name: str) -> dict:
@@ -225,7 +225,12 @@ def _onnx_dir_record(src: Path, name: str) -> dict:
     for f in files:
         if f.suffix in (".onnx", ".onnx_adapter"):
             check_artifact(f)
-    adapters = sorted(str(f.relative_to(src)) for f in files if f.suffix == ".onnx_adapter")
+    adapters = sorted(f.relative_to(src).as_posix() for f in files if f.suffix == ".onnx_adapter")
+    _check_onnx_fits(src.parent, {"path": src.name, "adapters": adapters})
+    for a in side.get("adapters") or []:
+        if isinstance(a, dict) and a.get("base_fingerprint") not in (None, (side.get("base") or {}).get("fingerprint")):
+            raise MismatchError(f"--onnx {src}: adapter {a.get('name')} was trained on another base "
+                                f"({short(str(a['base_fingerprint']))})", "Re-export it with the base it was trained on")
     quant = side.get("quant") or side.get("precision") or "int4"
     runtimes = ["onnxruntime"] if any(f.name.endswith("_ctx.onnx") for f in files) else ["onnxruntime-genai"]
     fp = side.get("base_fingerprint") or (side.get("base") or {}).get("fingerprint")
@@ -245,17 +250,14 @@ def _regular_files(src: Path) -> list[Path]:
 
 
 def _check_onnx_fits(root: Path, rec: dict) -> None:
-    """Every .onnx_adapter in a separate-mode folder must fit its model's LoRA inputs."""
+    """Every .onnx_adapter in a separate-mode folder must fit its model's LoRA inputs (names, shapes)."""
     if not rec.get("adapters"):
         return
-    try:
-        from edgepeft.export.onnx import check_onnx_adapter_fits
-    except ImportError:  # the ONNX exporter is optional at run time; the header check already ran
-        return
+    from edgepeft.export.onnx_adapters import check_onnx_adapter_fits
+
     folder = root / rec["path"]
-    model = next((p for p in sorted(folder.glob("*.onnx"))), None)
     for a in rec["adapters"]:
-        check_onnx_adapter_fits(model if model is not None else folder, folder / a)
+        check_onnx_adapter_fits(folder, folder / a)
 
 
 # ---------------------------------------------------------------------------- copying
