@@ -85,7 +85,8 @@ def export(req) -> dict:
         if req.verify:
             from edgepeft.export.gguf_verify import verify_merged
 
-            record["verify"] = verify_merged(path, merge["reference_folder"] or base.path, plans, merge["target"])
+            record["verify"] = verify_merged(path, merge["reference_folder"] or base.path, plans, merge["target"],
+                                             quant.name)
         _cleanup_reference(merge)
     else:
         base_path = write_model(base, [], out / f"base-{quant.name}.gguf", quant.name)
@@ -99,7 +100,7 @@ def export(req) -> dict:
             from edgepeft.export.gguf_verify import verify_separate
 
             record["verify"] = verify_separate(base_path, [Path(a["path"]) for a in record["adapter_files"]],
-                                               base.path, plans)
+                                               base.path, plans, quant.name)
     record["seconds"] = round(time.perf_counter() - t0, 2)
     record["peak_rss_mb"] = _peak_rss_mb()
     atomic.write_json(out / RECORD_NAME, record)

@@ -62,9 +62,9 @@ def compare(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
 def reference_model(folder: Path, plans=(), target: str = "original"):
     """fp32 PyTorch model of ``folder`` with ``plans`` merged into ``target`` (the surgery's merge)."""
     import torch
+    from edgepeft.export.merge import merged_state_dict
     from transformers import AutoModelForCausalLM
 
-    from edgepeft.export.merge import merged_state_dict
     from edgepeft.models import resolve_base
 
     model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
@@ -85,12 +85,12 @@ def tokenizer_check(llm, tokenizer, prompts=PROMPTS) -> float:
 def _verdict(stats: dict, quant: str) -> dict:
     stats["quant"] = quant
     if quant in FLOAT_QUANTS:
-        stats["passed"] = stats["top1_agreement"] >= FLOAT_MIN_TOP1 and stats.get("tokenizer_agreement", 1.0) == 1.0
+        # logits only: tokenizer_agreement is reported beside it (see docs/gguf.md on pre-tokenizers)
+        stats["passed"] = stats["top1_agreement"] >= FLOAT_MIN_TOP1
     return stats
 
 
-def verify_merged(path: Path, folder: Path, plans, target: str) -> dict:
-    from edgepeft.gguf_meta import read_metadata
+def verify_merged(path: Path, folder: Path, plans, target: str, quant: str) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
@@ -103,16 +103,13 @@ def verify_merged(path: Path, folder: Path, plans, target: str) -> dict:
     stats = compare(ref, [llama_logits(llm, i) for i in ids])
     stats["tokenizer_agreement"] = tokenizer_check(llm, tok)
     del llm
-    return _verdict(stats, read_metadata(path, "edgepeft.").get("edgepeft.quant", "?"))
+    return _verdict(stats, quant)
 
 
-def verify_separate(base_path: Path, adapter_paths: list[Path], folder: Path, plans) -> dict:
+def verify_separate(base_path: Path, adapter_paths: list[Path], folder: Path, plans, quant: str) -> dict:
     """Base alone, then each adapter hot-swapped onto one loaded base, each vs its PyTorch reference."""
     from transformers import AutoTokenizer
 
-    from edgepeft.gguf_meta import read_metadata
-
-    quant = read_metadata(base_path, "edgepeft.").get("edgepeft.quant", "?")
     tok = AutoTokenizer.from_pretrained(folder)
     ids = prompt_ids(tok)
     base_model = reference_model(Path(folder))

@@ -64,7 +64,7 @@ def run_peer(script: str, *args, cwd: Path | None = None, timeout: int = 900) ->
     src = peer_dir()
     env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.pop("NO_LOCAL_GGUF", None)
-    proc = subprocess.run([sys.executable, str(src / script), *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(src / script), *map(str, args)], capture_output=True, text=True, check=False,
                           cwd=cwd or src, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"peer {script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
