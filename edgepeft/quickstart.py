@@ -1,0 +1,219 @@
+"""``edgepeft quickstart``: the whole story on the embedded base, on CPU, in one command.
+
+train (QLoRA 4-bit) -> evaluate (PyTorch) -> export GGUF merged Q4_K_M, GGUF base Q4_K_M +
+adapter, ONNX int4 merged, ONNX int4 base + .onnx_adapter -> bench each with its runtime
+(llama.cpp, onnxruntime-genai) -> comparison table, chart, and a verified bundle.
+
+Every step calls the library function the matching command calls (``train``,
+``evaluate_hf``, the GGUF/ONNX writers, ``bench.run_case``, ``bundle.pack``), never our
+own CLI in a subprocess. Sizes live in two :class:`Plan` records: the full run fits the
+20-minute budget on 2 cores, ``--fast`` is the CI smoke run. Everything lands in ``--out``:
+
+    run/            training run (adapter/, manifest.json, loss.png)
+    gguf-merged/  gguf-separate/  onnx-merged/  onnx-separate/
+    bench.json  quickstart.png  summary.json
+    bundle/         base + adapter GGUF + ONNX separate folder, verified
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgepeft import atomic
+from edgepeft.errors import EdgepeftError
+from edgepeft.ui import info
+
+ADAPTER_NAME = "demo"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How big each step is. Numbers are sized for 2 CPU cores (see docs/bundle.md for timings)."""
+
+    train_steps: int
+    batch_size: int
+    lr: float
+    rank: int
+    eval_limit: int  # demo eval examples scored with PyTorch, before and after training
+    prompt_tokens: int
+    gen_tokens: int
+    repetitions: int
+    ppl_tokens: int
+    task_limit: int  # demo eval examples scored on each runtime
+    swap_cycles: int
+    verify_exports: bool  # run each exporter's parity check against PyTorch
+
+
+FULL = Plan(train_steps=80, batch_size=8, lr=1e-3, rank=16, eval_limit=50, prompt_tokens=128, gen_tokens=32,
+            repetitions=3, ppl_tokens=256, task_limit=20, swap_cycles=3, verify_exports=True)
+FAST = Plan(train_steps=3, batch_size=4, lr=1e-3, rank=8, eval_limit=4, prompt_tokens=32, gen_tokens=8,
+            repetitions=1, ppl_tokens=64, task_limit=2, swap_cycles=1, verify_exports=False)
+
+ARTIFACTS = (  # (folder, format, mode, quant)
+    ("gguf-merged", "gguf", "merged", "q4_k_m"),
+    ("gguf-separate", "gguf", "separate", "q4_k_m"),
+    ("onnx-merged", "onnx", "merged", "int4"),
+    ("onnx-separate", "onnx", "separate", "int4"),
+)
+
+
+def run(out: Path, fast: bool = False, base: str = "smollm2-135m") -> dict:
+    """Run every step into ``out``; return the summary (also written to out/summary.json)."""
+    plan = FAST if fast else FULL
+    out = atomic.ensure_writable_dir(Path(out))
+    if (out / "summary.json").exists() or (out / "bundle").exists():
+        raise EdgepeftError(f"--out {out} already holds a quickstart run", "Pass a new --out directory")
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    with _step("train", timings):
+        trained = train_demo(base, out / "run", plan)
+    adapter = Path(trained["adapter"])
+    with _step("evaluate", timings):
+        evals = evaluate_demo(base, adapter, plan)
+    exports = {}
+    for folder, fmt, mode, quant in ARTIFACTS:
+        with _step(f"export {folder}", timings):
+            exports[folder] = export_one(base, adapter, out / folder, fmt, mode, quant, plan)
+    with _step("bench", timings):
+        doc = bench_all(out, [out / f for f, *_ in ARTIFACTS], plan)
+    with _step("chart + bundle", timings):
+        chart = _chart(doc, out / "quickstart.png")
+        bundle_dir = make_bundle(out)
+    timings["total"] = round(time.perf_counter() - t_all, 1)
+    summary = {"base": base, "fast": fast, "plan": asdict(plan), "train": _train_summary(trained),
+               "evaluate": evals, "exports": {k: _export_summary(v) for k, v in exports.items()},
+               "bench": str(out / "bench.json"), "chart": str(chart), "bundle": str(bundle_dir),
+               "seconds": timings}
+    atomic.write_json(out / "summary.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- steps
+class _step:
+    """Time a step and say what is happening (progress to stderr)."""
+
+    def __init__(self, name: str, timings: dict):
+        self.name, self.timings = name, timings
+
+    def __enter__(self):
+        info(f"[quickstart] {self.name} ...")
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timings[self.name] = round(time.perf_counter() - self.t0, 1)
+        if exc[0] is None:
+            info(f"[quickstart] {self.name} done in {self.timings[self.name]:.0f} s")
+
+
+def train_demo(base: str, run_dir: Path, plan: Plan) -> dict:
+    """QLoRA: NF4 4-bit base (bitsandbytes, fp32 compute on CPU), LoRA on every linear layer."""
+    from edgepeft.train.config import TrainConfig
+    from edgepeft.train.run import train
+
+    cfg = TrainConfig(out=str(run_dir), base=base, task="demo", bits=4, rank=plan.rank, alpha=2.0 * plan.rank,
+                      max_steps=plan.train_steps, batch_size=plan.batch_size, lr=plan.lr, max_seq_len=128,
+                      warmup_ratio=0.05, logging_steps=max(1, plan.train_steps // 8),
+                      save_steps=max(plan.train_steps, 1), save_total_limit=1)
+    return train(cfg, say=info, bar=False, log_lines=True)
+
+
+def evaluate_demo(base: str, adapter: Path, plan: Plan) -> dict:
+    """Exact match on the demo eval split with PyTorch: the base alone, then with the adapter."""
+    from edgepeft.evaluate import evaluate_hf
+
+    before = evaluate_hf(base, None, "demo", "eval", plan.eval_limit)
+    after = evaluate_hf(base, str(adapter), "demo", "eval", plan.eval_limit)
+    info(f"[quickstart] demo exact match (PyTorch, {after['total']} examples): base {before['accuracy']:.0%}, "
+         f"with adapter {after['accuracy']:.0%}")
+    return {"base": _acc(before), "adapter": _acc(after)}
+
+
+def _acc(r: dict) -> dict:
+    return {k: r[k] for k in ("accuracy", "correct", "total")}
+
+
+def export_one(base: str, adapter: Path, out: Path, fmt: str, mode: str, quant: str, plan: Plan) -> dict:
+    """One artifact through the same writer ``edgepeft export`` dispatches to."""
+    import importlib
+
+    from edgepeft.commands.export import WRITERS
+    from edgepeft.export.request import ExportRequest
+
+    req = ExportRequest(format=fmt, base=base, adapters=[adapter], names=[ADAPTER_NAME], out=out, mode=mode,
+                        quant=quant, verify=plan.verify_exports)
+    return importlib.import_module(WRITERS[fmt]).export(req)
+
+
+def bench_all(out: Path, folders: list[Path], plan: Plan) -> dict:
+    """Benchmark every artifact on its runtime (llama.cpp for GGUF, onnxruntime-genai for ONNX)."""
+    from edgepeft import bench
+    from edgepeft.profiles import load_profile, local_profile_name
+
+    profile = load_profile(local_profile_name())
+    cfg = bench.BenchConfig(prompt_tokens=plan.prompt_tokens, gen_tokens=plan.gen_tokens,
+                            repetitions=plan.repetitions, ppl_tokens=plan.ppl_tokens,
+                            ppl_ctx=min(256, plan.ppl_tokens), swap_cycles=plan.swap_cycles, task="demo",
+                            task_limit=plan.task_limit)
+    arts = [bench.discover(f) for f in folders]
+    cases = [(a, r) for a in arts for r in bench.pick_runtimes(a, profile, [])]
+    for a, r in cases:  # refuse what cannot fit before spending minutes on the rest
+        bench.check_fits(a, profile, r, cfg.n_ctx)
+    gb_s = bench.measure_bandwidth()
+    tokenizer = _tokenizer()
+    records = []
+    for a, r in cases:
+        info(f"[quickstart] bench {a.path.name} on {r} ...")
+        records += bench.run_case(a, r, profile, cfg, gb_s, "local", tokenizer, {})
+    doc = bench.document(records, profile, cfg, {"bandwidth_gb_s": gb_s, "bandwidth_source": "measured here: "
+                                                 "numpy copy of 256 MiB, best of 5, read+write bytes",
+                                                 "profile_bandwidth_gb_s": profile.bandwidth.gb_s})
+    atomic.write_json(out / "bench.json", doc)
+    return doc
+
+
+def _tokenizer():
+    from edgepeft.models import resolve_base
+
+    return resolve_base("smollm2-135m").load_tokenizer()
+
+
+def _chart(doc: dict, path: Path) -> Path:
+    from edgepeft import bench
+
+    return bench.chart(doc, path)
+
+
+def make_bundle(out: Path) -> Path:
+    """Base Q4_K_M + demo adapter GGUF + the ONNX separate folder, packed and verified."""
+    from edgepeft.bundle import PackInput, load_checked, pack
+    from edgepeft.export.gguf import adapter_filename
+
+    sep = out / "gguf-separate"
+    bases = [p for p in sorted(sep.glob("*.gguf")) if not p.name.endswith(adapter_filename(""))]
+    if len(bases) != 1:
+        raise EdgepeftError(f"{sep} holds {len(bases)} base GGUFs, expected 1", "Re-run the quickstart into a new --out")
+    pack(PackInput(base=bases[0], adapters=[sep / adapter_filename(ADAPTER_NAME)], onnx=[out / "onnx-separate"]),
+         out / "bundle")
+    load_checked(out / "bundle")
+    return out / "bundle"
+
+
+# --------------------------------------------------------------------------- summary
+def _train_summary(t: dict) -> dict:
+    return {k: t.get(k) for k in ("steps", "wall_s", "s_per_step", "final_loss", "adapter")}
+
+
+def _export_summary(r: dict) -> dict:
+    keep = ("format", "mode", "quant", "seconds", "peak_rss_mb", "verify")
+    return {k: r.get(k) for k in keep if k in r} | {"files": [Path(f).name for f in r.get("files", [])]}
+
+
+def print_table(doc: dict) -> None:
+    from rich.console import Console
+
+    from edgepeft import bench
+
+    Console(highlight=False, width=200).print(bench.table(doc))
