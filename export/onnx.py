@@ -125,8 +125,18 @@ def _export_merged(req, base, plans, out: Path, work: Path) -> dict:
     record = _record(req, base, plans, out)
     record["merge"] = merge_info
     if req.verify:
-        record["verify"] = verify_merged(out, hf, req.quant)
+        record["verify"] = _skip_reason(req) or verify_merged(out, hf, req.quant)
     return record
+
+
+def _skip_reason(req) -> dict | None:
+    # a cuda build runs fp16/GQA kernels the CPU EP lacks; check it where it can run, not here
+    import onnxruntime as ort
+
+    if req.target == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return {"skipped": "no CUDA execution provider on this machine; run `edgepeft bench` on the target",
+                "passed": None}
+    return None
 
 
 def _merge_auto(req, base, plans, work: Path, build) -> tuple[Path, dict]:
@@ -187,7 +197,7 @@ def _export_separate(req, base, plans, out: Path, work: Path) -> dict:
         record["files"].append(rel)
     record["slots"] = len(slots) // 2
     if req.verify:
-        record["verify"] = verify_separate(out, base, plans, req.quant)
+        record["verify"] = _skip_reason(req) or verify_separate(out, base, plans, req.quant)
     return record
 
 
