@@ -1,0 +1,77 @@
+"""The run record: RUN_DIR/manifest.json and RUN_DIR/loss.png.
+
+``manifest["base"]["fingerprint"]`` is what export, pack and verify compare against a base;
+``manifest["quantization"]`` says how the base was held during training.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from importlib import metadata
+from pathlib import Path
+
+from edgepeft import __version__, atomic
+from edgepeft.fingerprint import sha256_file
+
+LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "safetensors")
+SCHEMA = 1
+
+
+def library_versions() -> dict:
+    out = {"edgepeft": __version__}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def loss_curve(log_history: list[dict]) -> list[list[float]]:
+    return [[int(e["step"]), round(float(e["loss"]), 6)] for e in log_history if "loss" in e and "step" in e]
+
+
+def build_manifest(*, cfg, base, recipe, data: dict, adapter_dir: Path, lora_targets: list[str],
+                   log_history: list[dict], train: dict, task: str | None) -> dict:
+    adapter_file = adapter_dir / "adapter_model.safetensors"
+    return {
+        "schema": SCHEMA,
+        "kind": "edgepeft-train-run",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "task": task,
+        "base": {"spec": base.spec, "fingerprint": base.fingerprint, "model_type": base.model_type,
+                 "source": base.source, "origin": str(base.origin) if base.origin else None},
+        "quantization": recipe.quantization(),
+        "recipe": {"device": recipe.device, "optimizer": recipe.optimizer,
+                   "gradient_checkpointing": recipe.gradient_checkpointing},
+        "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "target": cfg.target,
+                 "target_modules": sorted({t.rsplit(".", 1)[-1] for t in lora_targets})},
+        "data": data,
+        "hyperparams": cfg.hyperparams(),
+        "seed": cfg.seed,
+        "libraries": library_versions(),
+        "train": train,
+        "loss_curve": loss_curve(log_history),
+        "adapter": {"path": adapter_dir.name, "sha256": sha256_file(adapter_file),
+                    "bytes": adapter_file.stat().st_size},
+    }
+
+
+def plot_loss(curve: list[list[float]], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if curve:
+        steps, losses = zip(*curve)
+        ax.plot(steps, losses, marker=".", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (completion tokens)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic.atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
