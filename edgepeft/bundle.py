@@ -516,6 +516,13 @@ def read_manifest(root: Path) -> dict:
         if not isinstance(m.get(key), kind):
             raise IntegrityError(f"{mpath}: field {key!r} is missing or not a {kind.__name__}", "Re-pack the bundle")
     _check_seal(mpath, raw, m)
+    entries = [("base", m["base"])] + [(f"adapters[{i}]", a) for i, a in enumerate(m["adapters"])] + \
+        [(f"onnx[{i}]", o) for i, o in enumerate(m["onnx"])]
+    for where, e in entries:
+        if not isinstance(e, dict) or not isinstance(e.get("path"), str) or \
+                (where != "base" and not isinstance(e.get("name"), str)):
+            raise IntegrityError(f"{mpath}: {where} needs a string 'path'" + ("" if where == "base" else " and 'name'"),
+                                 "Re-pack the bundle")
     return m
 
 
