@@ -151,3 +151,24 @@ def test_onnx_external_data_cannot_escape(tmp_path):
     with pytest.raises(IntegrityError, match="outside the model folder"):
         check_artifact(path)
     assert onnx.load(str(path), load_external_data=False)  # a valid model otherwise
+
+
+def test_no_pickle_is_loaded_by_default():
+    """Scan our sources: no pickle.load/joblib/dill, np.load only without allow_pickle=True,
+    torch.load only with weights_only=True (and only behind --allow-pickle in export/adapter.py)."""
+    import ast
+
+    root = Path(__file__).parents[1]
+    offenders = []
+    for f in [*root.glob("edgepeft/**/*.py"), *root.glob("export/*.py"), *root.glob("runtimes/*.py")]:
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+            kw = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
+            call = f"{owner}.{node.func.attr}"
+            if call in ("pickle.load", "pickle.loads", "joblib.load", "dill.load", "cloudpickle.load") or \
+                    (call == "np.load" and kw.get("allow_pickle") is True) or \
+                    (call == "torch.load" and kw.get("weights_only") is not True):
+                offenders.append(f"{f.relative_to(root)}:{node.lineno} {call}")
+    assert not offenders, offenders
