@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -70,12 +71,13 @@ def torch_accuracy(model, tok, examples, max_new: int) -> float:
 class LlamaEval:
     """Greedy generation, perplexity and completion loss in llama.cpp on HF-tokenized ids."""
 
-    def __init__(self, path: Path, tok, n_ctx: int = 640):
+    def __init__(self, path: Path, tok, threads: int, n_ctx: int = 640):
         from edgepeft.runtimes.base import Artifact
         from edgepeft.runtimes.llamacpp import LlamaCppRuntime
 
         self.rt = LlamaCppRuntime()
-        self.rt.load(Artifact(path=path, format="gguf", model=path), None, n_ctx=n_ctx)
+        device = SimpleNamespace(runtimes={"llama.cpp": SimpleNamespace(options={"n_threads": threads})})
+        self.rt.load(Artifact(path=path, format="gguf", model=path), device, n_ctx=n_ctx)
         self.tok = tok
         self.stops = {tok.eos_token_id} | {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>",)
                                            if t in tok.get_vocab()}
@@ -189,7 +191,7 @@ def merge_targets(base, plan, adapter: Path, tok, examples, max_new, ppl_ids, pa
             rec = export(ExportRequest(format="gguf", base=base.spec, adapters=[adapter], out=out, mode="merged",
                                        quant=quant, merge_into=target, verify=False))
             path = Path(rec["files"][0])
-            ev = LlamaEval(path, tok)
+            ev = LlamaEval(path, tok, torch.get_num_threads())
             try:
                 rows.append({"target": target, "format": f"gguf-{quant}", "file_bytes": path.stat().st_size,
                              "accuracy": ev.accuracy(examples, max_new), "ppl": ev.ppl(ppl_ids),
@@ -256,6 +258,8 @@ def main(argv=None):
     ap.add_argument("--quants", default="q4_k_m,q8_0")
     ap.add_argument("--skip-gguf", action="store_true")
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch/llama.cpp threads; 1 is several times faster on a shared, oversubscribed CPU")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "prune.json")
     args = ap.parse_args(argv)
 
@@ -267,6 +271,7 @@ def main(argv=None):
     from edgepeft.train.tasks import get_task
 
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     base = resolve_base(args.base)
     plan = load_adapter(args.adapter, base)
     tok = base.load_tokenizer()
@@ -280,7 +285,8 @@ def main(argv=None):
         "ppl_tokens": len(ppl_ids), "ppl_window": PPL_WINDOW, "calib_pairs": len(pairs),
         "calib_note": "calibration = first 24 demo eval examples (what --merge-into auto scores by default)",
         "adapter_bytes_note": "A+B elements x 2 bytes (f16, as the GGUF/ONNX writers store adapters)",
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads,
+                    "note": "shared 2-core CPU, heavily oversubscribed: no timings are reported"},
         "prune": [], "merge": [],
     }
 

@@ -158,7 +158,7 @@ def prune(plan: AdapterPlan, spec: str | PruneSpec, base=None) -> AdapterPlan:
         if target in dropped:
             row["dropped"] = "drop"
         elif k == 0:
-            row["dropped"] = "size"
+            row["dropped"] = "size" if spec.size is not None else "zero"  # ΔW == 0 exactly
         rows[target] = row
         if k == m.rank:
             modules[target] = m  # unchanged, bit for bit
