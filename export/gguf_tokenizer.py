@@ -50,19 +50,31 @@ def pre_signature(pre: dict | None) -> tuple:
     return tuple(sig)
 
 
+def effective_tokenizer_json(folder: Path) -> dict:
+    """The tokenizer as transformers actually runs it, serialised.
+
+    transformers may rebuild parts of tokenizer.json from the model type (a Qwen2 folder gets
+    Qwen2's split regex whatever the file says), so the file alone can lie about what the
+    PyTorch model saw in training. Falls back to the file for non-fast tokenizers.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        return json.loads(backend.to_str())
+    return json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+
+
 def detect_pre(folder: Path) -> str | None:
-    """The llama.cpp pre-tokenizer name for this tokenizer.json, or None if we do not know it."""
-    tj = folder / "tokenizer.json"
-    if not tj.is_file():
-        return None
-    data = json.loads(tj.read_text(encoding="utf-8"))
-    return PRE_TOKENIZERS.get(pre_signature(data.get("pre_tokenizer")))
+    """The llama.cpp pre-tokenizer name for this tokenizer, or None if we do not know it."""
+    return PRE_TOKENIZERS.get(pre_signature(effective_tokenizer_json(folder).get("pre_tokenizer")))
 
 
 def token_list(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[int]]:
     """Tokens and types in id order, padded to the model's vocab_size like llama.cpp expects.
 
-    Read straight from tokenizer.json (no transformers import): the BPE vocab plus
+    From the serialised tokenizer: the BPE vocab plus
     ``added_tokens``, whose ``special`` flag makes them CONTROL tokens.
     """
     import gguf
@@ -97,7 +109,7 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> dict:
     if not tj.is_file():
         raise EdgepeftError(f"base {folder} has no tokenizer.json (GGUF export embeds the tokenizer)",
                             "Save the tokenizer next to the weights: tokenizer.save_pretrained(folder)")
-    data = json.loads(tj.read_text(encoding="utf-8"))
+    data = effective_tokenizer_json(folder)
     model_type = data.get("model", {}).get("type")
     if model_type != "BPE":
         raise EdgepeftError(f"base {folder}: tokenizer model {model_type!r} is not supported for GGUF export",
