@@ -223,7 +223,7 @@ def bench_argv(arts_remote: list[str], runtimes: list[str], cfg, profile: str) -
     if cfg.ppl_file is None:
         argv.append("--no-ppl")
     if cfg.task:
-        argv += ["--task", cfg.task]
+        argv += ["--task", cfg.task, "--task-limit", str(cfg.task_limit)]
     return argv
 
 

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from bench_artifacts are parameters by design)
 """Each runtime on tiny exported artifacts: load, prefill, decode, swap, close; unknown runtime."""
 
 from __future__ import annotations
@@ -5,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from bench_artifacts import gguf_sep, onnx_sep, peft_adapters  # noqa: F401  (session fixtures)
+from edgepeft.runtimes.base import RUNTIMES, get_runtime
 
 from edgepeft.bench import discover
 from edgepeft.errors import EdgepeftError, MismatchError
 from edgepeft.profiles import load_profile
-from edgepeft.runtimes.base import RUNTIMES, get_runtime
 
 TEXT = "The quick brown fox jumps over the lazy dog and keeps running"
 
@@ -44,21 +45,30 @@ def exercise(rt, artifact) -> dict:
     return out
 
 
-def test_llamacpp_runtime(gguf_sep):
+def test_discover_gguf_export_folder(gguf_sep):
     art = discover(gguf_sep)
-    assert art.format == "gguf" and set(art.adapters) == {"sql", "chat"}
-    out = exercise(get_runtime("llama.cpp"), art)
+    assert art.format == "gguf" and set(art.adapters) == {"sql", "chat"} and art.quant == "f32"
+    assert art.model.name.startswith("base-") and art.model_bytes == art.model.stat().st_size
+
+
+@pytest.fixture(scope="module")
+def llamacpp_logits(gguf_sep):
+    return exercise(get_runtime("llama.cpp"), discover(gguf_sep))
+
+
+def test_llamacpp_runtime(llamacpp_logits):
+    out = llamacpp_logits
     for name in ("sql", "chat"):  # non-zero B: each adapter changes the logits, differently
         assert np.abs(out[name] - out[None]).max() > 1e-2
     assert np.abs(out["sql"] - out["chat"]).max() > 1e-2
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime-genai", "onnxruntime"])
-def test_onnx_runtimes(runtime, onnx_sep, gguf_sep):
+def test_onnx_runtimes(runtime, onnx_sep, llamacpp_logits):
     art = discover(onnx_sep)
     assert art.format == "onnx-genai" and set(art.adapters) == {"sql", "chat"}
     out = exercise(get_runtime(runtime), art)
-    ref = exercise(get_runtime("llama.cpp"), discover(gguf_sep))
+    ref = llamacpp_logits
     for name in (None, "sql", "chat"):  # same f32 weights: runtimes agree on every position's top-1
         assert (out[name].argmax(1) == ref[name].argmax(1)).mean() >= 0.9, name
         assert np.abs(out[name] - ref[name]).max() < 0.05, name
@@ -87,7 +97,7 @@ def test_adapter_from_other_base_refused(gguf_sep, tiny_qwen2, tmp_path):
 
     other = export("gguf", tiny_qwen2, {"q": make_peft(tiny_qwen2, tmp_path / "q", 3)}, tmp_path / "q-out",
                    mode="separate", quant="f32", merge_into="original")
-    foreign = [f for f in other["files"] if f.endswith(".lora.gguf")][0]
+    foreign = next(f for f in other["files"] if f.endswith(".lora.gguf"))
     art = discover(gguf_sep, {"foreign": foreign})
     with pytest.raises(MismatchError):
         get_runtime("llama.cpp").load(art, load_profile("x86-64-cpu"), n_ctx=32)

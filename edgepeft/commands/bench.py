@@ -34,6 +34,7 @@ def _pairs(values, option: str) -> dict:
 @click.option("--no-ppl", is_flag=True, help="Skip perplexity.")
 @click.option("--swap-cycles", default=5, show_default=True, type=int)
 @click.option("--task", default=None, help="Score exact-match accuracy on a training task (demo).")
+@click.option("--task-limit", default=20, show_default=True, type=int, help="Examples scored for --task.")
 @click.option("--reference", default=None, help="PyTorch base (--base syntax) for top-1 agreement.")
 @click.option("--reference-adapter", "ref_adapters", multiple=True, help="NAME=PEFT_DIR for the reference, per adapter.")
 @click.option("--json", "json_out", default=None, help="Write the JSON results here ('-' = stdout).")
@@ -43,7 +44,7 @@ def _pairs(values, option: str) -> dict:
 @click.option("--timeout", default=None, type=float, help="ssh/adb: seconds per remote step (default from profile).")
 @click.option("--ssh-identity", default=None, type=click.Path(), help="ssh: private key file to log in with.")
 def command(artifacts, runtimes, device, profile, adapters, prompt_tokens, gen_tokens, repetitions, ppl_file,
-            ppl_tokens, no_ppl, swap_cycles, task, reference, ref_adapters, json_out, png, compare, known_hosts,
+            ppl_tokens, no_ppl, swap_cycles, task, task_limit, reference, ref_adapters, json_out, png, compare, known_hosts,
             timeout, ssh_identity):
     """Benchmark artifacts on real runtimes, here or on a device over SSH/adb.
 
@@ -62,7 +63,7 @@ def command(artifacts, runtimes, device, profile, adapters, prompt_tokens, gen_t
         raise EdgepeftError("no artifact given", "Usage: edgepeft bench ARTIFACT... (a .gguf, an export folder, an .onnx)")
     cfg = bench.BenchConfig(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repetitions=repetitions,
                             ppl_file=None if no_ppl else (ppl_file or bench.DEFAULT_TEXT), ppl_tokens=ppl_tokens,
-                            swap_cycles=swap_cycles, task=task, reference=reference,
+                            swap_cycles=swap_cycles, task=task, task_limit=task_limit, reference=reference,
                             reference_adapters=_pairs(ref_adapters, "--reference-adapter"))
     extra = _pairs(adapters, "--adapter")
     from edgepeft.remote import resolve_device
@@ -82,10 +83,6 @@ def command(artifacts, runtimes, device, profile, adapters, prompt_tokens, gen_t
 def _run_local(arts, runtimes, profile, cfg) -> dict:
     from edgepeft import bench
 
-    info(f"measuring memory bandwidth on {profile.name} (numpy copy)...")
-    gb_s = bench.measure_bandwidth()
-    bandwidth = {"bandwidth_gb_s": gb_s, "bandwidth_source": "measured here: numpy copy of 256 MiB, best of 5, "
-                 "read+write bytes", "profile_bandwidth_gb_s": profile.bandwidth.gb_s}
     tokenizer = None
     if cfg.task:
         from edgepeft.models import resolve_base
@@ -95,6 +92,10 @@ def _run_local(arts, runtimes, profile, cfg) -> dict:
     plan = [(a, r) for a in arts for r in bench.pick_runtimes(a, profile, list(runtimes))]
     for a, r in plan:
         bench.check_fits(a, profile, r, cfg.n_ctx)
+    info(f"measuring memory bandwidth on {profile.name} (numpy copy)...")
+    gb_s = bench.measure_bandwidth()
+    bandwidth = {"bandwidth_gb_s": gb_s, "bandwidth_source": "measured here: numpy copy of 256 MiB, best of 5, "
+                 "read+write bytes", "profile_bandwidth_gb_s": profile.bandwidth.gb_s}
     records, ref_cache = [], {}
     for a, r in plan:
         info(f"bench {a.path.name} on {r} ({len(a.adapters)} adapters)...")

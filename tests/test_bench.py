@@ -1,0 +1,111 @@
+# ruff: noqa: F811  (pytest fixtures imported from bench_artifacts are parameters by design)
+"""edgepeft bench end to end on tiny exported artifacts: records, metrics, table, PNG, --compare, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from bench_artifacts import gguf_sep, onnx_sep, peft_adapters  # noqa: F401  (session fixtures)
+from conftest import assert_clean_error, run_cli
+
+from edgepeft import bench
+from edgepeft.errors import EdgepeftError
+from edgepeft.profiles import load_profile
+
+SMALL = ["--prompt-tokens", "32", "--gen-tokens", "8", "-r", "2", "--ppl-tokens", "64", "--swap-cycles", "2"]
+
+
+@pytest.fixture(scope="module")
+def result(gguf_sep, onnx_sep, tiny_llama, peft_adapters, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-out")
+    refs = [x for n, p in peft_adapters.items() for x in ("--reference-adapter", f"{n}={p}")]
+    proc = run_cli("bench", gguf_sep, onnx_sep, *SMALL, "--task", "demo", "--task-limit", "1",
+               "--reference", tiny_llama, *refs, "--json", out / "a.json", "--png", out / "a.png")
+    assert proc.returncode == 0, proc.stderr
+    return out, json.loads((out / "a.json").read_text()), proc
+
+
+def test_records_and_metrics(result, gguf_sep, onnx_sep):
+    out, doc, proc = result
+    assert doc["schema"] == bench.SCHEMA and doc["device"]["bandwidth_gb_s"] > 0
+    recs = doc["records"]
+    # one record per artifact x runtime x device x adapter
+    keys = {(Path(r["artifact"]).name, r["runtime"], r["device"], r["adapter"]) for r in recs}
+    assert len(keys) == len(recs) == 6
+    assert {r["runtime"] for r in recs} == {"llama.cpp", "onnxruntime-genai"}
+    for r in recs:
+        assert r["load_ms"] > 0 and r["ttft_ms"]["mean"] > 0 and r["ttft_ms"]["n"] == 2
+        assert r["pp"]["mean"] > 0 and r["pp"]["tokens"] == 32
+        assert r["tg"]["mean"] > 0 and r["tg"]["tokens"] == 8
+        assert r["peak_rss_mb"] > 10
+        assert r["swap_ms"]["median"] > 0 and r["swap_ms"]["n"] == 2 * 3
+        assert 1 < r["perplexity"]["ppl"] < 1e7 and r["perplexity"]["tokens"] == 64
+        assert r["accuracy"]["total"] == 1 and 0 <= r["accuracy"]["accuracy"] <= 1
+        assert 0 < r["bw_util"] < 5 and r["bytes_per_token"] > 0
+        model = Path(r["model_file"])
+        files = [p for p in (model.rglob("*") if model.is_dir() else [model]) if p.is_file()
+                 and p.suffix != ".onnx_adapter"]
+        assert r["model_bytes"] == sum(p.stat().st_size for p in files)
+        if r["adapter"] != "none":
+            suffix = ".lora.gguf" if r["format"] == "gguf" else ".onnx_adapter"
+            adapter = next(Path(r["artifact"]).rglob(r["adapter"] + suffix))
+            assert r["adapter_bytes"] == adapter.stat().st_size
+        else:
+            assert r["adapter_bytes"] == 0
+    # f32 exports of the same weights: both runtimes agree with PyTorch on (nearly) every top-1
+    for r in recs:
+        assert r["top1_agree"] >= 0.9, r
+    assert (out / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tg t/s" in proc.stdout
+
+
+def test_json_to_stdout_and_compare(result, gguf_sep, cli):
+    out, doc, _ = result
+    proc = cli("bench", gguf_sep, *SMALL, "--no-ppl", "--json", "-", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    doc2 = json.loads(proc.stdout)  # stdout is only the JSON document
+    assert len(doc2["records"]) == 3 and doc2["records"][0]["perplexity"] is None
+    (out / "b.json").write_text(proc.stdout)
+    rows = bench.compare(doc, doc2)
+    assert len(rows) == 3 and all(r["tg"] > 0 for r in rows)
+    proc = cli("bench", "--compare", out / "a.json", out / "b.json")
+    assert proc.returncode == 0 and "tg t/s" in proc.stdout and "x" in proc.stdout, proc.stderr
+
+
+def test_too_big_wrong_quant_wrong_format_refused(gguf_sep, onnx_sep, tmp_path, cli):
+    art = bench.discover(gguf_sep)
+    text = (Path(__file__).parents[1] / "devices" / "x86-64-cpu.yaml").read_text()
+    tiny = tmp_path / "tiny-dev.yaml"
+    tiny.write_text(text.replace("memory_gb: 16", "memory_gb: 0.01"))
+    with pytest.raises(EdgepeftError, match="needs .* GB .* has 0.01 GB"):
+        bench.check_fits(art, load_profile(str(tiny)), "llama.cpp", 1024)
+    assert_clean_error(cli("bench", gguf_sep, "--device", tiny, *SMALL), "needs", "0.01 GB")
+    noquant = tmp_path / "noquant.yaml"
+    noquant.write_text(text.replace("  gguf: [f32, ", "  gguf: ["))
+    with pytest.raises(EdgepeftError, match="quant f32"):
+        bench.check_fits(art, load_profile(str(noquant)), "llama.cpp", 1024)
+    nogguf = tmp_path / "nogguf.yaml"
+    nogguf.write_text(text.replace("  gguf: [f32, f16, bf16, q8_0, q4_0, q4_1, q4_k_m, q4_k_s, q5_k_m, q5_0, q6_k]\n", ""))
+    with pytest.raises(EdgepeftError, match="does not run gguf"):
+        bench.check_fits(art, load_profile(str(nogguf)), "llama.cpp", 1024)
+    with pytest.raises(EdgepeftError, match="cannot run"):
+        bench.check_fits(bench.discover(onnx_sep), load_profile("x86-64-cpu"), "llama.cpp", 1024)
+
+
+def test_bad_inputs_one_line(gguf_sep, tmp_path, cli):
+    assert_clean_error(cli("bench", gguf_sep, "--runtime", "tflite"), "unknown runtime", "llama.cpp")
+    assert_clean_error(cli("bench", tmp_path / "missing.gguf"), "does not exist")
+    assert_clean_error(cli("bench", gguf_sep, "--adapter", "nonsense"), "NAME=PATH")
+    (tmp_path / "x.json").write_text('{"schema": "other/1", "records": []}')
+    assert_clean_error(cli("bench", "--compare", tmp_path / "x.json", tmp_path / "x.json"), "not an edgepeft bench")
+
+
+def test_bytes_per_token_skips_gathered_embedding(gguf_sep, onnx_sep):
+    g = bench.discover(gguf_sep)
+    assert bench.bytes_per_token(g, None) < g.model_bytes  # untied: token_embd is gathered, output is read
+    assert bench.bytes_per_token(g, "sql") == bench.bytes_per_token(g, None) + g.adapter_bytes["sql"]
+    o = bench.discover(onnx_sep)
+    assert 0 < bench.bytes_per_token(o, None) < o.model_bytes
+    assert bench.measure_bandwidth(mib=32, reps=2) > 0.1
