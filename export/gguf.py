@@ -210,10 +210,10 @@ def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: st
     outs = gt.base_tensor_plan(base, arch, float_type)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gt.gguf_arch(arch)], use_temp_file=False)
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(Path(str(cfg.get("_name_or_path") or base.spec)).name or base.spec)
+    fp_base = fingerprint_of or base
+    writer.add_name(Path(str(fp_base.spec)).name or str(fp_base.spec))
     gt.add_hparams(writer, cfg, arch, file_type)
     add_tokenizer(writer, base.path, cfg["vocab_size"])
-    fp_base = fingerprint_of or base
     adapters = adapters if adapters is not None else plans
     _add_common_meta(writer, "merged" if adapters else "base", fp_base, quant or float_name)
     if adapters:

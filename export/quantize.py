@@ -44,7 +44,11 @@ def get_quant(name: str) -> Quant:
 def quantize(src: Path, dst: Path, quant: str, nthread: int | None = None) -> None:
     """Quantize GGUF ``src`` (F32/F16 intermediate) into ``dst`` with llama.cpp's quantizer."""
     import llama_cpp
+    from llama_cpp._logger import set_verbose
 
+    from edgepeft.ui import STATE
+
+    set_verbose(STATE.debug)  # llama.cpp logs every tensor it quantizes; keep stderr to our one-liners
     q = get_quant(quant)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, q.llama_ftype)

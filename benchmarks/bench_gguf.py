@@ -1,0 +1,195 @@
+"""GGUF export: speed/peak RSS vs llama.cpp's own pipeline, and quality per quant type.
+
+    nice -n 10 python benchmarks/bench_gguf.py [--adapter /work/runs/demo/adapter] [--quick]
+
+Speed: ``edgepeft export --mode merged --quant q4_k_m`` against llama.cpp's pipeline
+(the pinned sdist's ``convert_hf_to_gguf.py`` to an F32 GGUF, then ``llama_model_quantize``),
+both on the same merged smollm2-135m folder, alternated in one run, each in a fresh process
+(peak RSS from ``wait4``). Quality: perplexity on edgepeft/data/wikitext2-valid-slice.txt and
+demo-task exact match, per quant type, merged and separate (base + adapter GGUF), in llama.cpp.
+Writes benchmarks/results/gguf.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+RESULTS = ROOT / "benchmarks" / "results" / "gguf.json"
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
+WIKI = ROOT / "edgepeft" / "data" / "wikitext2-valid-slice.txt"
+
+
+def timed(cmd: list[str], env=None) -> dict:
+    """Run ``cmd`` in a fresh process; wall time and that process's own peak RSS."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    err = p.stderr.read().decode(errors="replace")
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} failed ({p.returncode}): {err[-2000:]}")
+    return {"seconds": round(wall, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1)}
+
+
+def ours(base: Path, out: Path, adapter: Path | None = None) -> dict:
+    cmd = [sys.executable, "-m", "edgepeft", "export", "--format", "gguf", "--base", str(base), "--mode", "merged",
+           "--quant", "q4_k_m", "--merge-into", "original", "--no-verify", "--quiet", "--out", str(out)]
+    if adapter:
+        cmd += ["--adapter", str(adapter)]
+    r = timed(cmd)
+    r["bytes"] = sum(f.stat().st_size for f in out.glob("*.gguf"))
+    return r
+
+
+def peer(merged: Path, out: Path) -> dict:
+    from peers import peer_dir
+
+    src = peer_dir()
+    env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
+    f32 = out / "peer-f32.gguf"
+    conv = timed([sys.executable, str(src / "convert_hf_to_gguf.py"), str(merged), "--outtype", "f32",
+                  "--outfile", str(f32)], env=env)
+    code = ("import sys, os, llama_cpp as l; p = l.llama_model_quantize_default_params(); "
+            "p.ftype = l.LLAMA_FTYPE_MOSTLY_Q4_K_M; p.nthread = os.cpu_count(); "
+            "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
+    quant = timed([sys.executable, "-c", code, str(f32), str(out / "peer-q4_k_m.gguf")])
+    f32.unlink()
+    return {"seconds": round(conv["seconds"] + quant["seconds"], 2),
+            "peak_rss_mb": max(conv["peak_rss_mb"], quant["peak_rss_mb"]),
+            "convert": conv, "quantize": quant, "bytes": (out / "peer-q4_k_m.gguf").stat().st_size}
+
+
+def speed(base, plans, adapter: Path | None, work: Path, reps: int) -> dict:
+    from edgepeft.export.merge import merge_into_folder
+
+    merged = merge_into_folder(base, plans, work / "merged", target="original")
+    runs = {"edgepeft": [], "llama.cpp": [], "edgepeft_with_merge": []}
+    for i in range(reps):  # alternate so machine load hits both sides alike
+        for side in (("edgepeft", "llama.cpp") if i % 2 == 0 else ("llama.cpp", "edgepeft")):
+            out = Path(tempfile.mkdtemp(dir=work))
+            runs[side].append(ours(merged, out) if side == "edgepeft" else peer(merged, out))
+        if adapter:
+            runs["edgepeft_with_merge"].append(ours(base.path, Path(tempfile.mkdtemp(dir=work)), adapter))
+    best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items() if v}
+    e, p = best["edgepeft"], best["llama.cpp"]
+    return {"input": "smollm2-135m merged (fp32 HF folder)", "quant": "q4_k_m", "reps": reps, "runs": runs,
+            "best": best, "time_ratio_edgepeft_over_llamacpp": round(e["seconds"] / p["seconds"], 3),
+            "rss_ratio_edgepeft_over_llamacpp": round(e["peak_rss_mb"] / p["peak_rss_mb"], 3)}
+
+
+def perplexity(llm, ids: list[int], window: int = 256) -> float:
+    from edgepeft.export.gguf_verify import llama_logits
+
+    nll, n = 0.0, 0
+    for s in range(0, len(ids) - 1, window):
+        chunk = ids[s:s + window]
+        if len(chunk) < 2:
+            break
+        lg = llama_logits(llm, chunk)[:-1].astype(np.float64)
+        m = lg.max(-1, keepdims=True)
+        logp = lg - m - np.log(np.exp(lg - m).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
+        n += len(chunk) - 1
+    return float(np.exp(nll / n))
+
+
+def accuracy(llm, tok, examples, max_tokens: int) -> float:
+    from edgepeft.evaluate import exact_match
+
+    def generate(text: str) -> str:
+        llm.reset()
+        out = llm.create_completion(text, max_tokens=max_tokens, temperature=0.0, top_k=1,
+                                    stop=["<|im_end|>", "<|endoftext|>"])
+        return out["choices"][0]["text"]
+
+    return exact_match(generate, examples, tokenizer=tok)
+
+
+def quality(base, adapter: Path | None, work: Path, quants, n_eval: int, wiki_tokens: int) -> list[dict]:
+    from edgepeft.export.gguf import export
+    from edgepeft.export.request import ExportRequest
+    from llama_cpp import Llama
+
+    from edgepeft.train.tasks import get_task
+
+    tok = base.load_tokenizer()
+    ids = tok(WIKI.read_text(), add_special_tokens=False)["input_ids"][:wiki_tokens]
+    task = get_task("demo")
+    examples = task.examples("eval")[:n_eval]
+    rows = []
+    for q in quants:
+        for mode in ("merged", "separate"):
+            out = Path(tempfile.mkdtemp(dir=work))
+            t0 = time.perf_counter()
+            rec = export(ExportRequest(format="gguf", base=str(base.path), adapters=[adapter] if adapter else [],
+                                       out=out, mode=mode, quant=q, merge_into="original", verify=False,
+                                       adapter_type="f16"))
+            secs = time.perf_counter() - t0
+            model = Path(rec["files"][0])
+            lora = Path(rec["files"][1]) if mode == "separate" and adapter else None
+            llm = Llama(model_path=str(model), n_ctx=512, n_batch=512, logits_all=True, verbose=False, n_threads=2,
+                        lora_path=str(lora) if lora else None)
+            row = {"quant": q, "mode": mode, "export_seconds": round(secs, 1),
+                   "bytes": sum(Path(f).stat().st_size for f in rec["files"]),
+                   "perplexity": round(perplexity(llm, ids), 3)}
+            if adapter:
+                row["demo_exact_match"] = round(accuracy(llm, tok, examples, task.max_new_tokens), 3)
+            llm.close()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            for f in out.iterdir():
+                f.unlink()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--adapter", default="/work/runs/demo/adapter")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="fewer quants/examples (smoke run)")
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-quality", action="store_true")
+    args = ap.parse_args()
+
+    from edgepeft.export.adapter import load_adapters
+
+    from edgepeft.models import resolve_base
+
+    base = resolve_base("smollm2-135m")
+    adapter = Path(args.adapter) if Path(args.adapter, "adapter_config.json").is_file() else None
+    plans = load_adapters([adapter], base) if adapter else []
+    result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
+                         "load_avg_at_start": os.getloadavg()}
+    result["adapter"] = str(adapter) if adapter else None
+    with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
+        work = Path(tmp)
+        if not args.skip_speed:
+            result["speed"] = speed(base, plans, adapter, work, args.reps)
+            print(json.dumps(result["speed"]["best"], indent=1), flush=True)
+        if not args.skip_quality:
+            quants = ("f16", "q8_0", "q4_k_m") if args.quick else QUANTS
+            result["quality"] = {"wikitext_tokens": 2048 if args.quick else 8192,
+                                 "demo_examples": 10 if args.quick else 50,
+                                 "rows": quality(base, adapter, work, quants, 10 if args.quick else 50,
+                                                 2048 if args.quick else 8192)}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
