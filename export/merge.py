@@ -48,6 +48,21 @@ def nf4_round_trip(w):
     return bnbf.dequantize_4bit(q, state).float()
 
 
+def nf4_mismatch(plans: Iterable[AdapterPlan]) -> str | None:
+    """Why ``dequantized`` would not reproduce an adapter's training weights (None: it does).
+
+    Training manifests record ``quantization``; NF4 (4-bit, blocksize 64, double quant) is the
+    only scheme reproduced here. Adapters without a manifest are assumed QLoRA NF4.
+    """
+    for plan in plans:
+        q = plan.train_summary.get("quantization")
+        if isinstance(q, dict) and not (q.get("bits") == 4 and q.get("quant_type", "nf4") == "nf4"
+                                        and q.get("block_size", NF4_BLOCKSIZE) == NF4_BLOCKSIZE):
+            kind = q.get("quant_type") or q.get("dtype") or q.get("method")
+            return f"adapter {plan.name} was trained on a {q.get('bits')}-bit ({kind}) base, not NF4"
+    return None
+
+
 def merged_tensors(base: ResolvedBase, plans: Iterable[AdapterPlan], target: str = "original",
                    ) -> Iterator[tuple[Path, dict]]:
     """Yield (base weight file, {name: merged tensor in the base dtype}) one file at a time."""
@@ -57,6 +72,9 @@ def merged_tensors(base: ResolvedBase, plans: Iterable[AdapterPlan], target: str
     if target not in MERGE_TARGETS:
         raise EdgepeftError(f"--merge-into {target!r} is not a merge target", f"Use one of: {', '.join(MERGE_TARGETS)}")
     plans = list(plans)
+    if target == "dequantized" and (why := nf4_mismatch(plans)):
+        raise EdgepeftError(f"--merge-into dequantized reproduces NF4 training weights, but {why}",
+                            "Use --merge-into original")
     deltas = _deltas_by_weight(plans)
     found = set()
     for wf in base.weight_files:
@@ -152,10 +170,12 @@ def choose_merge_target(base: ResolvedBase, plans: Iterable[AdapterPlan], evalua
     losses: dict[str, float] = {}
     work = Path(tempfile.mkdtemp(prefix="edgepeft-merge-auto-"))
     try:
-        for target in ("dequantized", "original"):
+        # a non-NF4 training base has no "dequantized" candidate: original is the only one
+        candidates = ("original",) if nf4_mismatch(plans) else ("dequantized", "original")
+        for target in candidates:
             folder = merge_into_folder(base, plans, work / target, target=target)
             losses[target] = float(evaluate_loss(folder))
-        chosen = min(("dequantized", "original"), key=lambda t: (losses[t], t != "dequantized"))
+        chosen = min(candidates, key=lambda t: (losses[t], t != "dequantized"))
         if keep is not None:
             keep = Path(keep)
             if keep.exists():

@@ -166,3 +166,18 @@ def test_load_calibration(tmp_path, tokenizer_dir):
         load_calibration(tmp_path / "bad.jsonl")
     with pytest.raises(EdgepeftError, match="does not exist"):
         load_calibration(tmp_path / "missing.jsonl")
+
+
+def test_dequantized_refused_for_non_nf4_training(tiny_llama, tmp_path):
+    from edgepeft.export.adapter import load_adapter
+    from edgepeft.export.merge import choose_merge_target, merged_state_dict
+
+    run = tmp_path / "run"
+    _, path = make_adapter(tiny_llama, run / "adapter", target_modules=["q_proj"])
+    (run / "manifest.json").write_text('{"quantization": {"bits": 8, "quant_type": "llm.int8"}}')
+    base = resolved(tiny_llama)
+    plan = load_adapter(path, base)
+    with pytest.raises(EdgepeftError, match="8-bit.*--merge-into original"):
+        merged_state_dict(base, [plan], "dequantized")
+    chosen, losses = choose_merge_target(base, [plan], lambda folder: 1.0)
+    assert chosen == "original" and losses == {"original": 1.0}
