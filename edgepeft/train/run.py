@@ -18,10 +18,9 @@ class Interrupted(Exception):
         super().__init__(f"interrupted at step {step}")
 
 
-def prepare_data(cfg: TrainConfig, tokenizer):
-    from edgepeft.train.data import data_sha256, load_records, tokenize_records
+def prepare_data(cfg: TrainConfig, tokenizer, records, name: str):
+    from edgepeft.train.data import data_sha256, tokenize_records
 
-    records, name = load_records(cfg.data_name)
     tok = tokenize_records(tokenizer, records, cfg.max_seq_len)
     info = {"source": name, "sha256": data_sha256(records), "samples": len(records), "used": len(tok.rows),
             "truncated": tok.n_truncated, "max_seq_len": cfg.max_seq_len, "tokens": tok.n_tokens,
@@ -31,17 +30,25 @@ def prepare_data(cfg: TrainConfig, tokenizer):
 
 def train(cfg: TrainConfig, *, say=print, bar: bool = False, log_lines: bool = True) -> dict:
     """Train; returns a summary. Raises EdgepeftError on bad input, Interrupted on Ctrl-C."""
+    return run_training(cfg, say=say, bar=bar, log_lines=log_lines)[1]
+
+
+def run_training(cfg: TrainConfig, *, say=print, bar: bool = False, log_lines: bool = True,
+                 callbacks: tuple = ()):
+    """(trainer, summary): the trainer keeps the in-memory model, for tests and notebooks."""
     from datasets import Dataset
     from transformers import PrinterCallback, set_seed
 
     from edgepeft.models import resolve_base
+    from edgepeft.train.data import load_records
     from edgepeft.train.progress import make_callback
 
+    records, data_name = load_records(cfg.data_name)  # bad data fails before any model loads
     base = resolve_base(cfg.base)
     tokenizer = base.load_tokenizer()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    rows, data_info = prepare_data(cfg, tokenizer)
+    rows, data_info = prepare_data(cfg, tokenizer, records, data_name)
     recipe = T.pick_recipe(cfg)
     run_dir = atomic.ensure_writable_dir(cfg.run_dir)
     run_state = {"base_fingerprint": base.fingerprint, "data_sha256": data_info["sha256"],
@@ -68,26 +75,30 @@ def train(cfg: TrainConfig, *, say=print, bar: bool = False, log_lines: bool = T
     trainer.remove_callback(PrinterCallback)
     progress = make_callback(bar, log_lines)
     trainer.add_callback(progress)
+    for cb in callbacks:
+        trainer.add_callback(cb)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except KeyboardInterrupt:
         raise Interrupted(trainer.state.global_step, T.last_checkpoint(ckpt_dir)) from None
     finally:
         progress.on_train_end(None, None, None)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     state = trainer.state
     if not trainer.is_world_process_zero():
-        return {}
+        return trainer, {}
     steps_run = state.global_step - (int(resume_from.name.split("-")[1]) if resume_from else 0)
     train_info = {"steps": state.global_step, "steps_this_session": steps_run, "epochs": round(state.epoch or 0, 4),
                   "wall_s": round(wall, 1), "s_per_step": round(wall / max(steps_run, 1), 3),
+                  # CPU seconds of this process: on a shared machine, wall time alone overstates the work
+                  "cpu_s": round(cpu, 1),
                   "tokens_seen": int(state.num_input_tokens_seen),
                   "tokens_per_s": round(_session_tokens(state, resume_from) / wall, 1) if wall else None,
                   "final_loss": _final_loss(state.log_history), "resumed_from": resume_from.name if resume_from else None,
                   "world_size": args.world_size}
-    return finish(cfg, base, recipe, trainer, data_info, train_info)
+    return trainer, finish(cfg, base, recipe, trainer, data_info, train_info)
 
 
 def _session_tokens(state, resume_from) -> int:

@@ -1,0 +1,57 @@
+"""The demo task and the exact-match metric every runtime is scored with."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import assert_clean_error
+
+
+def test_demo_splits_are_deterministic_disjoint_and_parseable():
+    from edgepeft.train.demo import demo_splits
+    from edgepeft.train.tasks import get_task
+
+    a, b = demo_splits(), demo_splits()
+    assert a == b
+    assert len(a["train"]) == 2000 and len(a["eval"]) == 100
+    assert not {e.prompt for e in a["eval"]} & {e.prompt for e in a["train"]}
+    for ex in a["eval"][:20]:
+        obj = json.loads(ex.completion)
+        assert list(obj) == ["to", "who", "n", "item", "color", "size"]
+        assert obj["to"] in ex.prompt and obj["who"] in ex.prompt and str(obj["n"]) in ex.prompt
+    assert get_task("demo").examples("eval") == a["eval"]
+
+
+def test_exact_match_metric_normalizes_only_end_markers_and_whitespace():
+    from edgepeft.evaluate import exact_match, is_match, score
+    from edgepeft.train.chat import Example
+
+    exs = [Example("p1", '{"a":1}'), Example("p2", '{"a":2}'), Example("p3", '{"a":3}'), Example("p4", "x")]
+    answers = {"p1": ' {"a":1}<|im_end|>\nrest', "p2": '{"a": 2}', "p3": '{"a":3}\n', "p4": "y"}
+    assert exact_match(lambda p: answers[p], exs) == 0.5
+    assert is_match('{"a":1}<|eot_id|>', '{"a":1}') and not is_match('{"a":1} extra', '{"a":1}')
+    r = score(["x", "y"], exs[2:])
+    assert (r.correct, r.total) == (0, 2) and r.misses[0]["expected"] == '{"a":3}'
+
+
+def test_generate_receives_the_chat_rendered_prompt(smollm2):
+    from edgepeft.evaluate import eval_prompts, exact_match
+    from edgepeft.train.chat import render_prompt
+    from edgepeft.train.tasks import get_task
+
+    tok = smollm2.load_tokenizer()
+    exs = get_task("demo").examples("eval")[:3]
+    seen = []
+    oracle = {render_prompt(tok, e.prompt): e.completion for e in exs}
+    assert exact_match(lambda text: seen.append(text) or oracle[text], exs, tokenizer=tok) == 1.0
+    assert seen == eval_prompts(exs, tok)
+    assert seen[0].endswith("<|im_start|>assistant\n") and exs[0].prompt in seen[0]
+
+
+def test_eval_cli_scores_tiny_model_and_rejects_unknown_task(cli, tiny_llama):
+    p = cli("eval", "--base", tiny_llama, "--task", "demo", "--limit", "2", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["total"] == 2 and r["accuracy"] == 0.0 and r["runtime"] == "pytorch"
+    assert_clean_error(cli("eval", "--base", tiny_llama, "--task", "nope"), "task", "nope", "demo")
+    assert_clean_error(cli("eval", "--base", tiny_llama, "--adapter", tiny_llama), "adapter_config.json")
