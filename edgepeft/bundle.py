@@ -161,6 +161,19 @@ def check_adapter_fits(base: GGUFArtifact, adapter: GGUFArtifact, base_fingerpri
         raise MismatchError(problem, "Pack it with the base it was exported for")
 
 
+def _training_summary(t) -> dict:
+    """Task and data hash from a training manifest (or the summary the exporter stored)."""
+    if not isinstance(t, dict):
+        return {"summary": t}
+    data = t.get("data") if isinstance(t.get("data"), dict) else {}
+    out = {"task": t.get("task"), "data_sha256": t.get("data_sha256") or data.get("sha256")}
+    train = t.get("train") if isinstance(t.get("train"), dict) else t
+    for k in ("steps", "final_loss"):
+        if train.get(k) is not None:
+            out[k] = train[k]
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _adapter_record(art: GGUFArtifact, name: str) -> dict:
     ranks: dict[str, list[int]] = {}
     for n, t in art.header.tensors.items():
@@ -168,12 +181,7 @@ def _adapter_record(art: GGUFArtifact, name: str) -> dict:
             kind = n[:-7].split(".")[-2] if n.startswith("blk.") else n[:-7]  # blk.3.attn_q.weight -> attn_q
             ranks.setdefault(kind, set()).add(t.ne[1])
     m = art.meta
-    train = m.get("train") or m.get("train_summary") or m.get("training") or {}
-    if not isinstance(train, dict):
-        train = {"summary": train}
-    for key in ("task", "data_sha256", "data_hash"):
-        if key in m and key not in train:
-            train[key] = m[key]
+    train = _training_summary(m.get("train") or m.get("train_summary") or m.get("training") or {})
     return {
         "name": name,
         "format": "gguf",
