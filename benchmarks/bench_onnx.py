@@ -108,12 +108,12 @@ def bench_artifact(quant: str, mode: str, adapter: Path, work: Path, args) -> di
     from edgepeft.models import resolve_base
 
     out = work / f"{mode}-{quant}"
-    req = ExportRequest(format="onnx", base="smollm2-135m", adapters=[adapter], names=["demo"], out=out, mode=mode,
+    req = ExportRequest(format="onnx", base=args.base, adapters=[adapter], names=["demo"], out=out, mode=mode,
                         quant=quant, merge_into=args.merge_into)
     t0 = time.perf_counter()
     rec = export(req)
     build_s = time.perf_counter() - t0
-    tok = resolve_base("smollm2-135m").load_tokenizer()
+    tok = resolve_base(args.base).load_tokenizer()
     ad_file = out / "adapters" / "demo.onnx_adapter" if mode == "separate" else None
     lm = OrtLM(out)
     ort_adapter = load_lora_adapter(ad_file) if ad_file else None
@@ -145,7 +145,7 @@ def pytorch_row(adapter: Path, args) -> dict:
     from edgepeft.evaluate import hf_generate_batch
     from edgepeft.models import resolve_base
 
-    base = resolve_base("smollm2-135m")
+    base = resolve_base(args.base)
     tok = base.load_tokenizer()
     model = PeftModel.from_pretrained(base.load_model(torch.float32), adapter).eval()
 
@@ -201,12 +201,14 @@ def gguf_rows() -> list[dict]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", type=Path, default=DEFAULT_ADAPTER)
+    ap.add_argument("--base", default="smollm2-135m")
     ap.add_argument("--quants", default="int4,int8,fp32")
     ap.add_argument("--modes", default="merged,separate")
     ap.add_argument("--eval-n", type=int, default=50)
     ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--merge-into", default="original")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS / "onnx.json")
     args = ap.parse_args()
     import onnxruntime
     import onnxruntime_genai
@@ -218,16 +220,16 @@ def main():
             for mode in args.modes.split(","):
                 rows.append(bench_artifact(quant, mode, args.adapter, Path(work), args))
     rows += gguf_rows()
-    result = {"benchmark": "onnx", "base": "smollm2-135m", "adapter": str(args.adapter),
+    result = {"benchmark": "onnx", "base": args.base, "adapter": str(args.adapter),
               "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                           "onnxruntime": onnxruntime.__version__, "onnxruntime_genai": onnxruntime_genai.__version__},
               "settings": {"eval_n": args.eval_n, "ppl_tokens": args.ppl_tokens, "merge_into": args.merge_into,
                            "block_size": 32, "accuracy_level": 4},
               "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     from edgepeft.atomic import write_json
 
-    write_json(RESULTS / "onnx.json", result)
+    write_json(args.out, result)
     print(table(rows))
 
 
