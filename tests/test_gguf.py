@@ -378,3 +378,17 @@ def test_smollm2_separate_f16_verifies(smollm2, tmp_path):
     assert v["base"]["top1_agreement"] >= 0.99 and v["base"]["max_abs_logit_diff"] <= 0.5, v
     assert v["smol-ad"]["top1_agreement"] >= 0.99 and v["smol-ad"]["max_abs_logit_diff"] <= 0.5, v
     assert rec["peak_rss_mb"] < 4 * 1024
+
+
+@pytest.mark.slow
+def test_merge_into_auto_records_choice(tiny_llama, adapters, tmp_path):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"prompt": f"Order {i}:", "completion": f" {i} red lamps to Oslo"})
+                               for i in range(4)))
+    rec = export(tiny_llama, tmp_path / "out", [adapters["llama"]["a"]], quant="f16", merge_into="auto", calib=calib,
+                 verify=True)
+    auto = rec["merge"]["auto"]
+    assert auto["chosen"] in ("dequantized", "original") and set(auto["losses"]) == {"dequantized", "original"}
+    assert rec["merge"]["target"] == auto["chosen"]
+    assert rec["verify"]["passed"], rec["verify"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gguf-export.json", "llama-a-merged-f16.gguf"]
