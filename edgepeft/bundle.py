@@ -25,13 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepeft import __version__, atomic
+from edgepeft.bundle_fit import (  # noqa: F401 - re-exported: the bundle API in one place
+    GGUFArtifact,
+    _adapter_record,
+    adapter_fit_problem,
+    check_adapter_fits,
+    read_gguf,
+)
 from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
 from edgepeft.fingerprint import sha256_file, short
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-# GGUF metadata keys that carry the base fingerprint (written by export/gguf.py); first hit wins.
-FINGERPRINT_KEYS = ("edgepeft.base_fingerprint", "edgepeft.fingerprint")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 22
 
@@ -63,138 +68,6 @@ def _check_name(name: str, what: str) -> str:
         raise EdgepeftError(f"{what} name {name!r} is not allowed",
                             "Use letters, digits, '.', '_' and '-' (at most 128 characters)")
     return name
-
-
-# ------------------------------------------------------------------------- GGUF facts
-@dataclass
-class GGUFArtifact:
-    path: Path
-    header: object  # edgepeft.security.GGUFHeader
-    meta: dict  # edgepeft.* metadata, JSON strings decoded
-
-    @property
-    def kind(self) -> str:
-        return self.header.metadata.get("general.type", "model")
-
-    @property
-    def fingerprint(self) -> str | None:
-        for k in FINGERPRINT_KEYS:
-            v = self.meta.get(k[len("edgepeft."):])
-            if isinstance(v, str) and v:
-                return v
-        return None
-
-    def ggml_type_name(self) -> str:
-        from gguf import LlamaFileType
-
-        ft = self.header.metadata.get("general.file_type")
-        try:
-            return LlamaFileType(ft).name.replace("MOSTLY_", "").replace("ALL_", "").lower()
-        except ValueError:
-            return "unknown"
-
-
-def read_gguf(path: Path) -> GGUFArtifact:
-    from edgepeft.security import check_gguf_header
-
-    hdr = check_gguf_header(path)
-    raw = {k: v for k, v in hdr.metadata.items() if k.startswith("edgepeft.")}
-    if any(isinstance(v, list) for v in raw.values()):  # arrays: let gguf-py decode them (header is safe now)
-        from edgepeft.gguf_meta import read_metadata
-
-        raw = read_metadata(path, "edgepeft.")
-    meta = {}
-    for k, v in raw.items():
-        if isinstance(v, str) and v[:1] in "{[":
-            try:
-                v = json.loads(v)
-            except json.JSONDecodeError:
-                pass
-        meta[k[len("edgepeft."):]] = v
-    return GGUFArtifact(Path(path), hdr, meta)
-
-
-def adapter_fit_problem(base: GGUFArtifact, adapter: GGUFArtifact) -> str | None:
-    """First reason ``adapter`` cannot be applied to ``base`` (architecture, names, shapes), or None.
-
-    llama.cpp's own rule (llama-adapter.cpp): lora_a is (ne0=in, ne1=r), lora_b is
-    (ne0=r, ne1=out) and the base weight is (ne0=in, ne1=out).
-    """
-    if adapter.kind != "adapter":
-        return f"{adapter.path.name} is a GGUF {adapter.kind}, not a LoRA adapter (general.type={adapter.kind})"
-    arch_b = base.header.metadata.get("general.architecture")
-    arch_a = adapter.header.metadata.get("general.architecture")
-    if arch_a != arch_b:
-        return f"{adapter.path.name} is for architecture {arch_a}, the base is {arch_b}"
-    tensors = adapter.header.tensors
-    targets = sorted({n[:-7] for n in tensors if n.endswith((".lora_a", ".lora_b"))})
-    if not targets:
-        return f"{adapter.path.name} has no .lora_a/.lora_b tensors"
-    for t in targets:
-        a, b, w = tensors.get(t + ".lora_a"), tensors.get(t + ".lora_b"), base.header.tensors.get(t)
-        if a is None or b is None:
-            return f"{adapter.path.name}: {t} has only one of lora_a/lora_b"
-        if w is None:
-            return f"{adapter.path.name}: tensor {t} does not exist in the base"
-        if a.ne[1] != b.ne[0]:
-            return f"{adapter.path.name}: {t} rank mismatch (lora_a rank {a.ne[1]}, lora_b rank {b.ne[0]})"
-        if a.ne[0] != w.ne[0] or b.ne[1] != w.ne[1]:
-            return (f"{adapter.path.name}: {t} shape mismatch (adapter in={a.ne[0]} out={b.ne[1]}, "
-                    f"base in={w.ne[0]} out={w.ne[1]})")
-    return None
-
-
-def check_adapter_fits(base: GGUFArtifact, adapter: GGUFArtifact, base_fingerprint: str) -> None:
-    """Fingerprint AND names/shapes; raise MismatchError naming the first mismatch."""
-    fp = adapter.fingerprint
-    if fp is None:
-        raise MismatchError(f"adapter {adapter.path.name} records no base fingerprint (edgepeft.base_fingerprint)",
-                            "Export it with edgepeft export --format gguf so its base is known")
-    if fp != base_fingerprint:
-        raise MismatchError(f"adapter {adapter.path.name} was made for base {short(fp)}, the bundle base is "
-                            f"{short(base_fingerprint)}", "Pack it with the base it was trained on")
-    if base.meta.get("mode") == "merged":
-        raise MismatchError(f"base {base.path.name} already has adapters merged into it",
-                            "Bundle the base GGUF from --mode separate with its adapters")
-    problem = adapter_fit_problem(base, adapter)
-    if problem:
-        raise MismatchError(problem, "Pack it with the base it was exported for")
-
-
-def _training_summary(t) -> dict:
-    """Task and data hash from a training manifest (or the summary the exporter stored)."""
-    if not isinstance(t, dict):
-        return {"summary": t}
-    data = t.get("data") if isinstance(t.get("data"), dict) else {}
-    out = {"task": t.get("task"), "data_sha256": t.get("data_sha256") or data.get("sha256")}
-    train = t.get("train") if isinstance(t.get("train"), dict) else t
-    for k in ("steps", "final_loss"):
-        if train.get(k) is not None:
-            out[k] = train[k]
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def _adapter_record(art: GGUFArtifact, name: str) -> dict:
-    ranks: dict[str, list[int]] = {}
-    for n, t in art.header.tensors.items():
-        if n.endswith(".lora_a"):
-            kind = n[:-7].split(".")[-2] if n.startswith("blk.") else n[:-7]  # blk.3.attn_q.weight -> attn_q
-            ranks.setdefault(kind, set()).add(t.ne[1])
-    m = art.meta
-    train = _training_summary(m.get("train") or m.get("train_summary") or m.get("training") or {})
-    return {
-        "name": name,
-        "format": "gguf",
-        "base_fingerprint": art.fingerprint,
-        "adapter_sha256": m.get("adapter.sha256") or m.get("adapter_sha256"),
-        "type": m.get("quant"),
-        "alpha": art.header.metadata.get("adapter.lora.alpha"),
-        "ranks": {k: sorted(v) for k, v in sorted(ranks.items())},
-        "target_modules": m.get("target_modules") or sorted(ranks),
-        "prune": m.get("prune") or m.get("prune_settings"),
-        "merge": m.get("merge"),
-        "training": train,
-    }
 
 
 # ------------------------------------------------------------------ device suitability
