@@ -122,7 +122,7 @@ def _load_plans(req, base) -> list[AdapterPlan]:
     if req.prune:
         from edgepeft.export import prune as prune_mod  # the surgery issue's pruner
 
-        plans = [prune_mod.prune(p, req.prune) for p in plans]
+        plans = [prune_mod.prune(p, req.prune, base=base) for p in plans]
     return plans
 
 
