@@ -209,6 +209,7 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     sweep = [r for r in result["prune"] if r["adapter_bytes"] > 0]
     base_row = next(r for r in result["prune"] if r["adapter_bytes"] == 0)
@@ -220,6 +221,9 @@ def plot(result: dict, path: Path) -> None:
             ax.annotate(r["level"], (xi, r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axhline(base_row[key], color="gray", ls="--", lw=1, label="base, no adapter")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_xlabel("adapter size (MB, f16)")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
@@ -248,6 +252,22 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def combine(parts: list[Path], out: Path) -> None:
+    from edgepeft import atomic
+
+    result: dict = {}
+    for p in parts:
+        data = json.loads(p.read_text())
+        for key, value in data.items():
+            if isinstance(value, list) and result.get(key):
+                result[key] = result[key] + value
+            elif value or key not in result:
+                result[key] = value
+    atomic.write_json(out, result)
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps({"wrote": str(out)}))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--adapter", default="/work/runs/demo/adapter")
@@ -257,11 +277,15 @@ def main(argv=None):
     ap.add_argument("--levels", default=";".join(LEVELS), help="';'-separated --prune levels ('none' = unpruned)")
     ap.add_argument("--quants", default="q4_k_m,q8_0")
     ap.add_argument("--skip-gguf", action="store_true")
-    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--part", choices=("all", "sweep", "merge"), default="all",
+                    help="run one part (two processes get more of a shared CPU); then --combine")
+    ap.add_argument("--combine", nargs="+", type=Path, help="merge part JSONs into --out and plot")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch/llama.cpp threads; 1 is several times faster on a shared, oversubscribed CPU")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "prune.json")
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out)
 
     from edgepeft.export.adapter import load_adapter
     from edgepeft.export.merge import demo_calibration
@@ -295,11 +319,14 @@ def main(argv=None):
         if result["prune"] and result["merge"]:
             plot(result, args.out.with_suffix(".png"))
 
-    if not args.skip_sweep:
+    if args.part in ("all", "sweep"):
         model = base.load_model(torch.float32).eval()
         prune_sweep(base, plan, model, tok, examples, task.max_new_tokens, ppl_ids, args.levels.split(";"),
                     result["prune"], save)
         del model
+    if args.part == "sweep":
+        save()
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-prune-", dir=args.out.parent))
     try:
         merge_targets(base, plan, Path(args.adapter), tok, examples, task.max_new_tokens, ppl_ids, pairs,
