@@ -200,7 +200,6 @@ def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: st
                       fingerprint_of, adapters, quant: str | None = None) -> None:
     import gguf
     from edgepeft.export.gguf_tokenizer import add_tokenizer
-    from edgepeft.export.merge import merged_tensors
 
     arch: Arch = base.arch
     cfg = base.config
@@ -228,14 +227,35 @@ def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: st
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     by_name = {o.hf_name: o for o in outs}
-    for _, tensors in merged_tensors(base, plans, merge_target):
-        for hf_name, w in tensors.items():
-            o = by_name.get(hf_name)
-            if o is None:
-                continue
+    for hf_name, w in _tensor_stream(base, plans, merge_target):
+        o = by_name.get(hf_name)
+        if o is not None:
             writer.write_tensor_data(gt.encode(gt.permute_qk(w, hf_name, arch, cfg), o.qtype))
-        tensors.clear()
+        del w
     writer.close()
+
+
+def _tensor_stream(base, plans, target: str):
+    """(hf name, tensor) in safetensors order, one at a time.
+
+    With adapters, the surgery's ``merged_tensors`` (W + s·B·A, NaN checks, NF4 target) hands
+    over one shard at a time; we pop each tensor as it is written so the shard shrinks as we go.
+    Without adapters, tensors are read one by one straight from the files.
+    """
+    if plans or target != "original":
+        from edgepeft.export.merge import merged_tensors
+
+        for _, tensors in merged_tensors(base, plans, target):
+            while tensors:
+                name = next(iter(tensors))
+                yield name, tensors.pop(name)
+        return
+    from safetensors import safe_open
+
+    for wf in base.weight_files:
+        with safe_open(str(wf), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                yield name, f.get_tensor(name)
 
 
 def _add_common_meta(writer, mode: str, base, quant: str) -> None:
