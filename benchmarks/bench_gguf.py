@@ -160,6 +160,9 @@ def main():
     ap.add_argument("--adapter", default="/work/runs/demo/adapter")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer quants/examples (smoke run)")
+    ap.add_argument("--quants", default=",".join(QUANTS))
+    ap.add_argument("--n-eval", type=int, default=50, help="demo eval examples per row")
+    ap.add_argument("--wiki-tokens", type=int, default=8192)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     args = ap.parse_args()
@@ -181,11 +184,10 @@ def main():
             result["speed"] = speed(base, plans, adapter, work, args.reps)
             print(json.dumps(result["speed"]["best"], indent=1), flush=True)
         if not args.skip_quality:
-            quants = ("f16", "q8_0", "q4_k_m") if args.quick else QUANTS
-            result["quality"] = {"wikitext_tokens": 2048 if args.quick else 8192,
-                                 "demo_examples": 10 if args.quick else 50,
-                                 "rows": quality(base, adapter, work, quants, 10 if args.quick else 50,
-                                                 2048 if args.quick else 8192)}
+            quants = ("f16", "q8_0", "q4_k_m") if args.quick else tuple(args.quants.split(","))
+            n_eval, wiki = (10, 2048) if args.quick else (args.n_eval, args.wiki_tokens)
+            result["quality"] = {"wikitext_tokens": wiki, "demo_examples": n_eval,
+                                 "rows": quality(base, adapter, work, quants, n_eval, wiki)}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS}")
