@@ -102,7 +102,7 @@ def load_plans(req, base) -> list:
         except ImportError as e:
             raise EdgepeftError("--prune needs edgepeft.export.prune, which is not installed",
                                 "Update edgepeft or drop --prune") from e
-        plans = [prune(p, req.prune) for p in plans]
+        plans = [prune(p, req.prune, base=base) for p in plans]
     return plans
 
 
