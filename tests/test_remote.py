@@ -50,7 +50,8 @@ def sshd(tmp_path_factory):
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
         f"PidFile {d / 'sshd.pid'}\nUsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
         "PubkeyAuthentication yes\nPermitRootLogin yes\nLogLevel ERROR\n")
-    Path("/run/sshd").mkdir(exist_ok=True) if os.geteuid() == 0 else None  # privilege separation dir
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation dir
     proc = subprocess.Popen([binary, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE)
     for _ in range(100):
         try:
@@ -66,7 +67,8 @@ def sshd(tmp_path_factory):
     # the "device" runs edgepeft with this interpreter and keeps its files in its own folder
     (d / "device.yaml").write_text(PROFILE.replace("  kind: local", f"  kind: ssh\n  python: {sys.executable}\n"
                                                    f"  workdir: {d / 'remote'}"))
-    user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+    user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True,
+                                                          check=True).stdout.strip()
     yield {"port": port, "dir": d, "uri": f"ssh://{user}@127.0.0.1:{port}"}
     proc.terminate()
     proc.wait(timeout=10)
