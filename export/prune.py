@@ -248,3 +248,25 @@ def weight_norms(folder: Path, names: list[str]) -> dict[str, float]:
             for n in group:
                 norms[n] = float(f.get_tensor(n).double().norm())
     return norms
+
+
+def pad_ranks(plan: AdapterPlan, rank: int | None = None) -> AdapterPlan:
+    """Zero-pad every module to one rank (default: the largest), leaving ΔW unchanged.
+
+    For consumers that need a single rank across modules (a graph with one symbolic rank
+    dimension, PEFT-style hot-swap); it gives back the bytes pruning saved, so prefer
+    per-module ranks where the format allows them.
+    """
+    import torch
+
+    rank = rank or max(plan.ranks.values())
+    if rank < max(plan.ranks.values()):
+        raise EdgepeftError(f"cannot pad adapter {plan.name} to rank {rank}: it has a module of rank "
+                            f"{max(plan.ranks.values())}", "Pad to at least the largest rank")
+    modules = {}
+    for t, m in plan.modules.items():
+        extra = rank - m.rank
+        modules[t] = m if extra == 0 else replace(
+            m, a=torch.cat([m.a, m.a.new_zeros(extra, m.in_features)]),
+            b=torch.cat([m.b, m.b.new_zeros(m.out_features, extra)], dim=1))
+    return replace(plan, modules=modules)

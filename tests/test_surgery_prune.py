@@ -181,3 +181,13 @@ def test_dequantized_refused_for_non_nf4_training(tiny_llama, tmp_path):
         merged_state_dict(base, [plan], "dequantized")
     chosen, losses = choose_merge_target(base, [plan], lambda folder: 1.0)
     assert chosen == "original" and losses == {"original": 1.0}
+
+
+def test_pad_ranks_keeps_delta(decaying_plan):
+    from edgepeft.export.prune import pad_ranks, prune
+
+    pruned = prune(decaying_plan, "energy=0.9")
+    padded = pad_ranks(pruned)
+    assert set(padded.ranks.values()) == {max(pruned.ranks.values())}
+    for t, m in pruned.modules.items():
+        assert torch.equal(padded.modules[t].delta(), m.delta())
