@@ -213,23 +213,29 @@ def main():
     import onnxruntime
     import onnxruntime_genai
 
-    rows = [pytorch_row(args.adapter, args)]
-    print(json.dumps(rows[0]), flush=True)
+    from edgepeft.atomic import write_json
+
+    def save(rows, done: bool):
+        result = {"benchmark": "onnx", "base": args.base, "adapter": str(args.adapter), "complete": done,
+                  "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+                              "onnxruntime": onnxruntime.__version__,
+                              "onnxruntime_genai": onnxruntime_genai.__version__},
+                  "settings": {"eval_n": args.eval_n, "ppl_tokens": args.ppl_tokens, "merge_into": args.merge_into,
+                               "block_size": 32, "accuracy_level": 4},
+                  "rows": rows + gguf_rows()}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.out, result)  # after every row: a long run that is cut short still leaves its numbers
+
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as work:
         for quant in args.quants.split(","):
             for mode in args.modes.split(","):
                 rows.append(bench_artifact(quant, mode, args.adapter, Path(work), args))
+                save(rows, False)
+    rows.append(pytorch_row(args.adapter, args))
+    print(json.dumps(rows[-1]), flush=True)
+    save(rows, True)
     rows += gguf_rows()
-    result = {"benchmark": "onnx", "base": args.base, "adapter": str(args.adapter),
-              "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                          "onnxruntime": onnxruntime.__version__, "onnxruntime_genai": onnxruntime_genai.__version__},
-              "settings": {"eval_n": args.eval_n, "ppl_tokens": args.ppl_tokens, "merge_into": args.merge_into,
-                           "block_size": 32, "accuracy_level": 4},
-              "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    from edgepeft.atomic import write_json
-
-    write_json(args.out, result)
     print(table(rows))
 
 
