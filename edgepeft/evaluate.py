@@ -118,6 +118,10 @@ def evaluate_hf(base_spec: str, adapter: str | None = None, task: str = "demo", 
 
     t = get_task(task)
     base = resolve_base(base_spec)
+    if adapter is not None:
+        from edgepeft.train.adapter import adapter_dir, check_base
+
+        check_base(adapter_dir(adapter), base)  # a wrong or missing adapter fails before the model loads
     tok = base.load_tokenizer()
     model = base.load_model(torch.float32)
     if adapter is not None:

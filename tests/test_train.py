@@ -166,6 +166,12 @@ def test_resume_after_ctrl_c_matches_uninterrupted(tmp_path, tiny_llama):
     assert full.keys() == cut.keys()
     for k in full:
         assert (full[k] - cut[k]).abs().max() < 1e-5, k
+    # --resume once the last checkpoint reached --max-steps only rewrites the outputs from it
+    _, again = run_training(_cfg(tiny_llama, data, tmp_path / "cut", resume=True, **kw), say=lambda m: None,
+                            log_lines=False)
+    assert again["steps_this_session"] == 0 and again["resumed_from"] == f"checkpoint-{STEPS}"
+    redo = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
+    assert all((redo[k] == cut[k]).all() for k in cut)
 
 
 def test_existing_checkpoints_need_resume_and_resume_needs_same_data(cli, tmp_path, tiny_llama):

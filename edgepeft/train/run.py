@@ -80,7 +80,10 @@ def run_training(cfg: TrainConfig, *, say=print, bar: bool = False, log_lines: b
 
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if resume_from and 0 < cfg.max_steps <= _step(resume_from):
+            _load_finished(trainer, resume_from)  # nothing left to train: write the run outputs
+        else:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except KeyboardInterrupt:
         raise Interrupted(trainer.state.global_step, T.last_checkpoint(ckpt_dir)) from None
     finally:
@@ -89,7 +92,7 @@ def run_training(cfg: TrainConfig, *, say=print, bar: bool = False, log_lines: b
     state = trainer.state
     if not trainer.is_world_process_zero():
         return trainer, {}
-    steps_run = state.global_step - (int(resume_from.name.split("-")[1]) if resume_from else 0)
+    steps_run = state.global_step - (_step(resume_from) if resume_from else 0)
     train_info = {"steps": state.global_step, "steps_this_session": steps_run, "epochs": round(state.epoch or 0, 4),
                   "wall_s": round(wall, 1), "s_per_step": round(wall / max(steps_run, 1), 3),
                   # CPU seconds of this process: on a shared machine, wall time alone overstates the work
@@ -99,6 +102,20 @@ def run_training(cfg: TrainConfig, *, say=print, bar: bool = False, log_lines: b
                   "final_loss": _final_loss(state.log_history), "resumed_from": resume_from.name if resume_from else None,
                   "world_size": args.world_size}
     return trainer, finish(cfg, base, recipe, trainer, data_info, train_info)
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
+
+
+def _load_finished(trainer, checkpoint: Path) -> None:
+    """``--resume`` when the checkpoint already reached ``--max-steps``: take its adapter and history."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(trainer.model, load_file(checkpoint / "adapter_model.safetensors"))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
 
 
 def _session_tokens(state, resume_from) -> int:
