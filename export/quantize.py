@@ -7,7 +7,10 @@ keeps some tensors at Q6_K, etc.) is exactly what llama.cpp would choose.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +56,29 @@ def quantize(src: Path, dst: Path, quant: str, nthread: int | None = None) -> No
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, q.llama_ftype)
     params.nthread = nthread or os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    with _captured_stderr(passthrough=STATE.debug) as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
-        # llama.cpp reports the reason on stderr; the usual user-fixable cause is disk space
-        raise EdgepeftError(f"llama.cpp's quantizer failed ({rc}) turning {Path(src).name} into {quant}",
-                            "Check free disk space in --out; rerun with --debug for llama.cpp's log")
+        last = next((ln for ln in reversed(log()) if ln.strip()), "no message")
+        raise EdgepeftError(f"llama.cpp's quantizer failed turning {Path(src).name} into {quant}: {last.strip()}",
+                            "Check free disk space in --out; rerun with --debug for llama.cpp's full log")
+
+
+@contextlib.contextmanager
+def _captured_stderr(passthrough: bool):
+    """Send C-level stderr (llama.cpp prints per-tensor fallback warnings there) to a temp file."""
+    if passthrough:
+        yield list
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        lines: list[str] = []
+        try:
+            yield lambda: lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(tmp.read().decode(errors="replace").splitlines())
