@@ -44,12 +44,14 @@ class Plan:
     task_limit: int  # demo eval examples scored on each runtime
     swap_cycles: int
     verify_exports: bool  # run each exporter's parity check against PyTorch
+    merge_into: str  # auto: pick original vs dequantized base by calibration loss (costs two extra builds)
 
 
-FULL = Plan(train_steps=80, batch_size=8, lr=1e-3, rank=16, eval_limit=50, prompt_tokens=128, gen_tokens=32,
-            repetitions=3, ppl_tokens=256, task_limit=20, swap_cycles=3, verify_exports=True)
+FULL = Plan(train_steps=48, batch_size=4, lr=1e-3, rank=16, eval_limit=50, prompt_tokens=128, gen_tokens=32,
+            repetitions=3, ppl_tokens=256, task_limit=20, swap_cycles=3, verify_exports=True, merge_into="auto")
 FAST = Plan(train_steps=3, batch_size=4, lr=1e-3, rank=8, eval_limit=4, prompt_tokens=32, gen_tokens=8,
-            repetitions=1, ppl_tokens=64, task_limit=2, swap_cycles=1, verify_exports=False)
+            repetitions=1, ppl_tokens=64, task_limit=2, swap_cycles=1, verify_exports=False,
+            merge_into="original")
 
 ARTIFACTS = (  # (folder, format, mode, quant)
     ("gguf-merged", "gguf", "merged", "q4_k_m"),
@@ -160,7 +162,7 @@ def export_one(base: str, adapter: Path, out: Path, fmt: str, mode: str, quant: 
     from edgepeft.export.request import ExportRequest
 
     req = ExportRequest(format=fmt, base=base, adapters=[adapter], names=[ADAPTER_NAME], out=out, mode=mode,
-                        quant=quant, verify=plan.verify_exports)
+                        quant=quant, verify=plan.verify_exports, merge_into=plan.merge_into)
     return importlib.import_module(WRITERS[fmt]).export(req)
 
 
