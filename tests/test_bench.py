@@ -22,13 +22,14 @@ def result(gguf_sep, onnx_sep, tiny_llama, peft_adapters, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
     refs = [x for n, p in peft_adapters.items() for x in ("--reference-adapter", f"{n}={p}")]
     proc = run_cli("bench", gguf_sep, onnx_sep, *SMALL, "--task", "demo", "--task-limit", "1",
-               "--reference", tiny_llama, *refs, "--json", out / "a.json", "--png", out / "a.png")
+               "--reference", tiny_llama, *refs, "--json", "-", "--png", out / "a.png")
     assert proc.returncode == 0, proc.stderr
-    return out, json.loads((out / "a.json").read_text()), proc
+    (out / "a.json").write_text(proc.stdout)
+    return out, json.loads(proc.stdout), proc  # stdout holds only the JSON document
 
 
 def test_records_and_metrics(result, gguf_sep, onnx_sep):
-    out, doc, proc = result
+    out, doc, _ = result
     assert doc["schema"] == bench.SCHEMA and doc["device"]["bandwidth_gb_s"] > 0
     recs = doc["records"]
     # one record per artifact x runtime x device x adapter
@@ -58,20 +59,25 @@ def test_records_and_metrics(result, gguf_sep, onnx_sep):
     for r in recs:
         assert r["top1_agree"] >= 0.9, r
     assert (out / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "tg t/s" in proc.stdout
 
 
-def test_json_to_stdout_and_compare(result, gguf_sep, cli):
+def test_table_and_compare(result, gguf_sep, cli):
     out, doc, _ = result
-    proc = cli("bench", gguf_sep, *SMALL, "--no-ppl", "--json", "-", "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    doc2 = json.loads(proc.stdout)  # stdout is only the JSON document
-    assert len(doc2["records"]) == 3 and doc2["records"][0]["perplexity"] is None
-    (out / "b.json").write_text(proc.stdout)
-    rows = bench.compare(doc, doc2)
-    assert len(rows) == 3 and all(r["tg"] > 0 for r in rows)
+    a = bench.load_document(out / "a.json")
+    a2 = json.loads(json.dumps(a))
+    for r in a2["records"]:  # a run twice as fast in tg, same elsewhere
+        r["tg"]["mean"] *= 2
+    (out / "b.json").write_text(json.dumps(a2))
+    rows = bench.compare(a, a2)
+    assert len(rows) == 6 and all(r["tg"] == pytest.approx(2.0, rel=1e-3) and r["pp"] == 1.0 for r in rows)
     proc = cli("bench", "--compare", out / "a.json", out / "b.json")
-    assert proc.returncode == 0 and "tg t/s" in proc.stdout and "x" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "2.000x" in proc.stdout and "tg t/s" in proc.stdout, proc.stderr
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    console.print(bench.table(doc))
+    text = console.export_text()
+    assert "tg t/s" in text and "bw_util" in text and "onnxruntime-genai" in text
 
 
 def test_too_big_wrong_quant_wrong_format_refused(gguf_sep, onnx_sep, tmp_path, cli):
