@@ -78,6 +78,11 @@ def discover(path: str | Path, adapters: dict[str, Path] | None = None) -> Artif
         return Artifact(p, "gguf", p, extra, _gguf_quant(p, None))
     if p.is_file() and p.suffix == ".onnx":
         return Artifact(p, "onnx", p, extra, None)
+    if p.is_dir() and (p / "prefill_ctx.onnx").is_file() and (p / "decode_ctx.onnx").is_file():
+        if extra:
+            raise EdgepeftError(f"{p} is a QNN static export; it has no adapter inputs",
+                                "QNN artifacts are merged; bench each merged export instead")
+        return Artifact(p, "onnx-static", p, {}, "qnn-ctx")
     if p.is_dir() and (p / "genai_config.json").is_file():
         found = {a.name[: -len(".onnx_adapter")]: a for a in sorted(p.rglob("*.onnx_adapter"))}
         quant = _json(p / ONNX_MANIFEST).get("quant")
@@ -134,6 +139,8 @@ def bytes_per_token(artifact: Artifact, adapter: str | None) -> int:
         tensors = {t.name: int(t.n_bytes) for t in _reader(artifact.model).tensors}
         tied = "output.weight" not in tensors
         return sum(b for n, b in tensors.items() if tied or n != "token_embd.weight") + extra
+    if artifact.format == "onnx-static":  # the decode graph's QNN context binary holds its weights
+        return sum(p.stat().st_size for p in artifact.model.glob("decode_ctx*.bin")) + extra
     import onnx
 
     model_file = artifact.model / "model.onnx" if artifact.model.is_dir() else artifact.model

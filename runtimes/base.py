@@ -33,6 +33,7 @@ FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {
     "gguf": ("llama.cpp",),
     "onnx-genai": ("onnxruntime-genai", "onnxruntime"),
     "onnx": ("onnxruntime",),
+    "onnx-static": ("onnxruntime",),  # QNN EPContext prefill/decode graphs (export --target qnn-htp)
 }
 
 
@@ -41,7 +42,7 @@ class Artifact:
     """What a runtime loads: one model (file or folder) and its named adapter files."""
 
     path: Path  # as the user named it
-    format: str  # gguf | onnx-genai | onnx
+    format: str  # gguf | onnx-genai | onnx | onnx-static
     model: Path  # the file (gguf, onnx) or folder (genai) handed to the runtime
     adapters: dict[str, Path] = field(default_factory=dict)
     quant: str | None = None  # gguf file type (q4_k_m...) or onnx quant (int4...)

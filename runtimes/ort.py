@@ -57,6 +57,12 @@ class OrtRuntime:
         import onnxruntime as ort
 
         self._ort = ort
+        if artifact.format == "onnx-static":
+            self._static = StaticGraphs(artifact, device, n_ctx)
+            self.load_ms, self.providers = self._static.load_ms, ["QNNExecutionProvider"]
+            self.tokenizer = _tokenizer(artifact.model)
+            return
+        self._static = None
         model_file = artifact.model / "model.onnx" if artifact.model.is_dir() else artifact.model
         folder = model_file.parent
         for name, path in artifact.adapters.items():
@@ -119,6 +125,9 @@ class OrtRuntime:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=False)
 
     def reset(self) -> None:
+        if self._static is not None:
+            self._static.reset()
+            return
         self.kv = {}
         for n, i in self._past.items():
             shape = [d if isinstance(d, int) and d > 0 else None for d in i.shape]
@@ -131,6 +140,9 @@ class OrtRuntime:
             self._run_opts.add_active_adapter(self.adapters[self.active])
 
     def _run(self, tokens: Sequence[int], all_logits: bool) -> None:
+        if self._static is not None:
+            self._logits = self._static.run(list(tokens), all_logits)
+            return
         n = len(tokens)
         if self.pos + n > self.max_length:
             raise EdgepeftError(f"sequence of {self.pos + n} tokens exceeds {self.max_length}",
@@ -172,6 +184,7 @@ class OrtRuntime:
         self.reset()
 
     def close(self) -> None:
+        self._static = None
         self.sess = None
         self.adapters = {}
 
@@ -194,3 +207,68 @@ def _tokenizer(folder: Path):
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(path))
+
+
+class StaticGraphs:
+    """The QNN export's two static EPContext graphs (prefill_ctx.onnx, decode_ctx.onnx) driven as one decoder.
+
+    Shapes are fixed (see export/qnn.py, whose constants we read): prefill takes PREFILL_LEN
+    right-padded tokens; decode takes one token, its position and an additive mask over a
+    CACHE_LEN KV cache, and returns that token's K/V, which we write into its cache slot.
+    """
+
+    def __init__(self, artifact: Artifact, device, n_ctx: int):
+        from edgepeft.export import qnn
+
+        self.q = qnn
+        if n_ctx > qnn.CACHE_LEN:
+            raise EdgepeftError(f"the QNN static graphs hold {qnn.CACHE_LEN} tokens (prefill {qnn.PREFILL_LEN}), "
+                                f"the benchmark needs {n_ctx}",
+                                f"Use --prompt-tokens <= {qnn.PREFILL_LEN} and --gen-tokens/--ppl-tokens that fit")
+        target = qnn.resolve_target(device.source if device is not None and device.source else None)
+        t0 = time.perf_counter()
+        try:
+            self.pre = qnn.htp_session(artifact.model / "prefill_ctx.onnx", target)
+            self.dec = qnn.htp_session(artifact.model / "decode_ctx.onnx", target)
+        except Exception as e:
+            raise IntegrityError(f"QNN could not load the EPContext graphs in {artifact.model}: {e}",
+                                 "Re-export with --target qnn-htp for this device's soc_model/htp_arch") from e
+        self.load_ms = (time.perf_counter() - t0) * 1e3
+        past = [i for i in self.dec.get_inputs() if i.name.startswith("past_")]
+        self.past_shapes = {i.name: i.shape for i in past}
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = {n: np.zeros(s, np.float32) for n, s in self.past_shapes.items()}
+        self.pos = 0
+
+    def run(self, tokens: list[int], all_logits: bool) -> np.ndarray:
+        q = self.q
+        rows = []
+        if self.pos == 0 and len(tokens) > 1:
+            n = min(len(tokens), q.PREFILL_LEN)
+            ids = np.zeros((1, q.PREFILL_LEN), np.int32)
+            ids[0, :n] = tokens[:n]
+            outs = self.pre.run(None, {"input_ids": ids})
+            names = [o.name for o in self.pre.get_outputs()]
+            for name, val in zip(names[1:], outs[1:]):
+                self.cache["past_" + name][:, :, :n] = val[:, :, :n]
+            rows.append(outs[0][0, :n])
+            self.pos, tokens = n, tokens[n:]
+        for t in tokens:
+            if self.pos >= q.CACHE_LEN:
+                raise EdgepeftError(f"the QNN static KV cache is full ({q.CACHE_LEN} tokens)",
+                                    "Use fewer prompt/generated tokens")
+            mask = np.full((1, 1, 1, q.CACHE_LEN + 1), q.MASK_NEG, np.float32)
+            mask[..., : self.pos] = 0
+            mask[..., -1] = 0
+            feed = {"input_ids": np.array([[t]], np.int32), "position": np.array([[self.pos]], np.int32),
+                    "mask": mask, **self.cache}
+            outs = self.dec.run(None, feed)
+            names = [o.name for o in self.dec.get_outputs()]
+            for name, val in zip(names[1:], outs[1:]):
+                self.cache["past_" + name][:, :, self.pos] = val[:, :, 0]
+            rows.append(outs[0][0, -1:])
+            self.pos += 1
+        logits = np.concatenate(rows, axis=0)
+        return logits if all_logits else logits[-1:]
