@@ -155,6 +155,44 @@ def quality(base, adapter: Path | None, work: Path, quants, n_eval: int, wiki_to
     return rows
 
 
+def markdown(result: dict) -> str:
+    """The tables docs/gguf.md shows, rendered from the results JSON."""
+    lines = []
+    sp = result.get("speed")
+    if sp:
+        e, p = sp["best"]["edgepeft"], sp["best"]["llama.cpp"]
+        lines += [(f"Speed, {sp['input']} → {sp['quant']} ({result['machine']['cpus']} shared CPUs, load average "
+                  f"{result['machine']['load_avg_at_start'][0]:.1f} at start; best of {sp['reps']}):"), "",
+                  "| pipeline | seconds | peak RSS (MiB) | bytes |", "|---|---|---|---|",
+                  f"| edgepeft export --mode merged --quant q4_k_m | {e['seconds']} | {e['peak_rss_mb']} | {e['bytes']} |",
+                  (f"| llama.cpp: convert_hf_to_gguf.py (f32) + llama_model_quantize | {p['seconds']} | "
+                  f"{p['peak_rss_mb']} | {p['bytes']} |")]
+        if sp["best"].get("edgepeft_with_merge"):
+            w = sp["best"]["edgepeft_with_merge"]
+            lines.append(f"| edgepeft, base + adapter (merge included) | {w['seconds']} | {w['peak_rss_mb']} | "
+                         f"{w['bytes']} |")
+        lines += ["", (f"Ratio edgepeft / llama.cpp: time {sp['time_ratio_edgepeft_over_llamacpp']}, "
+                  f"peak RSS {sp['rss_ratio_edgepeft_over_llamacpp']}."), ""]
+    q = result.get("quality")
+    if q:
+        lines += [(f"Quality (adapter: {result.get('adapter') or 'none, base only'}; perplexity on "
+                  f"{q['wikitext_tokens']} wikitext-2 tokens, demo exact match on {q['demo_examples']} eval examples):"),
+                  "", "| quant | mode | bytes | perplexity | demo exact match |", "|---|---|---|---|---|"]
+        for r in q["rows"]:
+            lines.append(f"| {r['quant']} | {r['mode']} | {r['bytes']:,} | {r['perplexity']} | "
+                         f"{r.get('demo_exact_match', '–')} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_docs(result: dict) -> None:
+    doc = ROOT / "docs" / "gguf.md"
+    text = doc.read_text()
+    start, end = "<!-- bench_gguf:start -->", "<!-- bench_gguf:end -->"
+    if start in text:
+        text = text[:text.index(start)] + start + "\n" + markdown(result) + text[text.index(end):]
+        doc.write_text(text)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapter", default="/work/runs/demo/adapter")
@@ -190,6 +228,7 @@ def main():
                                  "rows": quality(base, adapter, work, quants, n_eval, wiki)}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    update_docs(result)
     print(f"wrote {RESULTS}")
 
 
