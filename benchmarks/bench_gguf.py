@@ -131,7 +131,7 @@ def quality(base, adapter: Path | None, work: Path, quants, n_eval: int, wiki_to
     examples = task.examples("eval")[:n_eval]
     rows = []
     for q in quants:
-        for mode in ("merged", "separate"):
+        for mode in (("merged", "separate") if adapter else ("merged",)):
             out = Path(tempfile.mkdtemp(dir=work))
             t0 = time.perf_counter()
             rec = export(ExportRequest(format="gguf", base=str(base.path), adapters=[adapter] if adapter else [],
