@@ -109,7 +109,7 @@ def test_4bit_cpu_run_learns_and_writes_run_dir(trained_4bit, tiny_llama):
     assert m["train"]["steps"] == STEPS and m["seed"] == 7 and m["libraries"]["bitsandbytes"]
     losses = [loss for _, loss in m["loss_curve"]]
     assert len(losses) == STEPS and not any(math.isnan(x) for x in losses)  # no NaN: fp32 compute does not diverge
-    assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
+    assert losses[-1] < losses[0] - 0.5 and sum(losses[-2:]) < sum(losses[:2]), losses
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (run / "adapter").iterdir()}
     assert m["data"]["samples"] == 48 and m["data"]["truncated"] == 0
