@@ -139,15 +139,16 @@ def load_merged(model, sd: dict) -> None:
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied lm_head
 
 
-def prune_sweep(base, plan, model, tok, examples, max_new, ppl_ids, levels, rows: list, save) -> list[dict]:
-    from edgepeft.export.merge import merged_state_dict
+def prune_sweep(base, plan, model, tok, examples, max_new, ppl_ids, levels, pairs, rows: list, save) -> list[dict]:
+    from edgepeft.export.merge import completion_loss, merged_state_dict
     from edgepeft.export.prune import prune
 
     original = {k: v.clone() for k, v in model.state_dict().items()}
     t0 = time.perf_counter()
     model.load_state_dict(original)
     rows.append({"level": "base (no adapter)", "adapter_bytes": 0, "ranks": [], "modules": 0,
-                 "accuracy": torch_accuracy(model, tok, examples, max_new), "ppl": torch_ppl(model, ppl_ids)})
+                 "accuracy": torch_accuracy(model, tok, examples, max_new), "ppl": torch_ppl(model, ppl_ids),
+                 "demo_loss": completion_loss(model, tok, pairs)})
     print(rows[-1], f"{time.perf_counter() - t0:.0f}s", flush=True)
     save()
     for level in levels:
@@ -158,7 +159,8 @@ def prune_sweep(base, plan, model, tok, examples, max_new, ppl_ids, levels, rows
         rows.append({"level": level, "adapter_bytes": p.nbytes(2), "modules": len(p.modules),
                      "ranks": sorted(set(p.ranks.values())), "mean_rank": float(np.mean(list(p.ranks.values()))),
                      "total_rel_error": rep.get("total_rel_error", 0.0), "max_rel_error": rep.get("max_rel_error", 0.0),
-                     "accuracy": torch_accuracy(model, tok, examples, max_new), "ppl": torch_ppl(model, ppl_ids)})
+                     "accuracy": torch_accuracy(model, tok, examples, max_new), "ppl": torch_ppl(model, ppl_ids),
+                     "demo_loss": completion_loss(model, tok, pairs)})
         print(rows[-1], f"{time.perf_counter() - t0:.0f}s", flush=True)
         save()
     model.load_state_dict(original)
@@ -321,7 +323,7 @@ def main(argv=None):
 
     if args.part in ("all", "sweep"):
         model = base.load_model(torch.float32).eval()
-        prune_sweep(base, plan, model, tok, examples, task.max_new_tokens, ppl_ids, args.levels.split(";"),
+        prune_sweep(base, plan, model, tok, examples, task.max_new_tokens, ppl_ids, args.levels.split(";"), pairs,
                     result["prune"], save)
         del model
     if args.part == "sweep":
