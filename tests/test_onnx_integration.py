@@ -52,8 +52,9 @@ def test_smollm2_int4_merged_perplexity_and_demo(smollm2, tmp_path):
     with torch.no_grad():
         ppl_torch = math.exp(_nll(model(torch.tensor([ids])).logits[0].numpy(), ids))
     ppl_ort = math.exp(_nll(OrtLM(out).logits(ids), ids))
-    # measured on the plain base: fp32 15.0 -> int4 RTN block 32 19.8 (+32%); a broken graph is far worse
-    assert ppl_torch < ppl_ort < 1.5 * ppl_torch, (ppl_ort, ppl_torch)
+    # measured: plain base fp32 15.0 -> int4 RTN block 32 19.8 (x1.32); with this random adapter 22.9 -> 36.7
+    # (x1.6). A broken graph (wrong transpose, lost adapter) lands in the thousands.
+    assert ppl_torch < ppl_ort < 2.0 * ppl_torch, (ppl_ort, ppl_torch)
 
     if trained is None:
         return  # demo accuracy needs a trained adapter; the relative perplexity bound above still ran
