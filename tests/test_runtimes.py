@@ -101,3 +101,27 @@ def test_adapter_from_other_base_refused(gguf_sep, tiny_qwen2, tmp_path):
     art = discover(gguf_sep, {"foreign": foreign})
     with pytest.raises(MismatchError):
         get_runtime("llama.cpp").load(art, load_profile("x86-64-cpu"), n_ctx=32)
+
+
+@pytest.mark.slow
+def test_qnn_static_graphs_on_plain_onnxruntime(tiny_llama, peft_adapters, llamacpp_logits, tmp_path):
+    """export --target qnn-htp (merged) runs on the HTP simulator through the static prefill/decode driver."""
+    pytest.importorskip("onnxruntime_qnn")
+    from bench_artifacts import export
+
+    out = tmp_path / "qnn"
+    export("onnx", tiny_llama, {"sql": peft_adapters["sql"]}, out, mode="merged", quant="int8", target="qnn-htp",
+           device="snapdragon-x-elite")
+    art = discover(out)
+    assert art.format == "onnx-static" and art.quant == "qnn-ctx"
+    rt = get_runtime("onnxruntime")
+    rt.load(art, load_profile("snapdragon-x-elite"), n_ctx=64)
+    toks = rt.tokenize(TEXT)
+    rt.prefill(toks, all_logits=True)
+    logits = rt.logits()
+    assert logits.shape[0] == len(toks) and np.isfinite(logits).all()
+    assert len(rt.decode(4)) == 4
+    # uint16/uint8 QDQ of the merged model: mostly the same top-1 as llama.cpp's f32 base + sql adapter
+    agree = (logits.argmax(1) == llamacpp_logits["sql"].argmax(1)).mean()
+    assert agree >= 0.3, agree  # random weights would agree ~0
+    rt.close()
