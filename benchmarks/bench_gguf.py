@@ -33,14 +33,15 @@ WIKI = ROOT / "edgepeft" / "data" / "wikitext2-valid-slice.txt"
 
 def timed(cmd: list[str], env=None) -> dict:
     """Run ``cmd`` in a fresh process; wall time and that process's own peak RSS."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    err = p.stderr.read().decode(errors="replace")
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise RuntimeError(f"{cmd[:4]} failed ({p.returncode}): {err[-2000:]}")
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a full pipe would block the child
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        log.seek(0)
+        err = log.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{cmd[:4]} failed ({os.waitstatus_to_exitcode(status)}): {err[-2000:]}")
     return {"seconds": round(wall, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1)}
 
 
