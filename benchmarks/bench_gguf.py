@@ -228,6 +228,9 @@ def main():
             result["quality"] = {"wikitext_tokens": wiki, "demo_examples": n_eval,
                                  "rows": quality(base, adapter, work, quants, n_eval, wiki)}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if RESULTS.is_file():  # re-read: a speed run and a quality run may have been started side by side
+        result = {**json.loads(RESULTS.read_text()), **{k: v for k, v in result.items() if k in ("speed", "quality")
+                                                        or k not in json.loads(RESULTS.read_text())}}
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     update_docs(result)
     print(f"wrote {RESULTS}")
