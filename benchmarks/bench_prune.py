@@ -60,9 +60,11 @@ def torch_ppl(model, ids: list[int]) -> float:
     return ppl_from_nll(total, count)
 
 
-def torch_accuracy(model, tok, examples, max_new: int) -> float:
+def torch_accuracy(model, tok, examples, max_new: int) -> float | None:
     from edgepeft.evaluate import exact_match_detail, hf_generate_batch
 
+    if not examples:  # --limit 0: no generation (an untrained adapter scores 0 anyway)
+        return None
     return exact_match_detail(hf_generate_batch(model, tok, max_new, batch_size=16), examples, tok).accuracy
 
 
@@ -113,9 +115,11 @@ class LlamaEval:
             total, count = total + s, count + n
         return ppl_from_nll(total, count)
 
-    def accuracy(self, examples, max_new: int) -> float:
+    def accuracy(self, examples, max_new: int) -> float | None:
         from edgepeft.evaluate import eval_prompts, score
 
+        if not examples:
+            return None
         preds = [self.generate(p, max_new) for p in eval_prompts(examples, self.tok)]
         return score(preds, examples).accuracy
 
@@ -213,11 +217,15 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    task_key = "accuracy" if any(r.get("accuracy") is not None for r in result["prune"]) else "demo_loss"
+    task_label = "demo exact-match accuracy" if task_key == "accuracy" else "demo completion loss (nats/token)"
+    merge_key = "accuracy" if any(r.get("accuracy") is not None for r in result["merge"]) else "calib_loss"
+    merge_label = "demo exact-match accuracy" if merge_key == "accuracy" else "demo completion loss (nats/token)"
     sweep = [r for r in result["prune"] if r["adapter_bytes"] > 0]
     base_row = next(r for r in result["prune"] if r["adapter_bytes"] == 0)
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     x = [r["adapter_bytes"] / 1e6 for r in sweep]
-    for ax, key, label in ((axes[0], "accuracy", "demo exact-match accuracy"), (axes[1], "ppl", "wikitext-2 perplexity")):
+    for ax, key, label in ((axes[0], task_key, task_label), (axes[1], "ppl", "wikitext-2 perplexity")):
         ax.plot(x, [r[key] for r in sweep], "o", color="C0")
         for r, xi in zip(sweep, x):
             ax.annotate(r["level"], (xi, r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -230,22 +238,22 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0].set_title("prune level: adapter bytes vs accuracy (PyTorch fp32)")
+    axes[0].set_title(f"prune level: adapter bytes vs {task_key} (PyTorch fp32)")
     axes[1].set_title("prune level: adapter bytes vs perplexity")
     merge = result["merge"]
     formats = list(dict.fromkeys(r["format"] for r in merge))
     w = 0.38
     for j, target in enumerate(("dequantized", "original")):
-        vals = [next((r["accuracy"] for r in merge if r["format"] == f and r["target"] == target), np.nan)
+        vals = [next((r[merge_key] for r in merge if r["format"] == f and r["target"] == target), np.nan)
                 for f in formats]
         bars = axes[2].bar(np.arange(len(formats)) + (j - 0.5) * w, vals, w, label=f"merge into {target}")
         for b_, r in zip(bars, [next((r for r in merge if r["format"] == f and r["target"] == target), None)
                                 for f in formats]):
             if r:
-                axes[2].annotate(f"ppl {r['ppl']:.1f}", (b_.get_x() + b_.get_width() / 2, b_.get_height()),
+                axes[2].annotate(f"{r[merge_key]:.3f}\nppl {r['ppl']:.1f}", (b_.get_x() + b_.get_width() / 2, b_.get_height()),
                                  ha="center", fontsize=7, xytext=(0, 2), textcoords="offset points")
     axes[2].set_xticks(np.arange(len(formats)), formats)
-    axes[2].set_ylabel("demo exact-match accuracy")
+    axes[2].set_ylabel(merge_label)
     axes[2].set_title("merge target, then quantization")
     axes[2].legend(fontsize=8, loc="lower left")
     fig.suptitle(f"{result['base']} + {result['adapter_name']}: {result['eval_examples']} demo eval examples, "
