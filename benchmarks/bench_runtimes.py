@@ -108,6 +108,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--repetitions", type=int, default=5)
     ap.add_argument("--onnx", action="store_true", help="also bench the ONNX int4 export on onnxruntime-genai")
+    ap.add_argument("--quality", action="store_true", help="also demo-task accuracy (20 examples) and top-1 vs PyTorch")
     args = ap.parse_args()
 
     from edgepeft import bench
@@ -131,8 +132,9 @@ def main():
 
     profile = load_profile("x86-64-cpu")
     gb_s = bench.measure_bandwidth()
-    cfg = bench.BenchConfig(repetitions=args.repetitions, ppl_tokens=512, task="demo", task_limit=20,
-                            reference="smollm2-135m", reference_adapters={"demo": str(adapter)})
+    quality = {"task": "demo", "task_limit": 20, "reference": "smollm2-135m",
+               "reference_adapters": {"demo": str(adapter)}} if args.quality else {}
+    cfg = bench.BenchConfig(repetitions=args.repetitions, ppl_tokens=512, **quality)
     tokenizer = base.load_tokenizer()
     runs: dict[str, list] = {label: [] for label, _ in arts}
     ref_cache: dict = {}
