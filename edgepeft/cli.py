@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "pack": "pack",
     "verify": "verify",
     "bench": "bench",
+    "quickstart": "quickstart",
 }
 
 

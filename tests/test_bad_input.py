@@ -274,3 +274,10 @@ def test_train_malformed_jsonl(tiny_llama, tmp_path):
     (tmp_path / "d.jsonl").write_text('{"prompt": "2+2", "completion": "4"}\n{"prompt": "oops\n')
     bad(tmp_path, "train", "--base", tiny_llama, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "run",
         needles=["d.jsonl:2", "malformed JSON"])
+
+
+# --- quickstart ------------------------------------------------------------------------------
+
+def test_quickstart_output_is_a_file(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    bad(tmp_path, "quickstart", "--fast", "--out", tmp_path / "taken", needles=["is a file"])
