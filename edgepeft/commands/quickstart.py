@@ -29,6 +29,7 @@ def command(out, fast, base, as_json):
         return
     print_table(json.loads(Path(summary["bench"]).read_text()))
     ev = summary["evaluate"]
-    click.echo(f"demo exact match (PyTorch): base {ev['base']['accuracy']:.0%} -> adapter "
-               f"{ev['adapter']['accuracy']:.0%} on {ev['adapter']['total']} examples")
+    base_acc = f"base {ev['base']['accuracy']:.0%} -> " if "base" in ev else ""
+    click.echo(f"demo exact match (PyTorch): {base_acc}adapter {ev['adapter']['accuracy']:.0%} "
+               f"on {ev['adapter']['total']} examples")
     info(f"chart {summary['chart']}, bundle {summary['bundle']} (verified), total {summary['seconds']['total']:.0f} s")
