@@ -31,18 +31,30 @@ QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 WIKI = ROOT / "edgepeft" / "data" / "wikitext2-valid-slice.txt"
 
 
+# Runs the command and reports its wall time and peak RSS. A fresh small launcher process does
+# the fork: Linux carries a forking parent's RSS into the child's ru_maxrss across exec, so
+# children forked straight from this (large) benchmark process would all report at least its size.
+_LAUNCHER = """
+import json, os, subprocess, sys, tempfile, time
+with tempfile.TemporaryFile() as log:  # a file, not a pipe: a full pipe would block the child
+    t0 = time.perf_counter()
+    p = subprocess.Popen(sys.argv[1:], stdout=log, stderr=log)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    log.seek(0)
+    tail = log.read().decode(errors="replace")[-2000:]
+print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "seconds": wall, "maxrss_kb": ru.ru_maxrss, "tail": tail}))
+"""
+
+
 def timed(cmd: list[str], env=None) -> dict:
     """Run ``cmd`` in a fresh process; wall time and that process's own peak RSS."""
-    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a full pipe would block the child
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        log.seek(0)
-        err = log.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{cmd[:4]} failed ({os.waitstatus_to_exitcode(status)}): {err[-2000:]}")
-    return {"seconds": round(wall, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1)}
+    out = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True, env=env,
+                         check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    if r["rc"] != 0:
+        raise RuntimeError(f"{cmd[:4]} failed ({r['rc']}): {r['tail']}")
+    return {"seconds": round(r["seconds"], 2), "peak_rss_mb": round(r["maxrss_kb"] / 1024, 1)}
 
 
 def ours(base: Path, out: Path, adapter: Path | None = None) -> dict:
