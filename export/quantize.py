@@ -7,7 +7,6 @@ keeps some tensors at Q6_K, etc.) is exactly what llama.cpp would choose.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import tempfile
@@ -45,40 +44,39 @@ def get_quant(name: str) -> Quant:
 
 
 def quantize(src: Path, dst: Path, quant: str, nthread: int | None = None) -> None:
-    """Quantize GGUF ``src`` (F32/F16 intermediate) into ``dst`` with llama.cpp's quantizer."""
-    import llama_cpp
-    from llama_cpp._logger import set_verbose
+    """Quantize GGUF ``src`` (F32/F16 intermediate) into ``dst`` with llama.cpp's quantizer.
+
+    Runs in a child process: the quantizer maps the whole intermediate, and doing that in the
+    exporting process (which already holds torch and the tokenizer) would add the two peaks
+    instead of taking the larger one.
+    """
+    import subprocess
 
     from edgepeft.ui import STATE
 
-    set_verbose(STATE.debug)  # llama.cpp logs every tensor it quantizes; keep stderr to our one-liners
-    q = get_quant(quant)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, q.llama_ftype)
-    params.nthread = nthread or os.cpu_count() or 1
-    with _captured_stderr(passthrough=STATE.debug) as log:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    get_quant(quant)
+    cmd = [sys.executable, "-m", "edgepeft.export.quantize", str(src), str(dst), quant, str(nthread or 0)]
+    with tempfile.TemporaryFile() as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=None if STATE.debug else log, check=False).returncode
+        log.seek(0)
+        lines = log.read().decode(errors="replace").splitlines()
     if rc != 0:
-        last = next((ln for ln in reversed(log()) if ln.strip()), "no message")
+        last = next((ln for ln in reversed(lines) if ln.strip()), f"exit status {rc}")
         raise EdgepeftError(f"llama.cpp's quantizer failed turning {Path(src).name} into {quant}: {last.strip()}",
                             "Check free disk space in --out; rerun with --debug for llama.cpp's full log")
 
 
-@contextlib.contextmanager
-def _captured_stderr(passthrough: bool):
-    """Send C-level stderr (llama.cpp prints per-tensor fallback warnings there) to a temp file."""
-    if passthrough:
-        yield list
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
-        lines: list[str] = []
-        try:
-            yield lambda: lines
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            lines.extend(tmp.read().decode(errors="replace").splitlines())
+def quantize_in_process(src: Path, dst: Path, quant: str, nthread: int | None = None) -> None:
+    import llama_cpp
+
+    q = get_quant(quant)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, q.llama_ftype)
+    params.nthread = nthread or os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize returned {rc}")
+
+
+if __name__ == "__main__":  # the child process quantize() starts
+    quantize_in_process(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]) or None)
