@@ -186,8 +186,13 @@ def gguf_rows() -> list[dict]:
     if not path.is_file():
         return []
     data = json.loads(path.read_text())
-    rows = data.get("rows", data if isinstance(data, list) else [])
+    rows = data if isinstance(data, list) else data.get("rows") or []
     out = []
+    speed = data.get("speed") if isinstance(data, dict) else None
+    if speed and speed.get("best", {}).get("edgepeft"):  # the GGUF benchmark's build-speed record
+        best = speed["best"]["edgepeft"]
+        out.append({"format": "gguf", "mode": "merged", "quant": speed.get("quant", "?"), "build_s": best.get("seconds"),
+                    "bytes": best.get("bytes"), "source": "benchmarks/results/gguf.json (speed)"})
     for r in rows:
         if not isinstance(r, dict):
             continue
