@@ -157,7 +157,8 @@ def test_parse_real_llama_bench_json_and_csv():
         tg = next(r for r in rows if r["n_gen"] > 0)
         assert pp["avg_ts"] > 0 and tg["avg_ts"] > 0 and pp["n_gen"] == 0 and tg["n_prompt"] == 0
         assert str(pp["build_commit"]) == build["build_commit"]
-    assert js[1]["avg_ts"] == pytest.approx(cs[1]["avg_ts"], rel=1e-3)
+    assert [(r["n_prompt"], r["n_gen"], r["model_size"]) for r in js] == \
+        [(r["n_prompt"], r["n_gen"], r["model_size"]) for r in cs]  # two real runs: same tests, own timings
     with pytest.raises(EdgepeftError, match="no JSON"):
         parse_llama_bench("error: failed to load model", "json")
 
