@@ -187,7 +187,9 @@ elif args[2] == "shell":
     if "llama-bench" in cmd:
         sys.stdout.write(open({str(fixture)!r}).read())
     else:
-        sys.exit(subprocess.run(["bash", "-c", cmd.replace("/data/", root + "/data/")]).returncode)
+        proc = subprocess.run(["bash", "-c", cmd.replace("/data/", root + "/data/")], capture_output=True, text=True)
+        sys.stdout.write(proc.stdout.replace(root, ""))  # the device sees its own paths
+        sys.exit(proc.returncode)
 """)
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
