@@ -134,8 +134,12 @@ def test_saved_adapter_in_plain_peft_matches_trainer_logits(trained_4bit, tiny_l
         a, b = trained(input_ids=ids).logits, plain(input_ids=ids).logits
         with trained.disable_adapter():
             base = trained(input_ids=ids).logits
-    assert (a - base).abs().max() > 1e-3  # the adapter does something
-    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert (a - base).abs().max() > 1e-2  # the adapter does something
+    # Measured: 1.5e-3 max abs difference on the 4-bit CPU path (suspected: bitsandbytes picks a different CPU
+    # kernel for the freshly loaded module than for the kbit-prepared one; not yet confirmed). The strict
+    # 1e-5 check runs on the fp32 base in test_resume_after_ctrl_c_matches_uninterrupted.
+    torch.testing.assert_close(b, a, atol=5e-3, rtol=0)
+    assert (b.argmax(-1) == a.argmax(-1)).all()
 
 
 def test_resume_after_ctrl_c_matches_uninterrupted(tmp_path, tiny_llama):
@@ -153,7 +157,8 @@ def test_resume_after_ctrl_c_matches_uninterrupted(tmp_path, tiny_llama):
             if state.global_step == 5:
                 raise KeyboardInterrupt
 
-    run_training(_cfg(tiny_llama, data, tmp_path / "full", **kw), say=lambda m: None, log_lines=False)
+    full_trainer, _ = run_training(_cfg(tiny_llama, data, tmp_path / "full", **kw), say=lambda m: None,
+                                   log_lines=False)
     with pytest.raises(Interrupted) as exc:
         run_training(_cfg(tiny_llama, data, tmp_path / "cut", **kw), say=lambda m: None, log_lines=False,
                      callbacks=(CtrlC(),))
@@ -166,6 +171,17 @@ def test_resume_after_ctrl_c_matches_uninterrupted(tmp_path, tiny_llama):
     assert full.keys() == cut.keys()
     for k in full:
         assert (full[k] - cut[k]).abs().max() < 1e-5, k
+    # fp32 base: the saved adapter in plain PEFT reproduces the trainer's in-memory logits to 1e-5
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                                      tmp_path / "full" / "adapter").eval()
+    ids = torch.tensor([[1, 500, 20, 3000, 77, 9, 812, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, full_trainer.model.eval()(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
     # --resume once the last checkpoint reached --max-steps only rewrites the outputs from it
     _, again = run_training(_cfg(tiny_llama, data, tmp_path / "cut", resume=True, **kw), say=lambda m: None,
                             log_lines=False)
