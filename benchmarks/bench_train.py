@@ -67,7 +67,9 @@ def worker_train(bits: int, steps: int) -> dict:
         cfg = TrainConfig(out=tmp + "/run", task="demo", bits=bits, device="cpu", max_steps=steps, batch_size=4,
                           save_steps=10_000, logging_steps=1, seed=0)
         _, r = run_training(cfg, say=lambda m: None, log_lines=False)
-    return {"bits": bits, "steps": r["steps"], "batch_size": 4, "tokens": r["tokens_seen"], "wall_s": r["wall_s"],
+    import torch
+
+    return {"bits": bits, "torch_threads": torch.get_num_threads(), "steps": r["steps"], "batch_size": 4, "tokens": r["tokens_seen"], "wall_s": r["wall_s"],
             "cpu_s": r["cpu_s"], "s_per_step": r["s_per_step"], "tokens_per_s": r["tokens_per_s"],
             "tokens_per_cpu_s": round(r["tokens_seen"] / r["cpu_s"], 1) if r["cpu_s"] else None,
             "final_loss": r["final_loss"], "peak_rss_mb": round(_peak_rss_mb(), 1),
