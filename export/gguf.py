@@ -250,12 +250,16 @@ def _tensor_stream(base, plans, target: str):
                 name = next(iter(tensors))
                 yield name, tensors.pop(name)
         return
-    from safetensors import safe_open
+    # plain reads, not safetensors' mmap: touched mmap pages stay in our RSS until the file closes
+    import torch
 
-    for wf in base.weight_files:
-        with safe_open(str(wf), "pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                yield name, f.get_tensor(name)
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    for t in gt.ordered_entries(base):
+        buf = bytearray(t.end - t.start)
+        with open(t.file, "rb") as f:
+            f.seek(t.start)
+            f.readinto(buf)
+        yield t.name, torch.frombuffer(buf, dtype=dtypes[t.dtype]).reshape(t.shape)
 
 
 def _add_common_meta(writer, mode: str, base, quant: str) -> None:

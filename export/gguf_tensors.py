@@ -137,18 +137,16 @@ def add_hparams(writer, cfg: dict, arch: Arch, file_type) -> None:
 
 def base_tensor_plan(base, arch: Arch, float_type) -> list[TensorOut]:
     """Every base tensor's GGUF name, shape and type, from the safetensors headers (no weights read)."""
-    from safetensors import safe_open
-
     tmap = name_map(arch, base.config["num_hidden_layers"])
-    shapes = {t.name: t.shape for t in base.tensors()}
     outs = []
-    for wf in base.weight_files:
-        with safe_open(str(wf), "pt") as f:
-            names = list(f.keys())
-        for hf_name in names:
-            if hf_name.endswith(".rotary_emb.inv_freq"):
-                continue
-            g = map_name(tmap, hf_name)
-            shape = tuple(shapes[hf_name])
-            outs.append(TensorOut(hf_name, g, shape, tensor_type(g, len(shape), float_type)))
+    for t in ordered_entries(base):
+        if t.name.endswith(".rotary_emb.inv_freq"):
+            continue
+        g = map_name(tmap, t.name)
+        outs.append(TensorOut(t.name, g, tuple(t.shape), tensor_type(g, len(t.shape), float_type)))
     return outs
+
+
+def ordered_entries(base):
+    """Safetensors entries in file order (shard, then byte offset): the order tensors are written."""
+    return sorted(base.tensors(), key=lambda t: (str(t.file), t.start))
