@@ -81,7 +81,10 @@ def make_lora_inputs(model_path: Path) -> dict[str, dict]:
         shape = list(arr.shape)
         shape[rank_axis] = 0
         init.CopyFrom(numpy_helper.from_array(arr.reshape(-1)[:0].reshape(shape), new))
-        dims = [d if i != rank_axis else RANK_DIM for i, d in enumerate(arr.shape)]
+        # One symbolic rank per module: a shared name tells ORT's memory planner that every
+        # module has the same rank, and pruned adapters (ranks differ per module) then fail
+        # with "Shape mismatch attempting to re-use buffer".
+        dims = [d if i != rank_axis else f"{RANK_DIM}.{target}" for i, d in enumerate(arr.shape)]
         g.input.append(helper.make_tensor_value_info(new, init.data_type, dims))
         slots[new] = {"shape": [None if i == rank_axis else int(d) for i, d in enumerate(arr.shape)],
                       "dtype": helper.tensor_dtype_to_np_dtype(init.data_type).name, "target": target}
@@ -99,8 +102,11 @@ def make_lora_inputs(model_path: Path) -> dict[str, dict]:
     if not slots:
         raise EdgepeftError(f"{model_path} has no float LoRA MatMul to turn into adapter inputs",
                             "This is a bug in the ONNX export; rerun with --debug")
-    for vi in list(g.value_info):  # stale shape info for the old names would mislead shape inference
-        if vi.name in old_names:
+    # Stale shape info for the old names, and the builder's static rank on the LoRA
+    # intermediates (x @ A), would make ORT plan one buffer size for every adapter rank.
+    lora_outputs = {o for node in g.node if any(i in slots for i in node.input) for o in node.output}
+    for vi in list(g.value_info):
+        if vi.name in old_names or vi.name in lora_outputs:
             g.value_info.remove(vi)
     data = model_path.with_name(model_path.name + ".data")
     data.unlink(missing_ok=True)

@@ -200,3 +200,28 @@ def test_bad_input_one_line_no_output(cli, adapters, tiny_llama, tmp_path):
         proc = cli(*common, *extra, "--out", out)
         assert_clean_error(proc, *needles)
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_pruned_adapter_with_per_module_ranks_runs_separate(adapters, tiny_llama, tmp_path):
+    """Pruning leaves different ranks per module; each module's rank is its own symbolic dim in ORT."""
+    from edgepeft.export.onnx import OrtLM, load_lora_adapter
+    from edgepeft.export.onnx_adapters import check_onnx_adapter_fits
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    a = tmp_path / "ranked"
+    torch.manual_seed(3)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
+                     rank_pattern={"q_proj": 2, "down_proj": 6})
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32), cfg).save_pretrained(a)
+    kw = dict(base=str(tiny_llama), adapters=[a], names=["A"], quant="fp32", prune="energy=0.97")
+    run_export(out=tmp_path / "s", mode="separate", **kw)
+    run_export(out=tmp_path / "m", mode="merged", merge_into="original", **kw)
+    file = tmp_path / "s" / "adapters" / "A.onnx_adapter"
+    ranks = set(check_onnx_adapter_fits(tmp_path / "s", file)["ranks"].values())
+    assert len(ranks) > 1, ranks
+    sep, merged = OrtLM(tmp_path / "s"), OrtLM(tmp_path / "m")
+    for ids in IDS:  # tolerance: fp32 graphs, low-rank vs merged summation order only
+        np.testing.assert_allclose(sep.logits(ids, load_lora_adapter(file)), merged.logits(ids), atol=1e-4, rtol=1e-4)
