@@ -75,6 +75,28 @@ def export(req) -> dict:
     out = atomic.ensure_writable_dir(req.out)
     plans = _load_plans(req, base)
     _check_free_space(out, base, quant.name, req.mode)
+    # Every file of the set is written and verified in a staging dir inside --out, then renamed
+    # into place: a kill or a failed parity check leaves no file under a final name.
+    stage = Path(tempfile.mkdtemp(prefix=atomic.TMP_PREFIX + "stage-", dir=out))
+    try:
+        record = _export_into(req, base, plans, quant, arch, stage)
+        finals = []
+        for f in record["files"]:
+            final = out / Path(f).name
+            os.replace(f, final)
+            finals.append(str(final))
+        for a in record.get("adapter_files", []):
+            a["path"] = str(out / Path(a["path"]).name)
+        record["files"] = finals
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    record["seconds"] = round(time.perf_counter() - t0, 2)
+    record["peak_rss_mb"] = _peak_rss_mb()
+    atomic.write_json(out / RECORD_NAME, record)
+    return record
+
+
+def _export_into(req, base, plans, quant, arch, out: Path) -> dict:
     record: dict = {"format": "gguf", "mode": req.mode, "quant": quant.name, "base": req.base,
                     "base_fingerprint": base.fingerprint, "architecture": arch.model_type, "files": [],
                     "adapters": [_plan_summary(p) for p in plans], "edgepeft_version": __version__}
@@ -101,9 +123,6 @@ def export(req) -> dict:
 
             record["verify"] = verify_separate(base_path, [Path(a["path"]) for a in record["adapter_files"]],
                                                base.path, plans, quant.name)
-    record["seconds"] = round(time.perf_counter() - t0, 2)
-    record["peak_rss_mb"] = _peak_rss_mb()
-    atomic.write_json(out / RECORD_NAME, record)
     return record
 
 
