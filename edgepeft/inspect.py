@@ -6,8 +6,8 @@ formats add one pair each. Nothing here imports torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from edgepeft.errors import EdgepeftError
 from edgepeft.fingerprint import short

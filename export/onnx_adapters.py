@@ -216,9 +216,12 @@ def read_onnx_adapter(path: Path) -> dict:
     """``{param: ndarray}`` from an ``.onnx_adapter`` file."""
     import onnxruntime as ort
 
+    from edgepeft.security import check_onnx_adapter
+
     path = Path(path)
     if not path.is_file():
         raise EdgepeftError(f"adapter file {path} does not exist", "Check the path")
+    check_onnx_adapter(path)  # bounded header check before the file reaches ORT's C++ reader
     try:
         fmt = ort.AdapterFormat.read_adapter(str(path))
         return {k: v.numpy() for k, v in fmt.get_parameters().items()}

@@ -120,20 +120,3 @@ def check_adapter_name(rt_name: str, adapters: dict, name: str | None) -> None:
     if name is not None and name not in adapters:
         raise EdgepeftError(f"{rt_name}: no adapter named {name!r} is loaded",
                             f"Loaded adapters: {', '.join(adapters) or 'none'}")
-
-
-def fit_check(module: str, func: str, *args) -> None:
-    """Call an exporter's fit check (raises MismatchError when an adapter belongs to another base).
-
-    The exporter modules are written by the format engineers; until one is importable the
-    caller's own minimal check stands in (returns False so the caller knows to run it).
-    """
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return False
-    fn = getattr(mod, func, None)
-    if fn is None:
-        return False
-    fn(*args)
-    return True

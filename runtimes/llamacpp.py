@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-from edgepeft.runtimes.base import Artifact, check_adapter_name, fit_check
+from edgepeft.runtimes.base import Artifact, check_adapter_name
 
 from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
 
@@ -65,6 +65,7 @@ class LlamaCppRuntime:
     # ------------------------------------------------------------------ load
     def load(self, artifact: Artifact, device, n_ctx: int = 1024) -> None:
         import llama_cpp
+        from edgepeft.export.gguf import check_adapter_fits
 
         from edgepeft.gguf_meta import check_gguf
 
@@ -73,8 +74,7 @@ class LlamaCppRuntime:
         check_gguf(artifact.model)
         for name, path in artifact.adapters.items():
             check_gguf(path)
-            if not fit_check("edgepeft.export.gguf", "check_adapter_fits", artifact.model, path):
-                _check_adapter_fallback(artifact.model, path)
+            check_adapter_fits(artifact.model, path)
         spec = device.runtimes.get(self.name) if device is not None else None
         opts = dict(spec.options) if spec else {}
         t0 = time.perf_counter()  # engine load only; our fit checks above are reported apart
@@ -207,23 +207,3 @@ class LlamaCppRuntime:
         if self.model:
             ll.llama_model_free(self.model)
             self.model = None
-
-
-def _check_adapter_fallback(base, adapter) -> None:
-    """Stand-in for export.gguf.check_adapter_fits until it lands: architecture + edgepeft fingerprints."""
-    from edgepeft.gguf_meta import _reader, field_value
-
-    keys = ("general.type", "general.architecture", "edgepeft.base_fingerprint", "edgepeft.fingerprint")
-    # only the few keys we need: read_metadata decodes every field, seconds on a 49k-token vocab
-    bm, am = ({k: field_value(r, k) for k in keys} for r in (_reader(base), _reader(adapter)))
-    if am.get("general.type") != "adapter":
-        raise MismatchError(f"{adapter} is not a LoRA adapter GGUF (general.type={am.get('general.type')!r})",
-                            "Pass adapter files written by `edgepeft export --mode separate`")
-    if am.get("general.architecture") != bm.get("general.architecture"):
-        raise MismatchError(f"adapter {adapter} is for {am.get('general.architecture')}, base {base} is "
-                            f"{bm.get('general.architecture')}", "Export the adapter against this base")
-    want = am.get("edgepeft.base_fingerprint")
-    have = bm.get("edgepeft.base_fingerprint") or bm.get("edgepeft.fingerprint")
-    if want and have and want != have:
-        raise MismatchError(f"adapter {adapter} was exported for base {want[:12]}, {base} is {have[:12]}",
-                            "Export the adapter against this base")

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from edgepeft.runtimes.base import Artifact, check_adapter_name, fit_check
+from edgepeft.export.onnx_adapters import check_onnx_adapter_fits
+from edgepeft.runtimes.base import Artifact, check_adapter_name
 
 from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
 
@@ -66,10 +67,7 @@ class OrtRuntime:
         model_file = artifact.model / "model.onnx" if artifact.model.is_dir() else artifact.model
         folder = model_file.parent
         for name, path in artifact.adapters.items():
-            if not fit_check("edgepeft.export.onnx_adapters", "check_onnx_adapter_fits", artifact.model, path):
-                from edgepeft.runtimes.ortgenai import _check_adapter_fallback
-
-                _check_adapter_fallback(folder, path)
+            check_onnx_adapter_fits(folder, path)
         t0 = time.perf_counter()  # engine load only; our fit checks above are reported apart
         spec = device.runtimes.get(self.name) if device is not None else None
         wanted = list(spec.providers) if spec else ["CPUExecutionProvider"]

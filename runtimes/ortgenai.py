@@ -11,7 +11,8 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-from edgepeft.runtimes.base import Artifact, check_adapter_name, fit_check
+from edgepeft.export.onnx_adapters import check_onnx_adapter_fits
+from edgepeft.runtimes.base import Artifact, check_adapter_name
 
 from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
 
@@ -40,8 +41,7 @@ class OrtGenaiRuntime:
             raise IntegrityError(f"{cfg_path} is missing or not JSON ({e})",
                                  "Pass a folder written by `edgepeft export --format onnx`") from e
         for name, path in artifact.adapters.items():
-            if not fit_check("edgepeft.export.onnx_adapters", "check_onnx_adapter_fits", folder, path):
-                _check_adapter_fallback(folder, path)
+            check_onnx_adapter_fits(folder, path)
         self.max_length = min(n_ctx, int(cfg["model"].get("context_length") or n_ctx))
         t0 = time.perf_counter()  # engine load only; our fit checks above are reported apart
         config = og.Config(str(folder))
@@ -129,21 +129,3 @@ class OrtGenaiRuntime:
         self._adapters = None
         self.model = None
         self.adapters = {}
-
-
-def _check_adapter_fallback(folder, adapter) -> None:
-    """Stand-in for export.onnx.check_onnx_adapter_fits: every adapter tensor is a model input of that shape."""
-    import onnx
-    import onnxruntime as ort
-
-    fmt = ort.AdapterFormat.read_adapter(str(adapter))
-    params = fmt.get_parameters()
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    for k, v in params.items():
-        if k not in inputs:
-            raise MismatchError(f"adapter {adapter} sets {k}, which {folder}/model.onnx has no input for",
-                                "Export the adapter together with this model folder")
-        if list(v.shape()) != inputs[k]:
-            raise MismatchError(f"adapter {adapter}: {k} has shape {list(v.shape())}, the model expects {inputs[k]}",
-                                "Export the adapter together with this model folder")

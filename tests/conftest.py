@@ -19,8 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.08)
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "initializer_range": 0.08}
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +75,7 @@ def run_cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProce
     e = dict(os.environ)
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "edgepeft", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=e, timeout=timeout)
+                          cwd=cwd, env=e, timeout=timeout, check=False)
 
 
 @pytest.fixture

@@ -204,10 +204,9 @@ def test_bad_input_one_line_no_output(cli, adapters, tiny_llama, tmp_path):
 
 def test_pruned_adapter_with_per_module_ranks_runs_separate(adapters, tiny_llama, tmp_path):
     """Pruning leaves different ranks per module; each module's rank is its own symbolic dim in ORT."""
+    import torch
     from edgepeft.export.onnx import OrtLM, load_lora_adapter
     from edgepeft.export.onnx_adapters import check_onnx_adapter_fits
-
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -216,7 +215,7 @@ def test_pruned_adapter_with_per_module_ranks_runs_separate(adapters, tiny_llama
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
                      rank_pattern={"q_proj": 2, "down_proj": 6})
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32), cfg).save_pretrained(a)
-    kw = dict(base=str(tiny_llama), adapters=[a], names=["A"], quant="fp32", prune="energy=0.97")
+    kw = {"base": str(tiny_llama), "adapters": [a], "names": ["A"], "quant": "fp32", "prune": "energy=0.97"}
     run_export(out=tmp_path / "s", mode="separate", **kw)
     run_export(out=tmp_path / "m", mode="merged", merge_into="original", **kw)
     file = tmp_path / "s" / "adapters" / "A.onnx_adapter"
