@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: runtimes import the writers' fit checks on devices without torch
+    import torch
 
 
 @dataclass(frozen=True)

@@ -199,3 +199,15 @@ def test_wheel_installs_namespaced_subpackages(tmp_path):
                        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, check=False)
     assert p.returncode == 0, p.stderr
     assert str(site) in p.stdout.splitlines()[0]
+
+
+def test_runtimes_and_fit_checks_import_without_torch():
+    """`edgepeft bench` on a device: the runtime modules and the fit checks they call stay torch-free."""
+    code = ("import sys\n"
+            "from edgepeft.export.gguf import check_adapter_fits\n"
+            "from edgepeft.export.onnx_adapters import check_onnx_adapter_fits\n"
+            "import edgepeft.runtimes.llamacpp, edgepeft.runtimes.ort, edgepeft.runtimes.ortgenai, edgepeft.bundle\n"
+            "print('TORCH', 'torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stderr
+    assert "TORCH False" in p.stdout
