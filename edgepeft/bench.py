@@ -66,7 +66,7 @@ class BenchConfig:
 
 # ------------------------------------------------------------------ artifacts
 def discover(path: str | Path, adapters: dict[str, Path] | None = None) -> Artifact:
-    """Find model + adapters in what the user passed (a .gguf, an export folder, an .onnx)."""
+    """Find model + adapters in what the user passed (a .gguf, an export folder, a bundle, an .onnx)."""
     p = Path(path)
     extra = {n: Path(a) for n, a in (adapters or {}).items()}
     for n, a in extra.items():
@@ -74,6 +74,10 @@ def discover(path: str | Path, adapters: dict[str, Path] | None = None) -> Artif
             raise EdgepeftError(f"--adapter {n}={a} does not exist", "Pass NAME=PATH to an adapter file")
     if not p.exists():
         raise EdgepeftError(f"artifact {p} does not exist", "Pass a .gguf, an export folder, or an .onnx file")
+    if p.is_dir() and (p / "manifest.json").is_file():  # a bundle: hashes and fit checked first, no bypass
+        from edgepeft.bundle import as_artifact
+
+        return as_artifact(p, extra)
     if p.is_file() and p.suffix == ".gguf":
         return Artifact(p, "gguf", p, extra, _gguf_quant(p, None))
     if p.is_file() and p.suffix == ".onnx":

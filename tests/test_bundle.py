@@ -247,3 +247,15 @@ def test_adapters_never_go_on_a_merged_base(src, tmp_path):
         B.pack(B.PackInput(base=merged, adapters=[src["a"]]), tmp_path / "out")
     B.pack(B.PackInput(base=merged), tmp_path / "out")  # alone it is a fine thing to ship
     assert B.load_checked(tmp_path / "out").adapter_names == []
+
+
+def test_bench_discovers_a_bundle_only_through_its_checks(packed):
+    """`edgepeft bench bundle/` loads through load_checked: a byte flip stops it before any runtime."""
+    from edgepeft.bench import discover
+
+    art = discover(packed)
+    assert art.format == "gguf" and sorted(art.adapters) == ["alpha", "beta"]
+    assert art.model.is_file() and art.model.is_relative_to(packed)
+    _flip(next(p for p in art.adapters.values()), 7)
+    with pytest.raises(IntegrityError):
+        discover(packed)
