@@ -53,6 +53,7 @@ class EdgepeftKeys:
     ADAPTERS = "edgepeft.adapters"  # JSON list (merged files): name, sha256, ranks
     MERGE = "edgepeft.merge"  # JSON: target, auto choice and losses
     PRUNE = "edgepeft.prune"  # JSON: settings and report summary
+    TRAIN = "edgepeft.train"  # JSON: task, data sha256, steps, final loss (from the training manifest)
 
 
 # --- entry point -----------------------------------------------------------------------------
@@ -291,6 +292,15 @@ def _add_common_meta(writer, mode: str, base, quant: str) -> None:
 
 # --- adapter files -------------------------------------------------------------------------------
 
+def training_summary(manifest: dict) -> dict:
+    """The few training facts a bundle manifest shows (task, data hash, steps, loss), not the loss curve."""
+    data = manifest.get("data") if isinstance(manifest.get("data"), dict) else {}
+    train = manifest.get("train") if isinstance(manifest.get("train"), dict) else {}
+    out = {"task": manifest.get("task"), "data_sha256": data.get("sha256"), "steps": train.get("steps"),
+           "final_loss": train.get("final_loss")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def file_alpha(plan: AdapterPlan) -> float:
     """One alpha per file (llama.cpp's rule): the most common configured module alpha."""
     return Counter(m.alpha for m in plan.modules.values()).most_common(1)[0][0]
@@ -338,6 +348,8 @@ def write_adapter(plan: AdapterPlan, base, final: Path, adapter_type: str = "f16
         writer.add_bool(EdgepeftKeys.ADAPTER_SCALE_FOLDED, bool(folded))
         if plan.prune_report:
             writer.add_string(EdgepeftKeys.PRUNE, json.dumps(plan.prune_report, default=str))
+        if plan.train_summary:
+            writer.add_string(EdgepeftKeys.TRAIN, json.dumps(training_summary(plan.train_summary)))
         for name, data, qtype in tensors:
             writer.add_tensor(name, data, raw_dtype=qtype)
         writer.write_header_to_file()

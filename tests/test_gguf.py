@@ -189,9 +189,18 @@ def test_separate_equals_merged_and_hot_swaps(tiny_llama, adapters, tokenizer_di
 
 def test_lora_path_loads_adapter_and_metadata(tiny_qwen2, adapters, tmp_path):
     """llama-cpp-python's lora_path loads our adapter; edgepeft.* metadata is in every file."""
-    from edgepeft.gguf_meta import read_metadata
+    import json
+    import shutil
 
-    rec = export(tiny_qwen2, tmp_path, [adapters["qwen2"]["a"]], mode="separate", quant="q8_0",
+    from edgepeft.gguf_meta import read_metadata
+    from edgepeft.models import resolve_base
+
+    run = tmp_path / "run"  # a training run dir: its manifest's summary travels into the adapter GGUF
+    shutil.copytree(adapters["qwen2"]["a"], run / "adapter")
+    (run / "manifest.json").write_text(json.dumps({
+        "base": {"fingerprint": resolve_base(str(tiny_qwen2)).fingerprint}, "task": "demo",
+        "data": {"sha256": "ab" * 32}, "train": {"steps": 3, "final_loss": 0.5}, "loss_curve": [[1, 2.0]]}))
+    rec = export(tiny_qwen2, tmp_path, [run / "adapter"], names=["qwen2-a"], mode="separate", quant="q8_0",
                  adapter_type="q8_0", verify=True)
     base_gguf, ad = (Path(f) for f in rec["files"])
     assert rec["verify"]["qwen2-a"]["top1_agreement"] >= 0.9
@@ -201,6 +210,8 @@ def test_lora_path_loads_adapter_and_metadata(tiny_qwen2, adapters, tmp_path):
     assert meta_a["edgepeft.base_fingerprint"] == meta_b["edgepeft.base_fingerprint"] == rec["base_fingerprint"]
     assert meta_a["edgepeft.adapter.sha256"] == rec["adapters"][0]["adapter_sha256"]
     assert meta_a["edgepeft.adapter.name"] == "qwen2-a" and meta_b["edgepeft.version"]
+    assert json.loads(meta_a["edgepeft.train"]) == {"task": "demo", "data_sha256": "ab" * 32, "steps": 3,
+                                                    "final_loss": 0.5}
     assert meta_b["general.file_type"] == "7"  # MOSTLY_Q8_0, written by llama.cpp's quantizer
     # rank 8 rows are not a multiple of 32: every lora_b fell back to F16, and the record says so
     assert len(rec["adapter_files"][0]["f16_fallback"]) == 14
