@@ -73,8 +73,8 @@ def export(req) -> dict:
     if not (base.path / "tokenizer.json").is_file():
         raise EdgepeftError(f"base {req.base} has no tokenizer.json (GGUF export embeds the tokenizer)",
                             "Save the fast tokenizer next to the weights: tokenizer.save_pretrained(folder)")
+    plans = _load_plans(req, base)  # before --out is created: a bad adapter leaves no empty folder behind
     out = atomic.ensure_writable_dir(req.out)
-    plans = _load_plans(req, base)
     _check_free_space(out, base, quant.name, req.mode)
     # Every file of the set is written and verified in a staging dir inside --out, then renamed
     # into place: a kill or a failed parity check leaves no file under a final name.
