@@ -433,15 +433,11 @@ def _check_free_space(out: Path, base, quant: str, mode: str) -> None:
 
 
 def _calibration_pairs(base, calib) -> list[tuple[str, str]]:
-    if calib:
-        from edgepeft.export.merge import load_calibration
-
-        return load_calibration(calib, limit=32)
-    from edgepeft.train.chat import render_prompt
-    from edgepeft.train.demo import demo_splits
+    """Held-out (prompt, completion) pairs, chat-rendered as training and eval render them (same as ONNX)."""
+    from edgepeft.export.merge import demo_calibration, load_calibration
 
     tok = base.load_tokenizer()
-    return [(render_prompt(tok, e.prompt), e.completion) for e in demo_splits()["eval"][:24]]
+    return load_calibration(calib, limit=32, tokenizer=tok) if calib else demo_calibration(tok)
 
 
 def _gguf_loss_evaluator(out: Path, quant: str, pairs):
