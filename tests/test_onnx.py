@@ -146,7 +146,7 @@ def test_int4_separate_keeps_lora_float_and_passes_options(adapters, tiny_qwen2,
     assert len(lora_mm) == 28
     inputs = {i.name: i for i in m.graph.input}
     a_in = inputs["model.layers.0.self_attn.q_proj.lora_A.weight"].type.tensor_type.shape.dim
-    assert a_in[1].dim_param == "lora_r"
+    assert a_in[1].dim_param == "lora_r.model.layers.0.self_attn.q_proj"  # one symbolic rank per module
     init = {i.name: list(i.dims) for i in m.graph.initializer}
     assert init["model.layers.0.self_attn.q_proj.lora_A.weight"] == [64, 0]  # rank-0 default
 

@@ -54,6 +54,10 @@ def make_callback(bar: bool, log_lines: bool):
                                                    loss="-", tok="-")
 
         def on_step_end(self, args, state, control, **kw):
+            # transformers logs every logging_steps only; the last step's loss belongs in the
+            # manifest's loss curve and the log whatever the interval.
+            if state.global_step >= state.max_steps:
+                control.should_log = True
             if self.progress is not None:
                 tok_s, _ = self._rates(state)
                 self.progress.update(self.task, completed=state.global_step, tok=f"{tok_s:,.0f}",
