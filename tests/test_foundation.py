@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import subprocess
@@ -12,18 +13,21 @@ import pytest
 from conftest import assert_clean_error
 
 
-def test_help_lists_only_registered_commands_and_imports_nothing_heavy(cli):
-    code = ("import sys; from edgepeft.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit: pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'bitsandbytes', 'onnxruntime', 'llama_cpp') if m in sys.modules]\n"
-            "print('HEAVY', heavy)")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+def heavy_modules_after(code: str, heavy=("torch", "transformers", "bitsandbytes", "onnxruntime", "llama_cpp")):
+    """Run ``code`` in a fresh interpreter; return (its stdout, which heavy SDKs it imported)."""
+    probe = f"{code}\nimport sys\nprint('HEAVY', [m for m in {heavy!r} if m in sys.modules])"
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stderr
-    assert "HEAVY []" in p.stdout
+    return p.stdout, ast.literal_eval(p.stdout.rsplit("HEAVY ", 1)[1])
+
+
+def test_help_lists_only_registered_commands_and_imports_nothing_heavy(cli):
+    out, heavy = heavy_modules_after("from edgepeft.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit: pass")
+    assert heavy == []
     from edgepeft.cli import COMMANDS
 
     for name in COMMANDS:
-        assert name in p.stdout
+        assert name in out
 
 
 def test_version_and_module_entry(cli):
@@ -203,11 +207,9 @@ def test_wheel_installs_namespaced_subpackages(tmp_path):
 
 def test_runtimes_and_fit_checks_import_without_torch():
     """`edgepeft bench` on a device: the runtime modules and the fit checks they call stay torch-free."""
-    code = ("import sys\n"
-            "from edgepeft.export.gguf import check_adapter_fits\n"
-            "from edgepeft.export.onnx_adapters import check_onnx_adapter_fits\n"
-            "import edgepeft.runtimes.llamacpp, edgepeft.runtimes.ort, edgepeft.runtimes.ortgenai, edgepeft.bundle\n"
-            "print('TORCH', 'torch' in sys.modules)")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert p.returncode == 0, p.stderr
-    assert "TORCH False" in p.stdout
+    _, heavy = heavy_modules_after(
+        "from edgepeft.export.gguf import check_adapter_fits\n"
+        "from edgepeft.export.onnx_adapters import check_onnx_adapter_fits\n"
+        "import edgepeft.runtimes.llamacpp, edgepeft.runtimes.ort, edgepeft.runtimes.ortgenai, edgepeft.bundle",
+        heavy=("torch",))
+    assert heavy == []
