@@ -10,23 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from lora_factory import make_lora
 
 
 def make_peft(base_dir: Path, out: Path, seed: int, r: int = 4) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    torch.manual_seed(seed)
-    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "down_proj"],
-                                          init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    pm.save_pretrained(out)
-    return out
+    return make_lora(base_dir, out, seed=seed, r=r, targets=["q_proj", "v_proj", "down_proj"], b_std=0.5)
 
 
 def export(fmt: str, base: Path, adapters: dict, out: Path, **kw) -> dict:

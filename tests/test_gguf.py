@@ -16,30 +16,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import assert_clean_error, make_tiny
+from lora_factory import ALL_LINEAR, make_lora
 from peers import llama_cpp_src, run_peer  # noqa: F401  (session fixture)
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = ALL_LINEAR
 F32_BOUND, F16_BOUND, SEPARATE_BOUND = 0.02, 0.25, 0.03
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int, r: int = 8, alpha: float = 16, rslora: bool = False,
                  alpha_pattern: dict | None = None) -> Path:
-    """A PEFT adapter with non-zero B (with B = 0 every parity test passes trivially)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(TARGETS), use_rslora=rslora,
-                     alpha_pattern=alpha_pattern or {}, init_lora_weights=False)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, cfg)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    peft_model.save_pretrained(out)
-    return out
+    return make_lora(base_dir, out, seed=seed, r=r, alpha=alpha, b_std=0.3, use_rslora=rslora,
+                     alpha_pattern=alpha_pattern or {})
 
 
 @pytest.fixture(scope="session")

@@ -12,21 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import assert_clean_error
+from lora_factory import ALL_LINEAR, make_lora
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = list(ALL_LINEAR)
 IDS = [[1, 520, 33, 1000, 77, 9, 4021], [1, 17, 300, 4000, 12]]
 
 
 def make_adapter(base_dir: Path, out: Path, r: int, seed: int, targets=TARGETS, rslora=False) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, use_rslora=rslora)
-    get_peft_model(model, cfg).save_pretrained(out)  # init_lora_weights=False: B is random, not zero
-    return out
+    return make_lora(base_dir, out, seed=seed, r=r, targets=targets, use_rslora=rslora)
 
 
 def peft_logits(base_dir: Path, adapter: Path | None, ids=IDS) -> list:

@@ -14,30 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_factory import ALL_LINEAR, make_lora
 
 from edgepeft.errors import EdgepeftError, MismatchError
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = list(ALL_LINEAR)
 ATOL = 1e-5
 
 
-def make_adapter(base_dir: Path, out: Path, seed: int = 1, b_scale: float = 0.05, **lora_kwargs):
-    """A PEFT LoRA adapter with random non-zero A and B, saved as safetensors. Returns (peft_model, out)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"r": 8, "lora_alpha": 16, "target_modules": TARGETS, "lora_dropout": 0.0}
-    kwargs.update(lora_kwargs)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
-    pm = get_peft_model(model, LoraConfig(**kwargs))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name or "lora_embedding_A" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * b_scale)
-    pm.save_pretrained(out)
-    pm.eval()
-    return pm, out
+def make_adapter(base_dir: Path, out: Path, seed: int = 1, b_scale: float = 0.05, target_modules=TARGETS,
+                 **lora_kwargs):
+    """Returns (peft_model, out); A and B random and non-zero."""
+    return make_lora(base_dir, out, seed=seed, targets=target_modules, b_std=b_scale, return_model=True,
+                     **lora_kwargs)
 
 
 def ids(n: int = 12, seed: int = 0) -> torch.Tensor:
