@@ -1,9 +1,7 @@
 """What a GGUF artifact is, and whether an adapter fits a base: by fingerprint AND by names/shapes.
 
-Torch-free on purpose: ``edgepeft verify`` and runtime loads on a device run this, and
-must not import PyTorch. (export/gguf.py's ``check_adapter_fits`` covers the export side
-but imports the surgery plan, hence torch; this one also requires the fingerprint and
-checks lora_a rank == lora_b rank.)
+Torch-free on purpose: ``edgepeft verify``, ``pack`` and runtime loads on a device all run
+this one check, and must not import PyTorch.
 """
 
 from __future__ import annotations
@@ -97,21 +95,42 @@ def adapter_fit_problem(base: GGUFArtifact, adapter: GGUFArtifact) -> str | None
     return None
 
 
-def check_adapter_fits(base: GGUFArtifact, adapter: GGUFArtifact, base_fingerprint: str) -> None:
-    """Fingerprint AND names/shapes; raise MismatchError naming the first mismatch."""
-    fp = adapter.fingerprint
-    if fp is None:
-        raise MismatchError(f"adapter {adapter.path.name} records no base fingerprint (edgepeft.base_fingerprint)",
-                            "Export it with edgepeft export --format gguf so its base is known")
-    if fp != base_fingerprint:
-        raise MismatchError(f"adapter {adapter.path.name} was made for base {short(fp)}, the bundle base is "
-                            f"{short(base_fingerprint)}", "Pack it with the base it was trained on")
+def check_adapter_fits(base: GGUFArtifact, adapter: GGUFArtifact, base_fingerprint: str | None = None, *,
+                       require_fingerprint: bool = True) -> dict:
+    """Fingerprint AND names/shapes; raise MismatchError naming the first mismatch, else say what was checked.
+
+    The one check behind ``pack``, ``verify`` and every llama.cpp runtime load. ``base_fingerprint``
+    is what the adapter must have been made for (a bundle passes its manifest's; by default the
+    base GGUF's own). A runtime load passes ``require_fingerprint=False`` so adapters from other
+    tools still load, with llama.cpp's shape guarantees.
+    """
+    if base.kind == "adapter":
+        raise MismatchError(f"{base.path.name} is an adapter, not a base model", "Pass the base GGUF first")
     if base.meta.get("mode") == "merged":
         raise MismatchError(f"base {base.path.name} already has adapters merged into it",
-                            "Bundle the base GGUF from --mode separate with its adapters")
+                            "Use the base GGUF from --mode separate with its adapters")
+    expected = base_fingerprint or base.fingerprint
+    fp = adapter.fingerprint
+    if fp is None and require_fingerprint:
+        raise MismatchError(f"adapter {adapter.path.name} records no base fingerprint (edgepeft.base_fingerprint)",
+                            "Export it with edgepeft export --format gguf so its base is known")
+    if fp and expected and fp != expected:
+        name = adapter.meta.get("adapter.name") or adapter.path.name
+        raise MismatchError(f"adapter {name} was made for base {short(fp)}, but base {base.path.name} is "
+                            f"{short(expected)}", "Pair it with the base GGUF it was exported with")
     problem = adapter_fit_problem(base, adapter)
     if problem:
-        raise MismatchError(problem, "Pack it with the base it was exported for")
+        raise MismatchError(problem, "Pair it with the base GGUF it was exported with")
+    modules = {n[:-7] for n in adapter.header.tensors if n.endswith((".lora_a", ".lora_b"))}
+    return {"base": str(base.path), "adapter": str(adapter.path),
+            "architecture": base.header.metadata.get("general.architecture"),
+            "fingerprint_checked": bool(fp and expected), "base_fingerprint": expected, "modules": len(modules)}
+
+
+def check_gguf_pair(base_path, adapter_path, *, require_fingerprint: bool = False) -> dict:
+    """:func:`check_adapter_fits` on two GGUF paths (headers sanity-checked first)."""
+    return check_adapter_fits(read_gguf(Path(base_path)), read_gguf(Path(adapter_path)),
+                              require_fingerprint=require_fingerprint)
 
 
 def _training_summary(t) -> dict:

@@ -31,8 +31,7 @@ from edgepeft.export.quantize import get_quant, quantize
 
 from edgepeft import __version__, atomic
 from edgepeft.archs import Arch
-from edgepeft.errors import EdgepeftError, MismatchError
-from edgepeft.fingerprint import short
+from edgepeft.errors import EdgepeftError
 from edgepeft.ui import info
 
 RECORD_NAME = "gguf-export.json"
@@ -369,54 +368,12 @@ def check_adapter_fits(base_gguf, adapter_gguf) -> dict:
     """Refuse an adapter GGUF that does not belong to ``base_gguf``; return what was checked.
 
     llama.cpp checks only architecture and shapes, so a same-shape adapter trained on another
-    base loads silently there. We compare the base fingerprints edgepeft recorded in both files;
-    shapes are checked too, so foreign (non-edgepeft) adapters still get llama.cpp's guarantees.
+    base loads silently there. The check (fingerprints edgepeft recorded in both files, then
+    names and shapes) is edgepeft.bundle_fit's, shared with pack/verify and the runtimes.
     """
-    from gguf import GGUFReader
+    from edgepeft.bundle_fit import check_gguf_pair
 
-    from edgepeft.gguf_meta import check_gguf, field_value
-
-    base_gguf, adapter_gguf = Path(base_gguf), Path(adapter_gguf)
-    check_gguf(base_gguf)
-    check_gguf(adapter_gguf)
-    rb, ra = GGUFReader(str(base_gguf)), GGUFReader(str(adapter_gguf))
-    if field_value(ra, "general.type") != "adapter":
-        raise MismatchError(f"{adapter_gguf.name} is not a LoRA adapter GGUF (general.type="
-                            f"{field_value(ra, 'general.type')!r})", "Pass an adapter written by --mode separate")
-    if field_value(rb, "general.type") == "adapter":
-        raise MismatchError(f"{base_gguf.name} is an adapter, not a base model", "Pass the base GGUF first")
-    if field_value(rb, EdgepeftKeys.MODE) == "merged":
-        raise MismatchError(f"{base_gguf.name} already has adapters merged into it",
-                            "Load adapters on the base GGUF from --mode separate")
-    arch_b, arch_a = field_value(rb, "general.architecture"), field_value(ra, "general.architecture")
-    if arch_b != arch_a:
-        raise MismatchError(f"adapter {adapter_gguf.name} is for architecture {arch_a} but base {base_gguf.name} "
-                            f"is {arch_b}", "Pass the base the adapter was exported with")
-    fp_b, fp_a = field_value(rb, EdgepeftKeys.BASE_FINGERPRINT), field_value(ra, EdgepeftKeys.BASE_FINGERPRINT)
-    if fp_a and fp_b and fp_a != fp_b:
-        name = field_value(ra, EdgepeftKeys.ADAPTER_NAME) or adapter_gguf.name
-        raise MismatchError(f"adapter {name} was exported for base {short(fp_a)} but {base_gguf.name} is base "
-                            f"{short(fp_b)}", "Pair it with the base GGUF exported next to it")
-    base_shapes = {t.name: tuple(int(x) for x in t.shape) for t in rb.tensors}
-    ranks = {}
-    for t in ra.tensors:
-        if not t.name.endswith((".lora_a", ".lora_b")):
-            continue
-        target = t.name[:-len(".lora_a")]
-        shape = base_shapes.get(target)
-        if shape is None:
-            raise MismatchError(f"adapter {adapter_gguf.name} has {t.name} but the base has no tensor {target}",
-                                "Pass the base the adapter was exported with")
-        ne = tuple(int(x) for x in t.shape)  # ggml order: ne[0] is the row length
-        if t.name.endswith(".lora_a") and ne[0] != shape[0]:
-            raise MismatchError(f"{t.name} has input size {ne[0]} but {target} takes {shape[0]}",
-                                "Pass the base the adapter was exported with")
-        if t.name.endswith(".lora_b") and ne[1] != shape[1]:
-            raise MismatchError(f"{t.name} has output size {ne[1]} but {target} gives {shape[1]}",
-                                "Pass the base the adapter was exported with")
-        ranks[target] = ne[1] if t.name.endswith(".lora_a") else ne[0]
-    return {"base": str(base_gguf), "adapter": str(adapter_gguf), "architecture": arch_b,
-            "fingerprint_checked": bool(fp_a and fp_b), "base_fingerprint": fp_b, "modules": len(ranks)}
+    return check_gguf_pair(base_gguf, adapter_gguf)
 
 
 # --- helpers -----------------------------------------------------------------------------------

@@ -59,10 +59,6 @@ def check_request(req) -> None:
     allowed = QUANT_TARGETS[req.target]
     if req.quant not in allowed:
         raise ConfigError("--quant", req.quant, f"for --target {req.target}: {', '.join(allowed)}")
-    if req.adapter_quant:
-        raise EdgepeftError("--adapter-quant is not supported: a MatMulNBits LoRA has static K/N, so adapters "
-                            "of other ranks could not be swapped in",
-                            "Leave it off; LoRA matmuls stay float and are a small share of the bytes")
     if req.target != "qnn-htp" and req.device:
         raise EdgepeftError(f"--device {req.device} is only used with --target qnn-htp", "Drop --device")
 

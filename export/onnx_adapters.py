@@ -98,7 +98,7 @@ def make_lora_inputs(model_path: Path) -> dict[str, dict]:
                 old_names[name] = node.input[i]
             elif "lora_" in name and node.op_type == "MatMulNBits":
                 raise EdgepeftError(f"LoRA MatMul {node.name} was quantized to MatMulNBits, so it cannot take adapters",
-                                    "Export without --adapter-quant")
+                                    "This is a bug in the ONNX export (LoRA matmuls must stay float); rerun with --debug")
     if not slots:
         raise EdgepeftError(f"{model_path} has no float LoRA MatMul to turn into adapter inputs",
                             "This is a bug in the ONNX export; rerun with --debug")

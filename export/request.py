@@ -36,7 +36,6 @@ class ExportRequest:
     accuracy_level: int = 4
     target: str = "cpu"
     device: str | None = None
-    adapter_quant: bool = False
     static_shapes: bool = True
 
     def __post_init__(self):

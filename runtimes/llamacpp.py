@@ -65,8 +65,8 @@ class LlamaCppRuntime:
     # ------------------------------------------------------------------ load
     def load(self, artifact: Artifact, device, n_ctx: int = 1024) -> None:
         import llama_cpp
-        from edgepeft.export.gguf import check_adapter_fits
 
+        from edgepeft.bundle_fit import check_gguf_pair
         from edgepeft.gguf_meta import check_gguf
 
         self._ll = llama_cpp
@@ -74,7 +74,7 @@ class LlamaCppRuntime:
         check_gguf(artifact.model)
         for name, path in artifact.adapters.items():
             check_gguf(path)
-            check_adapter_fits(artifact.model, path)
+            check_gguf_pair(artifact.model, path)
         spec = device.runtimes.get(self.name) if device is not None else None
         opts = dict(spec.options) if spec else {}
         t0 = time.perf_counter()  # engine load only; our fit checks above are reported apart

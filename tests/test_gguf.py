@@ -220,7 +220,7 @@ def test_check_adapter_fits_refuses_other_base(tiny_llama, tokenizer_dir, adapte
     assert check_adapter_fits(base1, ad1)["fingerprint_checked"]
     other_gguf = tmp_path / "two" / "base-merged-f16.gguf"
     assert Path(r2["files"][0]) == other_gguf
-    with pytest.raises(MismatchError, match="exported for base"):
+    with pytest.raises(MismatchError, match="made for base"):
         check_adapter_fits(other_gguf, ad1)
 
 

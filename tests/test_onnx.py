@@ -186,7 +186,6 @@ def test_bad_input_one_line_no_output(cli, adapters, tiny_llama, tmp_path):
         (["--quant", "int8", "--target", "qnn-htp", "--device", "no-such-phone"], ["no-such-phone"]),
         (["--quant", "int8", "--mode", "separate", "--target", "qnn-htp"], ["separate", "qnn"]),
         (["--quant", "int8", "--target", "qnn-htp", "--dynamic-shapes"], ["static shapes"]),
-        (["--quant", "int4", "--mode", "separate", "--adapter-quant"], ["--adapter-quant"]),
     ]
     for i, (extra, needles) in enumerate(cases):
         out = tmp_path / f"o{i}"
