@@ -7,6 +7,7 @@ print one line too, unless ``--debug`` asks for the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -35,6 +36,28 @@ def info(msg: str) -> None:
     """Progress/status line (suppressed by --quiet), to stderr so stdout stays data."""
     if not STATE.quiet:
         _console(stderr=True).print(msg)
+
+
+@contextlib.contextmanager
+def native_stdout_to_stderr(enabled: bool = True):
+    """Point file descriptor 1 at stderr while native runtimes run.
+
+    llama.cpp, ONNX Runtime and the QNN HTP simulator print from C/C++ straight to fd 1, which
+    Python's stream redirection cannot catch; under ``--json -`` that would corrupt the data on
+    stdout. The real stdout comes back before the JSON is written.
+    """
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def print_json(obj) -> None:

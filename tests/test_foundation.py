@@ -213,3 +213,19 @@ def test_runtimes_and_fit_checks_import_without_torch():
         "import edgepeft.runtimes.llamacpp, edgepeft.runtimes.ort, edgepeft.runtimes.ortgenai, edgepeft.bundle",
         heavy=("torch",))
     assert heavy == []
+
+
+def test_native_stdout_noise_goes_to_stderr_under_json():
+    """C/C++ runtimes (the QNN HTP simulator, llama.cpp) write to fd 1 directly; `--json -` must stay parseable."""
+    code = (
+        "import ctypes, os, sys\n"
+        "from edgepeft.ui import native_stdout_to_stderr, print_json\n"
+        "with native_stdout_to_stderr():\n"
+        "    os.write(1, b'native noise\\n')\n"
+        "    libc = ctypes.CDLL(None); libc.printf(b'printf noise\\n'); libc.fflush(None)\n"
+        "    print('python noise')\n"
+        "print_json({'ok': 1})\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(p.stdout) == {"ok": 1}
+    assert "native noise" in p.stderr and "printf noise" in p.stderr and "python noise" in p.stderr

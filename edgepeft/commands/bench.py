@@ -67,16 +67,18 @@ def command(artifacts, runtimes, device, profile, adapters, prompt_tokens, gen_t
                             reference_adapters=_pairs(ref_adapters, "--reference-adapter"))
     extra = _pairs(adapters, "--adapter")
     from edgepeft.remote import resolve_device
+    from edgepeft.ui import native_stdout_to_stderr
 
     target = resolve_device(device, profile)
     arts = [bench.discover(a, extra) for a in artifacts]
-    if target.kind == "local":
-        doc = _run_local(arts, runtimes, target.profile, cfg)
-    else:
-        from edgepeft.remote import run_remote
+    with native_stdout_to_stderr(json_out == "-"):
+        if target.kind == "local":
+            doc = _run_local(arts, runtimes, target.profile, cfg)
+        else:
+            from edgepeft.remote import run_remote
 
-        doc = run_remote(target, arts, list(runtimes), cfg, known_hosts=known_hosts, timeout=timeout,
-                         identity=ssh_identity)
+            doc = run_remote(target, arts, list(runtimes), cfg, known_hosts=known_hosts, timeout=timeout,
+                             identity=ssh_identity)
     _emit(doc, json_out, png)
 
 

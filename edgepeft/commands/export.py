@@ -43,7 +43,10 @@ def command(fmt, base, adapters, names, mode, quant, adapter_type, prune, merge_
                         accuracy_level=accuracy_level, target=target, device=device,
                         static_shapes=not dynamic_shapes)
     writer = importlib.import_module(WRITERS[req.format])
-    result = writer.export(req)
+    from edgepeft.ui import native_stdout_to_stderr
+
+    with native_stdout_to_stderr(as_json):  # the QNN simulator and runtimes print from C++ to fd 1
+        result = writer.export(req)
     if as_json:
         print_json(result)
     else:
