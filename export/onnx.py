@@ -107,7 +107,7 @@ def _export_merged(req, base, plans, out: Path, work: Path) -> dict:
     hf = base.path
     merge_info = None
     build = partial(build_genai, quant=req.quant, ep=BUILDER_EP[req.target], block_size=req.block_size,
-                    accuracy_level=req.accuracy_level, cache=work / "cache")
+                    accuracy_level=req.accuracy_level, cache=work / "cache", extra=_algo(req))
     if plans and req.merge_into == "auto":
         hf, merge_info = _merge_auto(req, base, plans, work, build)
         shutil.copytree(work / "built" / merge_info["target"], out, dirs_exist_ok=True)
@@ -175,7 +175,7 @@ def _export_separate(req, base, plans, out: Path, work: Path) -> dict:
 
     targets = sorted({t for p in plans for t in p.modules})
     slot_adapter = _slot_adapter(base, targets, work / "slots")
-    extra = {"adapter_path": str(slot_adapter)}
+    extra = {"adapter_path": str(slot_adapter), **_algo(req)}
     if req.quant in ("int4", "int8"):  # keep LoRA matmuls float: the rank axis must stay dynamic
         extra["nodes_to_exclude"] = ",".join(oa.builder_node(t, ab) for t in targets for ab in "AB")
     build_genai(base.path, out, quant=req.quant, ep=BUILDER_EP[req.target], block_size=req.block_size,
@@ -220,6 +220,10 @@ def _slot_adapter(base, targets: list[str], folder: Path) -> Path:
 
 
 # ------------------------------------------------------------------ builder
+def _algo(req) -> dict:
+    return {"algo_config": req.quant_algo} if req.quant in ("int4", "int8") else {}
+
+
 def build_genai(hf_dir: Path, out: Path, *, quant: str, ep: str, block_size: int, accuracy_level: int,
                 cache: Path, extra: dict | None = None) -> None:
     """Run onnxruntime-genai's model builder as a library (its CLI --help crashes on Python 3.11)."""
@@ -267,6 +271,7 @@ def _record(req, base, plans, out: Path) -> dict:
         "target": req.target,
         "block_size": req.block_size if req.quant in ("int4", "int8") else None,
         "accuracy_level": req.accuracy_level if req.quant in ("int4", "int8") else None,
+        "quant_algo": req.quant_algo if req.quant in ("int4", "int8") else None,
         "runtime": "onnxruntime-genai",
         "out": str(req.out),
         "base": {"spec": base.spec, "fingerprint": base.fingerprint},

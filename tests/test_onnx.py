@@ -131,10 +131,14 @@ def test_int4_separate_keeps_lora_float_and_passes_options(adapters, tiny_qwen2,
     m = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False)
     nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
     assert nbits, "base matmuls must be int4"
+    assert rec["quant_algo"] == "k_quant_last"
     for n in nbits:
         attrs = {a.name: a.i for a in n.attribute}
-        assert attrs["bits"] == 4 and attrs["block_size"] == 16 and attrs["accuracy_level"] == 1
+        # the default k_quant_last keeps the output projection at int8 (what keeps a fine-tune's answers)
+        assert attrs["bits"] == (8 if "lm_head" in n.name else 4), n.name
+        assert attrs["block_size"] == 16 and attrs["accuracy_level"] == 1
         assert not any("lora" in i for i in n.input)
+    assert any("lm_head" in n.name for n in nbits)
     lora_mm = [n for n in m.graph.node if n.op_type == "MatMul" and any(".lora_" in i for i in n.input)]
     assert len(lora_mm) == 28
     inputs = {i.name: i for i in m.graph.input}

@@ -28,19 +28,22 @@ WRITERS = {"gguf": "edgepeft.export.gguf", "onnx": "edgepeft.export.onnx"}
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against the PyTorch reference.")
 @click.option("--block-size", default=32, show_default=True, type=int, help="onnx int4 block size")
 @click.option("--accuracy-level", default=4, show_default=True, type=int, help="onnx MatMulNBits accuracy level")
+@click.option("--quant-algo", default="k_quant_last", show_default=True,
+              help="onnx int4/int8 weight algorithm: k_quant_last | rtn_last | k_quant | rtn | k_quant_mixed | default "
+                   "(*_last: lm_head at int8)")
 @click.option("--target", default="cpu", show_default=True, help="onnx target: cpu | cuda | qnn-htp")
 @click.option("--device", default=None, help="Device profile name or YAML path (onnx qnn-htp).")
 @click.option("--dynamic-shapes", is_flag=True, help="onnx: dynamic shapes (cpu/cuda graphs already are; qnn-htp refuses them).")
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
 def command(fmt, base, adapters, names, mode, quant, adapter_type, prune, merge_into, calib, force, allow_pickle,
-            no_verify, block_size, accuracy_level, target, device, dynamic_shapes, out, as_json):
+            no_verify, block_size, accuracy_level, quant_algo, target, device, dynamic_shapes, out, as_json):
     """Prune/merge an adapter and write GGUF or ONNX artifacts, verified against PyTorch."""
     from edgepeft.export.request import ExportRequest
 
     req = ExportRequest(format=fmt, base=base, adapters=list(adapters), names=list(names), out=out, mode=mode,
                         quant=quant, adapter_type=adapter_type, prune=prune, merge_into=merge_into, calib=calib,
                         force=force, allow_pickle=allow_pickle, verify=not no_verify, block_size=block_size,
-                        accuracy_level=accuracy_level, target=target, device=device,
+                        accuracy_level=accuracy_level, quant_algo=quant_algo, target=target, device=device,
                         static_shapes=not dynamic_shapes)
     writer = importlib.import_module(WRITERS[req.format])
     from edgepeft.ui import native_stdout_to_stderr
