@@ -245,6 +245,8 @@ def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: st
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    for _, values in gt.generated_tensors(cfg):
+        writer.write_tensor_data(values)
     by_name = {o.hf_name: o for o in outs}
     for hf_name, w in _tensor_stream(base, plans, merge_target):
         o = by_name.get(hf_name)

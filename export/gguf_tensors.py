@@ -20,8 +20,10 @@ import numpy as np
 from edgepeft.archs import Arch
 from edgepeft.errors import EdgepeftError
 
-# rope_type values llama.cpp needs no extra tensor for ("llama3" needs a generated rope_freqs tensor)
+# rope_type values llama.cpp needs no extra tensor for; "llama3" (Llama 3.1/3.2) also works on the
+# llama architecture, through the generated rope_freqs tensor below
 _PLAIN_ROPE = (None, "default", "linear", "yarn")
+ROPE_FREQS_HF = "(generated) rope_freqs"  # TensorOut.hf_name of the tensor no checkpoint stores
 
 
 @dataclass(frozen=True)
@@ -103,11 +105,11 @@ def declare(writer, outs: list[TensorOut]) -> None:
 
 def add_hparams(writer, cfg: dict, arch: Arch, file_type) -> None:
     """The architecture keys llama.cpp reads for Llama/Mistral/Qwen2 models."""
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope = rope_params(cfg)
     rope_type = rope.get("rope_type") or rope.get("type")
-    if rope_type not in _PLAIN_ROPE:
-        raise EdgepeftError(f"rope_type {rope_type!r} is not supported by the GGUF writer yet",
-                            f"Supported: {', '.join(str(r) for r in _PLAIN_ROPE if r)}")
+    if rope_type not in _PLAIN_ROPE and not (rope_type == "llama3" and arch.gguf_arch.lower() == "llama"):
+        raise EdgepeftError(f"rope_type {rope_type!r} is not supported by the GGUF writer for {arch.gguf_arch.lower()}",
+                            f"Supported: {', '.join(str(r) for r in _PLAIN_ROPE if r)}, and llama3 on llama")
     n_head, n_kv = heads(cfg)
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(cfg.get("max_position_embeddings", 2048))
@@ -135,10 +137,48 @@ def add_hparams(writer, cfg: dict, arch: Arch, file_type) -> None:
         writer.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // n_head)
 
 
+def rope_params(cfg: dict) -> dict:
+    return cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+
+
+def rope_freqs(cfg: dict) -> np.ndarray | None:
+    """Per-frequency divisors for llama3 rope scaling, or None when the model has none.
+
+    HF computes them at load time and stores nothing; llama.cpp reads them from a
+    ``rope_freqs.weight`` tensor. Same formula as HF's ``_compute_llama3_parameters`` and
+    llama.cpp's converter (the peer test holds the two files equal).
+    """
+    rope = rope_params(cfg)
+    if (rope.get("rope_type") or rope.get("type")) != "llama3":
+        return None
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    out = np.where(wavelen < old_ctx / high, 1.0,
+                   np.where(wavelen > old_ctx / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    return out.astype(np.float32)
+
+
+def generated_tensors(cfg: dict) -> list[tuple[TensorOut, np.ndarray]]:
+    """Tensors llama.cpp needs that no checkpoint stores; written first, as llama.cpp's converter does."""
+    import gguf
+
+    freqs = rope_freqs(cfg)
+    if freqs is None:
+        return []
+    name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+    return [(TensorOut(ROPE_FREQS_HF, name, tuple(freqs.shape), gguf.GGMLQuantizationType.F32), freqs)]
+
+
 def base_tensor_plan(base, arch: Arch, float_type) -> list[TensorOut]:
     """Every base tensor's GGUF name, shape and type, from the safetensors headers (no weights read)."""
     tmap = name_map(arch, base.config["num_hidden_layers"])
-    outs = []
+    outs = [o for o, _ in generated_tensors(base.config)]
     for t in ordered_entries(base):
         if t.name.endswith(".rotary_emb.inv_freq"):
             continue

@@ -281,6 +281,27 @@ def test_matches_llama_cpp_converters(arch, tiny_llama, tiny_qwen2, adapters, ll
     assert vocab(ours_base) == vocab(tmp_path / "peer-base.gguf")  # every token's text and type
 
 
+def test_llama3_rope_scaling_matches_peft_and_peer(tokenizer_dir, adapters, llama_cpp_src, tmp_path):  # noqa: F811
+    """Llama 3.1/3.2 rope scaling: llama.cpp needs a rope_freqs tensor that no checkpoint stores.
+
+    original_max_position_embeddings=32 puts the tiny model's 8 frequencies across all three
+    bands (kept, divided by factor, smoothed), and the 140-token windows run past it, so a wrong
+    or missing tensor moves the logits far beyond the F32 bound.
+    """
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    base = make_tiny("llama", tmp_path / "l3", tokenizer_dir, seed=5, rope_parameters=rope)
+    rec = export(base, tmp_path / "ours", [adapters["llama"]["a"]], quant="f32")
+    ours = Path(rec["files"][0])
+    freqs = np.asarray(_tensors(ours)["rope_freqs.weight"].data)
+    assert freqs.min() == 1.0 and freqs.max() == 8.0 and ((freqs > 1) & (freqs < 8)).any()  # all three bands
+    ids = eval_ids(tokenizer_dir)
+    n, top1, max_abs = agreement(peft_logits(base, adapters["llama"]["a"], ids), gguf_logits(ours, ids))
+    assert n >= 256 and top1 >= 0.99 and max_abs <= F32_BOUND, (top1, max_abs)
+    run_peer("convert_hf_to_gguf.py", base, "--outtype", "f32", "--outfile", tmp_path / "peer.gguf")
+    np.testing.assert_array_equal(freqs, np.asarray(_tensors(tmp_path / "peer.gguf")["rope_freqs.weight"].data))
+
+
 def test_rslora_scale_folded_against_peer(tiny_llama, adapters, llama_cpp_src, tmp_path):  # noqa: F811
     """llama.cpp's converter ignores rsLoRA/alpha_pattern; ours folds s·r/alpha into B (alpha/r at runtime)."""
     import math
