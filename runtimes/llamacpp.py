@@ -71,10 +71,10 @@ class LlamaCppRuntime:
 
         self._ll = llama_cpp
         _quiet_logs(llama_cpp)
-        check_gguf(artifact.model)
-        for name, path in artifact.adapters.items():
-            check_gguf(path)
-            check_gguf_pair(artifact.model, path)
+        if not artifact.adapters:
+            check_gguf(artifact.model)
+        for path in artifact.adapters.values():
+            check_gguf_pair(artifact.model, path)  # header walk of both files, fingerprint, names, shapes
         spec = device.runtimes.get(self.name) if device is not None else None
         opts = dict(spec.options) if spec else {}
         t0 = time.perf_counter()  # engine load only; our fit checks above are reported apart
