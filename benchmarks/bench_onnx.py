@@ -226,7 +226,7 @@ def main():
                               "onnxruntime": onnxruntime.__version__,
                               "onnxruntime_genai": onnxruntime_genai.__version__},
                   "settings": {"eval_n": args.eval_n, "ppl_tokens": args.ppl_tokens, "merge_into": args.merge_into,
-                               "block_size": 32, "accuracy_level": 4},
+                               "block_size": 32, "accuracy_level": 4, "quant_algo": "k_quant_last"},
                   "rows": rows + gguf_rows()}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, result)  # after every row: a long run that is cut short still leaves its numbers
