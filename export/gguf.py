@@ -9,7 +9,7 @@ Pipeline: resolve the base, load (and prune) the adapters into :class:`AdapterPl
 
 Block quantizations run llama.cpp's own quantizer over an F32/F16 intermediate written to a
 temp file in ``--out``. Every file carries ``edgepeft.*`` metadata (base fingerprint,
-adapter hash and name, settings) so :func:`check_adapter_fits` can refuse an adapter made for
+adapter hash and name, settings) so ``edgepeft.bundle_fit.check_gguf_pair`` can refuse an adapter made for
 another base of the same shape, which llama.cpp itself would load silently. Every export ends
 by running the artifact in llama.cpp against the PyTorch reference (``export/gguf_verify.py``).
 """
@@ -365,18 +365,6 @@ def write_adapter(plan: AdapterPlan, base, final: Path, adapter_type: str = "f16
 
 
 # --- load-time check ---------------------------------------------------------------------------
-
-def check_adapter_fits(base_gguf, adapter_gguf) -> dict:
-    """Refuse an adapter GGUF that does not belong to ``base_gguf``; return what was checked.
-
-    llama.cpp checks only architecture and shapes, so a same-shape adapter trained on another
-    base loads silently there. The check (fingerprints edgepeft recorded in both files, then
-    names and shapes) is edgepeft.bundle_fit's, shared with pack/verify and the runtimes.
-    """
-    from edgepeft.bundle_fit import check_gguf_pair
-
-    return check_gguf_pair(base_gguf, adapter_gguf)
-
 
 # --- helpers -----------------------------------------------------------------------------------
 

@@ -106,7 +106,7 @@ def declare(writer, outs: list[TensorOut]) -> None:
 def add_hparams(writer, cfg: dict, arch: Arch, file_type) -> None:
     """The architecture keys llama.cpp reads for Llama/Mistral/Qwen2 models."""
     rope = rope_params(cfg)
-    rope_type = rope.get("rope_type") or rope.get("type")
+    rope_type = rope_kind(cfg)
     if rope_type not in _PLAIN_ROPE and not (rope_type == "llama3" and arch.gguf_arch.lower() == "llama"):
         raise EdgepeftError(f"rope_type {rope_type!r} is not supported by the GGUF writer for {arch.gguf_arch.lower()}",
                             f"Supported: {', '.join(str(r) for r in _PLAIN_ROPE if r)}, and llama3 on llama")
@@ -141,6 +141,11 @@ def rope_params(cfg: dict) -> dict:
     return cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
 
 
+def rope_kind(cfg: dict) -> str | None:
+    rope = rope_params(cfg)
+    return rope.get("rope_type") or rope.get("type")
+
+
 def rope_freqs(cfg: dict) -> np.ndarray | None:
     """Per-frequency divisors for llama3 rope scaling, or None when the model has none.
 
@@ -148,9 +153,9 @@ def rope_freqs(cfg: dict) -> np.ndarray | None:
     ``rope_freqs.weight`` tensor. Same formula as HF's ``_compute_llama3_parameters`` and
     llama.cpp's converter (the peer test holds the two files equal).
     """
-    rope = rope_params(cfg)
-    if (rope.get("rope_type") or rope.get("type")) != "llama3":
+    if rope_kind(cfg) != "llama3":
         return None
+    rope = rope_params(cfg)
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))

@@ -14,9 +14,9 @@ MODES = ("merged", "separate")
 MERGE_INTO = ("auto", "dequantized", "original")
 ONNX_TARGETS = ("cpu", "cuda", "qnn-htp")
 # onnxruntime-genai builder's weight-only algorithms ("algo_config"); *_last keeps the output
-# projection (lm_head, tied to the 49k-token embedding on SmolLM2) at int8, which is what keeps a
-# fine-tune's answers at int4: measured on the trained demo adapter, RTN block 32 everywhere
-# 80/100, k_quant_last 100/100 (PyTorch 100/100).
+# projection (lm_head) at int8. Measured on the trained demo adapter (PyTorch 100/100): RTN block 32
+# 80/100, rtn_last 82/100, k_quant_last 100/100, so k-quant's scale search on the body is what
+# keeps a fine-tune's answers at int4 (docs/onnx.md has the full table).
 ONNX_QUANT_ALGOS = ("k_quant_last", "rtn_last", "k_quant", "rtn", "k_quant_mixed", "default")
 
 

@@ -66,15 +66,13 @@ class LlamaCppRuntime:
     def load(self, artifact: Artifact, device, n_ctx: int = 1024) -> None:
         import llama_cpp
 
-        from edgepeft.bundle_fit import check_gguf_pair
-        from edgepeft.gguf_meta import check_gguf
+        from edgepeft.bundle_fit import check_adapter_fits, read_gguf
 
         self._ll = llama_cpp
         _quiet_logs(llama_cpp)
-        if not artifact.adapters:
-            check_gguf(artifact.model)
-        for path in artifact.adapters.values():
-            check_gguf_pair(artifact.model, path)  # header walk of both files, fingerprint, names, shapes
+        base = read_gguf(artifact.model)  # bounded header walk, once
+        for path in artifact.adapters.values():  # fingerprint, names, shapes
+            check_adapter_fits(base, read_gguf(path), require_fingerprint=False)
         spec = device.runtimes.get(self.name) if device is not None else None
         opts = dict(spec.options) if spec else {}
         t0 = time.perf_counter()  # engine load only; our fit checks above are reported apart

@@ -209,8 +209,7 @@ def test_lora_path_loads_adapter_and_metadata(tiny_qwen2, adapters, tmp_path):
 
 
 def test_check_adapter_fits_refuses_other_base(tiny_llama, tokenizer_dir, adapters, tmp_path):
-    from edgepeft.export.gguf import check_adapter_fits
-
+    from edgepeft.bundle_fit import check_gguf_pair as check_adapter_fits
     from edgepeft.errors import MismatchError
 
     other = make_tiny("llama", tmp_path / "other-base", tokenizer_dir, seed=7)  # same shapes, other weights
