@@ -72,6 +72,13 @@ def export(req) -> dict:
     if not (base.path / "tokenizer.json").is_file():
         raise EdgepeftError(f"base {req.base} has no tokenizer.json (GGUF export embeds the tokenizer)",
                             "Save the fast tokenizer next to the weights: tokenizer.save_pretrained(folder)")
+    from edgepeft.export.gguf_tokenizer import tokenizer_job
+
+    with tokenizer_job(base.path):  # resolving the tokenizer starts now; write_model picks it up
+        return _export_checked(req, base, arch, quant, t0)
+
+
+def _export_checked(req, base, arch, quant, t0: float) -> dict:
     plans = _load_plans(req, base)  # before --out is created: a bad adapter leaves no empty folder behind
     out = atomic.ensure_writable_dir(req.out)
     _check_free_space(out, base, quant.name, req.mode)
@@ -187,15 +194,25 @@ def _cleanup_reference(merge: dict) -> None:
 def write_model(base, plans, final: Path, quant: str, *, merge_target: str = "original", merge: dict | None = None,
                 fingerprint_of=None, adapters=None) -> Path:
     """Stream ``base`` (+ merged ``plans``) into ``final``; block quants go through llama.cpp's quantizer."""
+    from edgepeft.export.gguf_tokenizer import copy_with_tokenizer, tokenizer_job
+
     q = get_quant(quant)
-    if q.written_directly:
-        with atomic.atomic_path(final) as tmp:
-            _write_float_gguf(base, plans, tmp, q.name, merge_target, merge, fingerprint_of, adapters)
-        return final
-    inter = _intermediate_type(base)
-    with atomic.atomic_path(final) as tmp, scratch_file(final.parent, ".intermediate.gguf") as itmp:
-        _write_float_gguf(base, plans, itmp, inter, merge_target, merge, fingerprint_of, adapters, quant=q.name)
-        quantize(itmp, tmp, q.name)
+    with tokenizer_job(base.path) as tokenizer:  # resolves in a child while the tensors are written
+        if q.written_directly:
+            with atomic.atomic_path(final) as tmp:
+                _write_float_gguf(base, plans, tmp, q.name, merge_target, merge, fingerprint_of, adapters,
+                                  tokenizer=tokenizer)
+            return final
+        inter = _intermediate_type(base)
+        with (atomic.atomic_path(final) as tmp, scratch_file(final.parent, ".intermediate.gguf") as itmp,
+              scratch_file(final.parent, ".quantized.gguf") as qtmp):
+            # the intermediate has no tokenizer yet: llama.cpp's quantizer reads none, and the
+            # tokenizer job is usually still running here
+            _write_float_gguf(base, plans, itmp, inter, merge_target, merge, fingerprint_of, adapters, quant=q.name)
+            # while the tokenizer child still runs, leave it a core
+            quantize(itmp, qtmp, q.name, nthread=None if tokenizer.done() else max(1, (os.cpu_count() or 1) - 1))
+            itmp.unlink()  # free its disk before the final copy
+            copy_with_tokenizer(qtmp, tmp, base.path, base.config["vocab_size"], tokenizer)
     return final
 
 
@@ -216,7 +233,8 @@ def _intermediate_type(base) -> str:
 
 
 def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: str, merge: dict | None,
-                      fingerprint_of, adapters, quant: str | None = None) -> None:
+                      fingerprint_of, adapters, quant: str | None = None, tokenizer=None) -> None:
+    """Stream the float GGUF; with ``tokenizer`` (a TokenizerJob) its keys are embedded, else left out."""
     import gguf
     from edgepeft.export.gguf_tokenizer import add_tokenizer
 
@@ -231,7 +249,8 @@ def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: st
     fp_base = fingerprint_of or base
     writer.add_name(Path(str(fp_base.spec)).name or str(fp_base.spec))
     gt.add_hparams(writer, cfg, arch, file_type)
-    add_tokenizer(writer, base.path, cfg["vocab_size"])
+    if tokenizer is not None:
+        add_tokenizer(writer, base.path, cfg["vocab_size"], tokenizer.result())
     adapters = adapters if adapters is not None else plans
     _add_common_meta(writer, "merged" if adapters else "base", fp_base, quant or float_name)
     if adapters:
@@ -271,16 +290,14 @@ def _tensor_stream(base, plans, target: str):
                 name = next(iter(tensors))
                 yield name, tensors.pop(name)
         return
-    # plain reads, not safetensors' mmap: touched mmap pages stay in our RSS until the file closes
-    import torch
-
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    # Plain reads into numpy, not safetensors' mmap (touched mmap pages stay in our RSS until the
+    # file closes) and not torch: importing torch costs ~2 s of CPU that the tokenizer child needs.
     for t in gt.ordered_entries(base):
         buf = bytearray(t.end - t.start)
         with open(t.file, "rb") as f:
             f.seek(t.start)
             f.readinto(buf)
-        yield t.name, torch.frombuffer(buf, dtype=dtypes[t.dtype]).reshape(t.shape)
+        yield t.name, gt.from_safetensors_bytes(buf, t.dtype, t.shape)
 
 
 def _add_common_meta(writer, mode: str, base, quant: str) -> None:
@@ -405,6 +422,8 @@ def _gguf_loss_evaluator(out: Path, quant: str, pairs):
 
 
 def _peak_rss_mb() -> float:
+    """The largest resident set of this process and its children (quantizer, tokenizer job)."""
     import resource
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return round(peak / 1024, 1)

@@ -83,11 +83,24 @@ def permute_qk(w, hf_name: str, arch: Arch, cfg: dict):
 
 
 def encode(t, qtype) -> np.ndarray:
-    """Torch tensor -> the bytes/array GGUFWriter writes for ``qtype`` (F32, F16, BF16, Q8_0)."""
+    """Torch tensor or numpy array -> the bytes/array GGUFWriter writes for ``qtype`` (F32, F16, BF16, Q8_0)."""
     import gguf
 
-    data = t.detach().float().contiguous().numpy()
+    if isinstance(t, np.ndarray):
+        data = np.ascontiguousarray(t, dtype=np.float32)
+    else:
+        data = t.detach().float().contiguous().numpy()
     return gguf.quants.quantize(data, qtype)
+
+
+def from_safetensors_bytes(buf, dtype: str, shape) -> np.ndarray:
+    """A float safetensors tensor's raw bytes as a numpy array (BF16 widened exactly to F32)."""
+    if dtype == "BF16":  # numpy has no bfloat16; its bits are the top half of an F32
+        return (np.frombuffer(buf, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    floats = {"F32": np.float32, "F16": np.float16}
+    if dtype not in floats:
+        raise ValueError(f"unexpected safetensors dtype {dtype} (expected F32, F16 or BF16)")
+    return np.frombuffer(buf, dtype=floats[dtype]).reshape(shape)
 
 
 def declare(writer, outs: list[TensorOut]) -> None:

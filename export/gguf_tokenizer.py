@@ -11,7 +11,12 @@ the tokenizer.json pre-tokenizer by its structure, as data in ``PRE_TOKENIZERS``
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 from edgepeft.errors import EdgepeftError
@@ -57,18 +62,143 @@ def effective_tokenizer_json(folder: Path) -> dict:
     Qwen2's split regex whatever the file says), so the file alone can lie about what the
     PyTorch model saw in training. Falls back to the file for non-fast tokenizers.
     """
+    return json.loads(_effective_tokenizer_text(folder))
+
+
+def _effective_tokenizer_text(folder: Path) -> str:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
-        return json.loads(backend.to_str())
-    return json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        return backend.to_str()
+    return (folder / "tokenizer.json").read_text(encoding="utf-8")
 
 
 def detect_pre(folder: Path) -> str | None:
     """The llama.cpp pre-tokenizer name for this tokenizer, or None if we do not know it."""
     return PRE_TOKENIZERS.get(pre_signature(effective_tokenizer_json(folder).get("pre_tokenizer")))
+
+
+# Files whose content decides what AutoTokenizer builds (config.json: the model type picks the class).
+_TOKENIZER_INPUTS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                     "config.json")
+_RESOLVED: dict[str, dict] = {}  # content key -> effective tokenizer.json, for this process
+_RUNNING: dict[str, "TokenizerJob"] = {}
+
+
+def tokenizer_job(folder: Path) -> "TokenizerJob":
+    """The job resolving ``folder``'s tokenizer: already done, already running, or started now.
+
+    Use it as a context manager; leaving the block stops a child that is still running.
+    """
+    key = _content_key(Path(folder))
+    return _RUNNING.get(key) or TokenizerJob(Path(folder), key)
+
+
+class TokenizerJob:
+    """``effective_tokenizer_json(folder)``, computed in a child process while the caller goes on.
+
+    Why a child: AutoTokenizer means importing transformers and torch and building the fast
+    tokenizer, about 6 s of one core for SmolLM2 (measured), which was more than half of a
+    Q4_K_M export. Writing the tensors and llama.cpp's quantizer need no vocabulary, so the
+    export runs them meanwhile and asks for the result only when it writes the tokenizer keys.
+
+    Results are kept by the content of the tokenizer files: in this process (the candidate
+    GGUFs of ``--merge-into auto`` resolve once) and in ``<cache>/tokenizers/`` with the
+    transformers and tokenizers versions in the key (a second export of a base starts no child).
+    """
+
+    def __init__(self, folder: Path, key: str):
+        self.folder, self.key = folder, key
+        self._proc = self._out = self._log = None
+        if key in _RESOLVED or self._load_disk_cache():
+            return
+        fd, name = tempfile.mkstemp(prefix="edgepeft-tokenizer-", suffix=".json")
+        os.close(fd)
+        self._out = Path(name)
+        from edgepeft.ui import STATE
+
+        self._log = None if STATE.debug else tempfile.TemporaryFile()  # a file, not a pipe: no full-pipe stall
+        self._proc = subprocess.Popen([sys.executable, "-m", "edgepeft.export.gguf_tokenizer", str(folder),
+                                       str(self._out)], stdout=subprocess.DEVNULL, stderr=self._log)
+        _RUNNING[key] = self
+
+    def done(self) -> bool:
+        return self.key in _RESOLVED or self._proc is None or self._proc.poll() is not None
+
+    def result(self) -> dict:
+        if self.key not in _RESOLVED:
+            self._proc.wait()
+            try:
+                if self._proc.returncode != 0:
+                    err = b""
+                    if self._log is not None:
+                        self._log.seek(0)
+                        err = self._log.read()
+                    lines = err.decode(errors="replace").strip().splitlines()
+                    raise EdgepeftError(f"transformers could not load the tokenizer in {self.folder}: "
+                                        f"{lines[-1] if lines else f'exit status {self._proc.returncode}'}",
+                                        "Check that AutoTokenizer.from_pretrained(folder) works; "
+                                        "rerun with --debug for the full error")
+                text = self._out.read_text(encoding="utf-8")
+                _RESOLVED[self.key] = json.loads(text)
+                self._store_disk_cache(text)
+            finally:
+                self.close()
+        return _RESOLVED[self.key]
+
+    def close(self) -> None:
+        """Stop the child (if still running) and remove its output; safe to call twice."""
+        if _RUNNING.get(self.key) is self:
+            del _RUNNING[self.key]
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        if self._out is not None:
+            self._out.unlink(missing_ok=True)
+        if self._log is not None:
+            self._log.close()
+
+    def __enter__(self) -> "TokenizerJob":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _disk_cache(self) -> Path:
+        from importlib.metadata import version
+
+        from edgepeft.models import cache_dir
+
+        versions = f"transformers={version('transformers')} tokenizers={version('tokenizers')}"
+        key = hashlib.sha256(f"{self.key}\0{versions}".encode()).hexdigest()[:32]
+        return cache_dir() / "tokenizers" / f"{key}.json"
+
+    def _load_disk_cache(self) -> bool:
+        try:
+            _RESOLVED[self.key] = json.loads(self._disk_cache().read_text(encoding="utf-8"))
+            return True
+        except (OSError, ValueError):  # missing or damaged: resolve it again
+            return False
+
+    def _store_disk_cache(self, text: str) -> None:
+        from edgepeft import atomic
+
+        try:
+            path = self._disk_cache()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(path, text)
+        except (OSError, EdgepeftError):  # only a cache: an unwritable one costs the next export a child
+            pass
+
+
+def _content_key(folder: Path) -> str:
+    h = hashlib.sha256()
+    for name in _TOKENIZER_INPUTS:
+        f = folder / name
+        h.update(name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b"-") + b"\0")
+    return h.hexdigest()
 
 
 def token_list(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[int]]:
@@ -101,15 +231,19 @@ def token_list(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[i
     return tokens, types
 
 
-def add_tokenizer(writer, folder: Path, vocab_size: int) -> dict:
-    """Write tokenizer.* keys for the BPE tokenizer in ``folder``. Returns what was written, for the record."""
+def add_tokenizer(writer, folder: Path, vocab_size: int, data: dict | None = None) -> dict:
+    """Write tokenizer.* keys for the BPE tokenizer in ``folder``. Returns what was written, for the record.
+
+    ``data`` is the effective tokenizer.json (from a :class:`TokenizerJob`); resolved here if not given.
+    """
     import gguf
 
     tj = folder / "tokenizer.json"
     if not tj.is_file():
         raise EdgepeftError(f"base {folder} has no tokenizer.json (GGUF export embeds the tokenizer)",
                             "Save the tokenizer next to the weights: tokenizer.save_pretrained(folder)")
-    data = effective_tokenizer_json(folder)
+    if data is None:
+        data = effective_tokenizer_json(folder)
     model_type = data.get("model", {}).get("type")
     if model_type != "BPE":
         raise EdgepeftError(f"base {folder}: tokenizer model {model_type!r} is not supported for GGUF export",
@@ -131,6 +265,41 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> dict:
             "chat_template": bool(special.chat_template), "add_bos": bool(add_bos)}
 
 
+def copy_with_tokenizer(src: Path, dst: Path, folder: Path, vocab_size: int, job: TokenizerJob) -> dict:
+    """Write ``dst`` = GGUF ``src`` plus the tokenizer keys, tensors copied byte for byte.
+
+    The exporter quantizes an intermediate that has no tokenizer (llama.cpp's quantizer copies
+    the keys it finds and reads no vocabulary) while ``job`` is still running, then adds the
+    tokenizer here. The keys go before our ``edgepeft.*`` keys, where a converter puts them.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    data = job.result()  # after parsing src: that much less to do once the child is done
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(str(dst), arch, use_temp_file=False)
+    written = None
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue  # GGUFWriter writes these itself
+        if written is None and field.name.startswith("edgepeft."):
+            written = add_tokenizer(writer, folder, vocab_size, data)
+        vtype = field.types[0]
+        writer.add_key_value(field.name, field.contents(), vtype,
+                             sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    if written is None:
+        written = add_tokenizer(writer, folder, vocab_size, data)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+    writer.close()
+    return written
+
+
 def _template_adds_bos(tokenizer_json: dict) -> bool:
     """Does the tokenizer's post-processor put a special token before the text?"""
     post = tokenizer_json.get("post_processor") or {}
@@ -140,3 +309,18 @@ def _template_adds_bos(tokenizer_json: dict) -> bool:
             single = step.get("single") or []
             return bool(single) and "SpecialToken" in single[0]
     return False
+
+
+def _child_main(folder: str, out: str) -> None:
+    """The child :class:`TokenizerJob` starts: write the effective tokenizer.json to ``out``."""
+    text = _effective_tokenizer_text(Path(folder))
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(text)
+    sys.stdout.flush()
+    # Skip interpreter teardown: unloading torch and transformers costs ~0.9 s (measured) and
+    # the parent is waiting; the file is closed and there is nothing else to flush.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1], sys.argv[2])

@@ -374,6 +374,60 @@ def test_bad_input_one_line_exit_2_no_files(tiny_llama, tiny_qwen2, adapters, tm
     assert not out.exists() or not list(out.iterdir())
 
 
+# --- tokenizer job: resolved in a child beside the tensors, cached by content ---------------------
+
+def test_tokenizer_job_matches_transformers_and_caches(tiny_llama, tmp_path, monkeypatch):
+    from edgepeft.export import gguf_tokenizer as gtok
+
+    monkeypatch.setenv("EDGEPEFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gtok, "_RESOLVED", {})
+    with gtok.tokenizer_job(tiny_llama) as job:
+        assert job._proc is not None  # cold: a child process resolves it
+        got = job.result()
+    assert got == gtok.effective_tokenizer_json(tiny_llama)
+    assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 1
+    monkeypatch.setattr(gtok, "_RESOLVED", {})
+    with gtok.tokenizer_job(tiny_llama) as job:
+        assert job._proc is None and job.result() == got  # warm: read from the disk cache, no child
+    # any change to the tokenizer files is a new key, never a stale hit
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama, other)
+    cfg = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**cfg, "model_max_length": 77}))
+    assert gtok._content_key(other) != gtok._content_key(tiny_llama)
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "f16"])
+def test_cold_and_warm_tokenizer_give_identical_files(quant, tiny_llama, tmp_path, monkeypatch):
+    """Block quants get the tokenizer keys after quantizing; the bytes must not depend on when it arrived."""
+    from edgepeft.export import gguf_tokenizer as gtok
+
+    monkeypatch.setenv("EDGEPEFT_CACHE", str(tmp_path / "cache"))
+    files = []
+    for run in ("cold", "warm"):
+        monkeypatch.setattr(gtok, "_RESOLVED", {})
+        rec = export(tiny_llama, tmp_path / run, [], quant=quant)
+        files.append(Path(rec["files"][0]).read_bytes())
+    assert files[0] == files[1]
+    meta = model_meta(tmp_path / "cold" / f"base-merged-{quant}.gguf")
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["general.file_type"] == {"q8_0": "7", "f16": "1"}[quant]
+    keys = list(meta)
+    assert keys.index("tokenizer.ggml.model") < keys.index("edgepeft.version")
+
+
+def test_tokenizer_transformers_cannot_load_is_one_line(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPEFT_CACHE", str(tmp_path / "cache"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    tok = json.loads((broken / "tokenizer.json").read_text())
+    tok["model"]["merges"].insert(0, ["zzz", "qqq"])  # a merge of tokens the vocab does not have
+    (broken / "tokenizer.json").write_text(json.dumps(tok))
+    out = tmp_path / "out"
+    assert_clean_error(_cli("--base", broken, "--out", out, "--quant", "q8_0", "--no-verify"),
+                       "could not load the tokenizer", "zzz")
+    assert not out.exists() or not list(out.iterdir())
+
+
 # --- 4. the real model (integration) ---------------------------------------------------------------
 
 @pytest.mark.integration
