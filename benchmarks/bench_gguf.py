@@ -87,11 +87,31 @@ def peer(merged: Path, out: Path) -> dict:
             "convert": conv, "quantize": quant, "bytes": (out / "peer-q4_k_m.gguf").stat().st_size}
 
 
+_PEFT_MERGE = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload().save_pretrained(sys.argv[3])
+AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[3])
+"""
+
+
+def peer_with_merge(base: Path, adapter: Path, out: Path) -> dict:
+    """What a llama.cpp user does with an adapter: PEFT merge_and_unload + save, then convert + quantize."""
+    merged = out / "peft-merged"
+    m = timed([sys.executable, "-c", _PEFT_MERGE, str(base), str(adapter), str(merged)])
+    r = peer(merged, out)
+    return {"seconds": round(m["seconds"] + r["seconds"], 2), "peak_rss_mb": max(m["peak_rss_mb"], r["peak_rss_mb"]),
+            "merge": m, "convert": r["convert"], "quantize": r["quantize"], "bytes": r["bytes"]}
+
+
 def speed(base, plans, adapter: Path | None, work: Path, reps: int) -> dict:
     from edgepeft.export.merge import merge_into_folder
 
     merged = merge_into_folder(base, plans, work / "merged", target="original")
-    runs = {"edgepeft": [], "llama.cpp": [], "edgepeft_warm": [], "edgepeft_with_merge": []}
+    runs = {"edgepeft": [], "llama.cpp": [], "edgepeft_warm": [], "edgepeft_with_merge": [],
+            "peft_merge_then_llama.cpp": []}
     for i in range(reps):  # alternate so machine load hits both sides alike
         cache = Path(tempfile.mkdtemp(dir=work))  # empty: the headline run is cold
         for side in (("edgepeft", "llama.cpp") if i % 2 == 0 else ("llama.cpp", "edgepeft")):
@@ -101,13 +121,19 @@ def speed(base, plans, adapter: Path | None, work: Path, reps: int) -> dict:
         if adapter:
             runs["edgepeft_with_merge"].append(ours(base.path, Path(tempfile.mkdtemp(dir=work)),
                                                     Path(tempfile.mkdtemp(dir=work)), adapter))
+            runs["peft_merge_then_llama.cpp"].append(peer_with_merge(base.path, adapter,
+                                                                     Path(tempfile.mkdtemp(dir=work))))
     best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items() if v}
     e, w, p = best["edgepeft"], best["edgepeft_warm"], best["llama.cpp"]
     return {"input": "smollm2-135m merged (fp32 HF folder)", "quant": "q4_k_m", "reps": reps, "runs": runs,
             "best": best, "time_ratio_edgepeft_over_llamacpp": round(e["seconds"] / p["seconds"], 3),
             "rss_ratio_edgepeft_over_llamacpp": round(e["peak_rss_mb"] / p["peak_rss_mb"], 3),
             "time_ratio_warm_over_llamacpp": round(w["seconds"] / p["seconds"], 3),
-            "rss_ratio_warm_over_llamacpp": round(w["peak_rss_mb"] / p["peak_rss_mb"], 3)}
+            "rss_ratio_warm_over_llamacpp": round(w["peak_rss_mb"] / p["peak_rss_mb"], 3),
+            **({"time_ratio_with_merge": round(best["edgepeft_with_merge"]["seconds"]
+                                               / best["peft_merge_then_llama.cpp"]["seconds"], 3),
+                "rss_ratio_with_merge": round(best["edgepeft_with_merge"]["peak_rss_mb"]
+                                              / best["peft_merge_then_llama.cpp"]["peak_rss_mb"], 3)} if adapter else {})}
 
 
 def perplexity(llm, ids: list[int], window: int = 256) -> float:
@@ -196,11 +222,17 @@ def markdown(result: dict) -> str:
             w = sp["best"]["edgepeft_with_merge"]
             lines.append(f"| edgepeft, base + adapter (merge included) | {w['seconds']} | {w['peak_rss_mb']} | "
                          f"{w['bytes']} |")
+        if sp["best"].get("peft_merge_then_llama.cpp"):
+            w = sp["best"]["peft_merge_then_llama.cpp"]
+            lines.append(f"| PEFT merge_and_unload + save, then llama.cpp's convert + quantize | {w['seconds']} | "
+                         f"{w['peak_rss_mb']} | {w['bytes']} |")
         lines += ["", (f"Ratio edgepeft / llama.cpp, first export: time {sp['time_ratio_edgepeft_over_llamacpp']}, "
                   f"peak RSS {sp['rss_ratio_edgepeft_over_llamacpp']}"
                   + (f"; tokenizer cached: time {sp['time_ratio_warm_over_llamacpp']}, "
                      f"peak RSS {sp['rss_ratio_warm_over_llamacpp']}." if "time_ratio_warm_over_llamacpp" in sp
-                     else ".")), ""]
+                     else ".")
+                  + (f" Base + adapter against PEFT merge then llama.cpp: time {sp['time_ratio_with_merge']}, "
+                     f"peak RSS {sp['rss_ratio_with_merge']}." if "time_ratio_with_merge" in sp else "")), ""]
     q = result.get("quality")
     if q:
         lines += [(f"Quality (adapter: {q.get('adapter') or 'none, base only'}; perplexity on "
