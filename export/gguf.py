@@ -276,19 +276,15 @@ def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: st
 
 
 def _tensor_stream(base, plans, target: str):
-    """(hf name, tensor) in safetensors order, one at a time.
+    """(hf name, tensor) one at a time, in safetensors file order (the order the GGUF declares them).
 
-    With adapters, the surgery's ``merged_tensors`` (W + s·B·A, NaN checks, NF4 target) hands
-    over one shard at a time; we pop each tensor as it is written so the shard shrinks as we go.
-    Without adapters, tensors are read one by one straight from the files.
+    With adapters (or the dequantized target) the surgery's merge applies per tensor (W + s·B·A,
+    NaN checks, NF4 target); the result is a torch tensor. Without, a numpy array.
     """
     if plans or target != "original":
-        from edgepeft.export.merge import merged_tensors
+        from edgepeft.export.merge import merged_tensor_stream
 
-        for _, tensors in merged_tensors(base, plans, target):
-            while tensors:
-                name = next(iter(tensors))
-                yield name, tensors.pop(name)
+        yield from merged_tensor_stream(base, plans, target, gt.ordered_entries(base))
         return
     # Plain reads into numpy, not safetensors' mmap (touched mmap pages stay in our RSS until the
     # file closes) and not torch: importing torch costs ~2 s of CPU that the tokenizer child needs.

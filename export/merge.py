@@ -66,43 +66,75 @@ def nf4_mismatch(plans: Iterable[AdapterPlan]) -> str | None:
 def merged_tensors(base: ResolvedBase, plans: Iterable[AdapterPlan], target: str = "original",
                    ) -> Iterator[tuple[Path, dict]]:
     """Yield (base weight file, {name: merged tensor in the base dtype}) one file at a time."""
-    import torch
     from safetensors import safe_open
 
-    if target not in MERGE_TARGETS:
-        raise EdgepeftError(f"--merge-into {target!r} is not a merge target", f"Use one of: {', '.join(MERGE_TARGETS)}")
-    plans = list(plans)
-    if target == "dequantized" and (why := nf4_mismatch(plans)):
-        raise EdgepeftError(f"--merge-into dequantized reproduces NF4 training weights, but {why}",
-                            "Use --merge-into original")
-    deltas = _deltas_by_weight(plans)
-    found = set()
+    merge = _Merger(plans, target)
     for wf in base.weight_files:
-        out = {}
         with safe_open(str(wf), "pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                w = f.get_tensor(name)
-                dtype = w.dtype
-                touched = name in deltas or (target == "dequantized" and is_nf4_quantized(name, tuple(w.shape)))
-                if not touched:
-                    out[name] = w
-                    continue
-                w32 = nf4_round_trip(w) if target == "dequantized" and is_nf4_quantized(name, tuple(w.shape)) \
-                    else w.float()
-                for plan, module in deltas.get(name, ()):
-                    w32 = w32 + module.delta()
-                    found.add(name)
-                if not torch.isfinite(w32).all():
-                    who = ", ".join(p.name for p, _ in deltas.get(name, ())) or "no adapter"
-                    raise EdgepeftError(f"merging into {name.removesuffix('.weight')} gives NaN/Inf (adapter {who})",
-                                        "The adapter (or its scale) is broken; check its training loss, or export it "
-                                        "with --mode separate")
-                out[name] = w32.to(dtype)
+            out = {name: merge(name, f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
         yield wf, out
-    missing = sorted(set(deltas) - found)
-    if missing:
-        raise MismatchError(f"base {base.spec} has no tensor {missing[0]} to merge into",
-                            "Pass the base the adapter was trained on")
+    merge.check_all_found(base)
+
+
+def merged_tensor_stream(base: ResolvedBase, plans: Iterable[AdapterPlan], target: str, entries) -> Iterator[tuple]:
+    """Yield (name, merged tensor) one at a time, for the safetensors ``entries`` in the order given.
+
+    For writers that stream (GGUF): with plain reads rather than a whole shard through
+    safetensors' mmap, at most one tensor and its merge are resident, not a shard plus its copy.
+    """
+    import torch
+
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    merge = _Merger(plans, target)
+    for t in entries:
+        buf = bytearray(t.end - t.start)
+        with open(t.file, "rb") as f:
+            f.seek(t.start)
+            f.readinto(buf)
+        if t.dtype not in dtypes:
+            raise EdgepeftError(f"base {base.spec}: tensor {t.name} is {t.dtype}, not a float type",
+                                "Save the base in float32, float16 or bfloat16")
+        yield t.name, merge(t.name, torch.frombuffer(buf, dtype=dtypes[t.dtype]).reshape(t.shape))
+    merge.check_all_found(base)
+
+
+class _Merger:
+    """W -> W + Σ s·B·A (fp32, back to W's dtype) for the weights ``plans`` touch; others pass through."""
+
+    def __init__(self, plans: Iterable[AdapterPlan], target: str):
+        if target not in MERGE_TARGETS:
+            raise EdgepeftError(f"--merge-into {target!r} is not a merge target",
+                                f"Use one of: {', '.join(MERGE_TARGETS)}")
+        plans = list(plans)
+        if target == "dequantized" and (why := nf4_mismatch(plans)):
+            raise EdgepeftError(f"--merge-into dequantized reproduces NF4 training weights, but {why}",
+                                "Use --merge-into original")
+        self.target = target
+        self.deltas = _deltas_by_weight(plans)
+        self.found: set[str] = set()
+
+    def __call__(self, name: str, w):
+        import torch
+
+        nf4 = self.target == "dequantized" and is_nf4_quantized(name, tuple(w.shape))
+        if name not in self.deltas and not nf4:
+            return w
+        w32 = nf4_round_trip(w) if nf4 else w.float()
+        for _plan, module in self.deltas.get(name, ()):
+            w32 = w32 + module.delta()
+            self.found.add(name)
+        if not torch.isfinite(w32).all():
+            who = ", ".join(p.name for p, _ in self.deltas.get(name, ())) or "no adapter"
+            raise EdgepeftError(f"merging into {name.removesuffix('.weight')} gives NaN/Inf (adapter {who})",
+                                "The adapter (or its scale) is broken; check its training loss, or export it "
+                                "with --mode separate")
+        return w32.to(w.dtype)
+
+    def check_all_found(self, base: ResolvedBase) -> None:
+        missing = sorted(set(self.deltas) - self.found)
+        if missing:
+            raise MismatchError(f"base {base.spec} has no tensor {missing[0]} to merge into",
+                                "Pass the base the adapter was trained on")
 
 
 def merged_state_dict(base: ResolvedBase, plans: Iterable[AdapterPlan], target: str = "original") -> dict:
