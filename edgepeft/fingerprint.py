@@ -41,6 +41,16 @@ class TensorEntry:
             n *= d
         return n
 
+    def read(self) -> bytearray:
+        """The tensor's raw bytes, with a plain read: unlike safetensors' mmap, nothing of the file
+        stays resident once the caller drops the buffer."""
+        buf = bytearray(self.end - self.start)
+        with open(self.file, "rb") as f:
+            f.seek(self.start)
+            if f.readinto(buf) != len(buf):
+                raise IntegrityError(f"{self.file} ends inside tensor {self.name}", "The file is truncated")
+        return buf
+
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
     """Return (header dict, data offset). Raises IntegrityError on a bad file."""

@@ -286,14 +286,9 @@ def _tensor_stream(base, plans, target: str):
 
         yield from merged_tensor_stream(base, plans, target, gt.ordered_entries(base))
         return
-    # Plain reads into numpy, not safetensors' mmap (touched mmap pages stay in our RSS until the
-    # file closes) and not torch: importing torch costs ~2 s of CPU that the tokenizer child needs.
+    # numpy, not torch: importing torch costs ~2 s of CPU that the tokenizer child needs
     for t in gt.ordered_entries(base):
-        buf = bytearray(t.end - t.start)
-        with open(t.file, "rb") as f:
-            f.seek(t.start)
-            f.readinto(buf)
-        yield t.name, gt.from_safetensors_bytes(buf, t.dtype, t.shape)
+        yield t.name, gt.from_safetensors_bytes(t.read(), t.dtype, t.shape)
 
 
 def _add_common_meta(writer, mode: str, base, quant: str) -> None:

@@ -87,14 +87,10 @@ def merged_tensor_stream(base: ResolvedBase, plans: Iterable[AdapterPlan], targe
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     merge = _Merger(plans, target)
     for t in entries:
-        buf = bytearray(t.end - t.start)
-        with open(t.file, "rb") as f:
-            f.seek(t.start)
-            f.readinto(buf)
         if t.dtype not in dtypes:
             raise EdgepeftError(f"base {base.spec}: tensor {t.name} is {t.dtype}, not a float type",
                                 "Save the base in float32, float16 or bfloat16")
-        yield t.name, merge(t.name, torch.frombuffer(buf, dtype=dtypes[t.dtype]).reshape(t.shape))
+        yield t.name, merge(t.name, torch.frombuffer(t.read(), dtype=dtypes[t.dtype]).reshape(t.shape))
     merge.check_all_found(base)
 
 
