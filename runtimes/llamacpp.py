@@ -21,8 +21,10 @@ _LOG: list[str] = []
 _LOG_CB = None  # keep the ctypes callback alive for the process lifetime
 
 
-def _quiet_logs(llama_cpp) -> None:
-    """Route llama.cpp's log to a ring buffer: stderr stays one line, errors can quote it."""
+def quiet_logs(llama_cpp) -> None:
+    """Route llama.cpp's log to a ring buffer: stderr stays one line, errors can quote it.
+
+    Process-wide; the GGUF exporter's verification calls it too (lora init logs one line per tensor)."""
     global _LOG_CB
     if _LOG_CB is not None:
         return
@@ -37,7 +39,7 @@ def _quiet_logs(llama_cpp) -> None:
     llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
 
 
-def _last_error() -> str:
+def last_error() -> str:
     for line in reversed(_LOG):
         if "error" in line.lower() or "failed" in line.lower():
             return line.strip()
@@ -69,7 +71,7 @@ class LlamaCppRuntime:
         from edgepeft.bundle_fit import check_adapter_fits, read_gguf
 
         self._ll = llama_cpp
-        _quiet_logs(llama_cpp)
+        quiet_logs(llama_cpp)
         base = read_gguf(artifact.model)  # bounded header walk, once
         for path in artifact.adapters.values():  # fingerprint, names, shapes
             check_adapter_fits(base, read_gguf(path), require_fingerprint=False)
@@ -81,7 +83,7 @@ class LlamaCppRuntime:
         mp.n_gpu_layers = int(opts.get("n_gpu_layers", 0))
         self.model = llama_cpp.llama_model_load_from_file(str(artifact.model).encode(), mp)
         if not self.model:
-            raise IntegrityError(f"llama.cpp could not load {artifact.model} ({_last_error()})",
+            raise IntegrityError(f"llama.cpp could not load {artifact.model} ({last_error()})",
                                  "Re-export it with `edgepeft export --format gguf` or check the llama.cpp version")
         threads = int(opts.get("n_threads", 0)) or physical_cores()
         cp = llama_cpp.llama_context_default_params()
@@ -93,7 +95,7 @@ class LlamaCppRuntime:
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
         if not self.ctx:
             self.close()
-            raise EdgepeftError(f"llama.cpp could not create a {n_ctx}-token context ({_last_error()})",
+            raise EdgepeftError(f"llama.cpp could not create a {n_ctx}-token context ({last_error()})",
                                 "Lower --prompt-tokens/--gen-tokens or free memory")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
@@ -102,7 +104,7 @@ class LlamaCppRuntime:
             ad = llama_cpp.llama_adapter_lora_init(self.model, str(path).encode())
             if not ad:
                 self.close()
-                raise MismatchError(f"llama.cpp refused adapter {name} ({path}): {_last_error()}",
+                raise MismatchError(f"llama.cpp refused adapter {name} ({path}): {last_error()}",
                                     "Export the adapter against this base GGUF")
             self.adapters[name] = ad
         self.load_ms = (time.perf_counter() - t0) * 1e3
@@ -142,7 +144,7 @@ class LlamaCppRuntime:
         b.n_tokens = n
         rc = self._ll.llama_decode(self.ctx, b)
         if rc != 0:
-            raise EdgepeftError(f"llama_decode failed with status {rc} ({_last_error()})",
+            raise EdgepeftError(f"llama_decode failed with status {rc} ({last_error()})",
                                 "Lower --prompt-tokens or free memory")
         self.pos += n
         self._rows = n if all_logits else 1
@@ -181,7 +183,7 @@ class LlamaCppRuntime:
             scales = (ctypes.c_float * 1)(1.0)
             rc = ll.llama_set_adapters_lora(self.ctx, arr, 1, scales)
         if rc != 0:
-            raise EdgepeftError(f"llama.cpp could not activate adapter {name} (status {rc})", _last_error())
+            raise EdgepeftError(f"llama.cpp could not activate adapter {name} (status {rc})", last_error())
         self.active = name
         self.reset()
 

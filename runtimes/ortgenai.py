@@ -28,6 +28,7 @@ class OrtGenaiRuntime:
         self.model = self.gen = self._adapters = None
         self.adapters: dict[str, object] = {}
         self.active: str | None = None
+        self._special: dict[int, str] = {}
 
     def load(self, artifact: Artifact, device, n_ctx: int = 1024) -> None:
         import onnxruntime_genai as og
@@ -43,6 +44,7 @@ class OrtGenaiRuntime:
         for name, path in artifact.adapters.items():
             check_onnx_adapter_fits(folder, path)
         self.max_length = min(n_ctx, int(cfg["model"].get("context_length") or n_ctx))
+        self._special = _special_tokens(folder / "tokenizer.json")
         t0 = time.perf_counter()  # engine load only; our fit checks above are reported apart
         config = og.Config(str(folder))
         spec = device.runtimes.get(self.name) if device is not None else None
@@ -87,7 +89,20 @@ class OrtGenaiRuntime:
         return [int(t) for t in self.tokenizer.encode(text)]
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(np.asarray(tokens, dtype=np.int32))
+        # og's decode drops special tokens; the protocol keeps them as text, so that an
+        # end-of-turn marker (<|im_end|>) ends a generation here as it does in llama.cpp
+        out, run = [], []
+        for t in map(int, tokens):
+            if t in self._special:
+                if run:
+                    out.append(self.tokenizer.decode(np.asarray(run, dtype=np.int32)))
+                    run = []
+                out.append(self._special[t])
+            else:
+                run.append(t)
+        if run:
+            out.append(self.tokenizer.decode(np.asarray(run, dtype=np.int32)))
+        return "".join(out)
 
     def _append(self, tokens: Sequence[int]) -> None:
         if self.pos + len(tokens) > self.max_length:
@@ -129,3 +144,12 @@ class OrtGenaiRuntime:
         self._adapters = None
         self.model = None
         self.adapters = {}
+
+
+def _special_tokens(tokenizer_json: Path) -> dict[int, str]:
+    """id -> text of the special added tokens (what og's decode leaves out)."""
+    try:
+        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {int(a["id"]): a["content"] for a in data.get("added_tokens") or [] if a.get("special")}

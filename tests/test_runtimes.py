@@ -21,6 +21,9 @@ def exercise(rt, artifact) -> dict:
     assert rt.load_ms > 0
     toks = rt.tokenize(TEXT)
     assert len(toks) > 5
+    # special tokens come back as text: task accuracy stops generating at the end-of-turn marker
+    eot = rt.tokenize("<|im_end|>", special=True)
+    assert len(eot) == 1 and rt.detokenize([*toks[:2], *eot]).endswith("<|im_end|>")
     out = {}
     for name in [None, *artifact.adapters, None]:
         rt.set_adapter(name)
