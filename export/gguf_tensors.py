@@ -97,10 +97,7 @@ def from_safetensors_bytes(buf, dtype: str, shape) -> np.ndarray:
     """A float safetensors tensor's raw bytes as a numpy array (BF16 widened exactly to F32)."""
     if dtype == "BF16":  # numpy has no bfloat16; its bits are the top half of an F32
         return (np.frombuffer(buf, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    floats = {"F32": np.float32, "F16": np.float16}
-    if dtype not in floats:
-        raise ValueError(f"unexpected safetensors dtype {dtype} (expected F32, F16 or BF16)")
-    return np.frombuffer(buf, dtype=floats[dtype]).reshape(shape)
+    return np.frombuffer(buf, dtype={"F32": np.float32, "F16": np.float16}[dtype]).reshape(shape)
 
 
 def declare(writer, outs: list[TensorOut]) -> None:
@@ -205,6 +202,17 @@ def base_tensor_plan(base, arch: Arch, float_type) -> list[TensorOut]:
     return outs
 
 
+FLOAT_DTYPES = ("F32", "F16", "BF16")  # safetensors dtypes the GGUF writer and the merge read
+
+
 def ordered_entries(base):
-    """Safetensors entries in file order (shard, then byte offset): the order tensors are written."""
-    return sorted(base.tensors(), key=lambda t: (str(t.file), t.start))
+    """Safetensors entries in file order (shard, then byte offset): the order tensors are written.
+
+    Refuses a non-float tensor here, before any file is written.
+    """
+    entries = sorted(base.tensors(), key=lambda t: (str(t.file), t.start))
+    for t in entries:
+        if t.dtype not in FLOAT_DTYPES:
+            raise EdgepeftError(f"base {base.spec}: tensor {t.name} is {t.dtype}, not a float type",
+                                "Save the base in float32, float16 or bfloat16")
+    return entries

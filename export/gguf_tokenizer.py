@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Self
 
 from edgepeft.errors import EdgepeftError
 
@@ -75,19 +76,14 @@ def _effective_tokenizer_text(folder: Path) -> str:
     return (folder / "tokenizer.json").read_text(encoding="utf-8")
 
 
-def detect_pre(folder: Path) -> str | None:
-    """The llama.cpp pre-tokenizer name for this tokenizer, or None if we do not know it."""
-    return PRE_TOKENIZERS.get(pre_signature(effective_tokenizer_json(folder).get("pre_tokenizer")))
-
-
 # Files whose content decides what AutoTokenizer builds (config.json: the model type picks the class).
 _TOKENIZER_INPUTS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                      "config.json")
 _RESOLVED: dict[str, dict] = {}  # content key -> effective tokenizer.json, for this process
-_RUNNING: dict[str, "TokenizerJob"] = {}
+_RUNNING: dict[str, TokenizerJob] = {}
 
 
-def tokenizer_job(folder: Path) -> "TokenizerJob":
+def tokenizer_job(folder: Path) -> TokenizerJob:
     """The job resolving ``folder``'s tokenizer: already done, already running, or started now.
 
     Use it as a context manager; leaving the block stops a child that is still running.
@@ -119,7 +115,8 @@ class TokenizerJob:
         self._out = Path(name)
         from edgepeft.ui import STATE
 
-        self._log = None if STATE.debug else tempfile.TemporaryFile()  # a file, not a pipe: no full-pipe stall
+        # a file, not a pipe (no full-pipe stall); it lives as long as the job, closed in close()
+        self._log = None if STATE.debug else tempfile.TemporaryFile()  # noqa: SIM115
         self._proc = subprocess.Popen([sys.executable, "-m", "edgepeft.export.gguf_tokenizer", str(folder),
                                        str(self._out)], stdout=subprocess.DEVNULL, stderr=self._log)
         _RUNNING[key] = self
@@ -160,7 +157,7 @@ class TokenizerJob:
         if self._log is not None:
             self._log.close()
 
-    def __enter__(self) -> "TokenizerJob":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -231,10 +228,10 @@ def token_list(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[i
     return tokens, types
 
 
-def add_tokenizer(writer, folder: Path, vocab_size: int, data: dict | None = None) -> dict:
+def add_tokenizer(writer, folder: Path, vocab_size: int, data: dict) -> dict:
     """Write tokenizer.* keys for the BPE tokenizer in ``folder``. Returns what was written, for the record.
 
-    ``data`` is the effective tokenizer.json (from a :class:`TokenizerJob`); resolved here if not given.
+    ``data`` is the effective tokenizer.json (:class:`TokenizerJob`'s result).
     """
     import gguf
 
@@ -242,8 +239,6 @@ def add_tokenizer(writer, folder: Path, vocab_size: int, data: dict | None = Non
     if not tj.is_file():
         raise EdgepeftError(f"base {folder} has no tokenizer.json (GGUF export embeds the tokenizer)",
                             "Save the tokenizer next to the weights: tokenizer.save_pretrained(folder)")
-    if data is None:
-        data = effective_tokenizer_json(folder)
     model_type = data.get("model", {}).get("type")
     if model_type != "BPE":
         raise EdgepeftError(f"base {folder}: tokenizer model {model_type!r} is not supported for GGUF export",
@@ -316,7 +311,6 @@ def _child_main(folder: str, out: str) -> None:
     text = _effective_tokenizer_text(Path(folder))
     with open(out, "w", encoding="utf-8") as f:
         f.write(text)
-    sys.stdout.flush()
     # Skip interpreter teardown: unloading torch and transformers costs ~0.9 s (measured) and
     # the parent is waiting; the file is closed and there is nothing else to flush.
     os._exit(0)

@@ -30,9 +30,8 @@ def prompt_ids(tokenizer, prompts=PROMPTS) -> list[list[int]]:
 
 def open_llama(path: Path, n_ctx: int = 256, lora_path: Path | None = None):
     import llama_cpp
-    from llama_cpp import Llama
-
     from edgepeft.runtimes.llamacpp import quiet_logs
+    from llama_cpp import Llama
 
     quiet_logs(llama_cpp)  # llama.cpp logs a line per tensor for adapters; keep stderr to our one-liners
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
@@ -149,8 +148,9 @@ class LoraSwitcher:
         for p in self.adapter_paths:
             handle = llama_cpp.llama_adapter_lora_init(self.llm.model, str(p).encode())
             if not handle:
-                from edgepeft.errors import IntegrityError
                 from edgepeft.runtimes.llamacpp import last_error
+
+                from edgepeft.errors import IntegrityError
 
                 raise IntegrityError(f"llama.cpp refused adapter {p} ({last_error()})", "Re-export it against this base")
             self.adapters[p] = handle

@@ -77,7 +77,7 @@ def merged_tensors(base: ResolvedBase, plans: Iterable[AdapterPlan], target: str
 
 
 def merged_tensor_stream(base: ResolvedBase, plans: Iterable[AdapterPlan], target: str, entries) -> Iterator[tuple]:
-    """Yield (name, merged tensor) one at a time, for the safetensors ``entries`` in the order given.
+    """Yield (name, merged tensor) one at a time, for the float safetensors ``entries`` in the order given.
 
     For writers that stream (GGUF): with plain reads rather than a whole shard through
     safetensors' mmap, at most one tensor and its merge are resident, not a shard plus its copy.
@@ -87,9 +87,6 @@ def merged_tensor_stream(base: ResolvedBase, plans: Iterable[AdapterPlan], targe
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     merge = _Merger(plans, target)
     for t in entries:
-        if t.dtype not in dtypes:
-            raise EdgepeftError(f"base {base.spec}: tensor {t.name} is {t.dtype}, not a float type",
-                                "Save the base in float32, float16 or bfloat16")
         yield t.name, merge(t.name, torch.frombuffer(t.read(), dtype=dtypes[t.dtype]).reshape(t.shape))
     merge.check_all_found(base)
 

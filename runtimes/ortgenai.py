@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from edgepeft.export.onnx_adapters import check_onnx_adapter_fits

@@ -408,6 +408,7 @@ def test_cold_and_warm_tokenizer_give_identical_files(quant, tiny_llama, tmp_pat
         monkeypatch.setattr(gtok, "_RESOLVED", {})
         rec = export(tiny_llama, tmp_path / run, [], quant=quant)
         files.append(Path(rec["files"][0]).read_bytes())
+        assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 1  # the warm run reads it
     assert files[0] == files[1]
     meta = model_meta(tmp_path / "cold" / f"base-merged-{quant}.gguf")
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["general.file_type"] == {"q8_0": "7", "f16": "1"}[quant]
