@@ -135,7 +135,6 @@ def main():
     quality = {"task": "demo", "task_limit": 20, "reference": "smollm2-135m",
                "reference_adapters": {"demo": str(adapter)}} if args.quality else {}
     cfg = bench.BenchConfig(repetitions=args.repetitions, ppl_tokens=512, **quality)
-    tokenizer = base.load_tokenizer()
     runs: dict[str, list] = {label: [] for label, _ in arts}
     ref_cache: dict = {}
     for rnd in range(args.rounds):
@@ -144,7 +143,7 @@ def main():
             runtime = "onnxruntime-genai" if art.format == "onnx-genai" else "llama.cpp"
             quality = rnd == 0  # perplexity/accuracy/top-1 are deterministic: measure once
             c = cfg if quality else bench.BenchConfig(repetitions=args.repetitions, ppl_file=None)
-            recs = bench.run_case(art, runtime, profile, c, gb_s, "local", tokenizer, ref_cache)
+            recs = bench.run_case(art, runtime, profile, c, gb_s, "local", ref_cache)
             runs[label].append(recs)
     records = []
     for label, rounds in runs.items():

@@ -5,7 +5,7 @@ adapter, ONNX int4 merged, ONNX int4 base + .onnx_adapter -> bench each with its
 (llama.cpp, onnxruntime-genai) -> comparison table, chart, and a verified bundle.
 
 Every step calls the library function the matching command calls (``train``,
-``evaluate_hf``, the GGUF/ONNX writers, ``bench.run_case``, ``bundle.pack``), never our
+``evaluate_hf``, the GGUF/ONNX writers, ``bench.run``, ``bundle.pack``), never our
 own CLI in a subprocess. Sizes live in two :class:`Plan` records: the full run fits the
 20-minute budget on 2 cores, ``--fast`` is the CI smoke run. Everything lands in ``--out``:
 
@@ -179,27 +179,9 @@ def bench_all(out: Path, folders: list[Path], plan: Plan) -> dict:
                             repetitions=plan.repetitions, ppl_tokens=plan.ppl_tokens,
                             ppl_ctx=min(256, plan.ppl_tokens), swap_cycles=plan.swap_cycles, task="demo",
                             task_limit=plan.task_limit)
-    arts = [bench.discover(f) for f in folders]
-    cases = [(a, r) for a in arts for r in bench.pick_runtimes(a, profile, [])]
-    for a, r in cases:  # refuse what cannot fit before spending minutes on the rest
-        bench.check_fits(a, profile, r, cfg.n_ctx)
-    gb_s = bench.measure_bandwidth()
-    tokenizer = _tokenizer()
-    records = []
-    for a, r in cases:
-        info(f"[quickstart] bench {a.path.name} on {r} ...")
-        records += bench.run_case(a, r, profile, cfg, gb_s, "local", tokenizer, {})
-    doc = bench.document(records, profile, cfg, {"bandwidth_gb_s": gb_s, "bandwidth_source": "measured here: "
-                                                 "numpy copy of 256 MiB, best of 5, read+write bytes",
-                                                 "profile_bandwidth_gb_s": profile.bandwidth.gb_s})
+    doc = bench.run([bench.discover(f) for f in folders], [], profile, cfg, say=lambda m: info(f"[quickstart] {m}"))
     atomic.write_json(out / "bench.json", doc)
     return doc
-
-
-def _tokenizer():
-    from edgepeft.models import resolve_base
-
-    return resolve_base("smollm2-135m").load_tokenizer()
 
 
 def _chart(doc: dict, path: Path) -> Path:

@@ -43,7 +43,8 @@ def test_records_and_metrics(result, gguf_sep, onnx_sep):
         assert r["peak_rss_mb"] > 10
         assert r["swap_ms"]["median"] > 0 and r["swap_ms"]["n"] == 2 * 3
         assert 1 < r["perplexity"]["ppl"] < 1e7 and r["perplexity"]["tokens"] == 64
-        assert r["accuracy"]["total"] == 1 and 0 <= r["accuracy"]["accuracy"] <= 1
+        acc = r["accuracy"]  # scoring itself is checked against known answers in test_task_accuracy_scores
+        assert acc["total"] == 1 and acc["task"] == "demo" and acc["accuracy"] == acc["correct"] / acc["total"]
         assert 0 < r["bw_util"] < 5 and r["bytes_per_token"] > 0
         model = Path(r["model_file"])
         files = [p for p in (model.rglob("*") if model.is_dir() else [model]) if p.is_file()
@@ -115,3 +116,67 @@ def test_bytes_per_token_skips_gathered_embedding(gguf_sep, onnx_sep):
     o = bench.discover(onnx_sep)
     assert 0 < bench.bytes_per_token(o, None) < o.model_bytes
     assert bench.measure_bandwidth(mib=32, reps=2) > 0.1
+
+
+def test_task_template_comes_from_the_artifact(gguf_sep, onnx_sep, tiny_llama):
+    """Task prompts are rendered with the template each artifact carries, exactly as PyTorch renders them."""
+    from transformers import AutoTokenizer
+
+    from edgepeft.bench.artifacts import task_template
+    from edgepeft.train.chat import render_prompt
+
+    hf = AutoTokenizer.from_pretrained(tiny_llama)
+    assert hf.chat_template
+    for art in (bench.discover(gguf_sep), bench.discover(onnx_sep)):
+        tmpl = task_template(art)
+        assert tmpl.chat_template, art.format
+        for prompt in ("List the tables.", "Say hi"):
+            assert render_prompt(tmpl, prompt) == render_prompt(hf, prompt), art.format
+
+
+class _Scripted:
+    """A runtime that answers every prompt with a scripted completion: token 2 (the answer), then token 1
+    (<|im_end|>), then token 3 (text after the turn ended, which scoring must never see)."""
+
+    def __init__(self, answer: str):
+        self.answer = answer
+        self.script = [2, 1, 3]
+        self.prompts: list[str] = []
+
+    def reset(self):
+        self.i = 0
+
+    def tokenize(self, text, special=False):
+        self.prompts.append(text)
+        return [0]
+
+    def prefill(self, tokens, all_logits=False):
+        pass
+
+    def logits(self):
+        import numpy as np
+
+        row = np.zeros((1, 8), dtype=np.float32)
+        row[0, self.script[min(self.i, len(self.script) - 1)]] = 1
+        return row
+
+    def decode(self, n, tokens=None):
+        self.i += n
+
+    def detokenize(self, tokens):
+        return "".join({1: "<|im_end|>", 2: self.answer, 3: " and more"}[t] for t in tokens)
+
+
+def test_task_accuracy_scores(monkeypatch):
+    """The bench scoring loop counts a right answer as right and a wrong one as wrong."""
+    from edgepeft.bench.measure import task_accuracy
+    from edgepeft.train.chat import ChatTemplate
+    from edgepeft.train.tasks import get_task
+
+    ex = get_task("demo").examples("eval")[0]
+    cfg = bench.BenchConfig(task="demo", task_limit=1, ppl_file=None)
+    tmpl = ChatTemplate("{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>")
+    right = _Scripted(ex.completion)
+    assert task_accuracy(right, cfg, tmpl) == {"task": "demo", "accuracy": 1.0, "correct": 1, "total": 1}
+    assert right.prompts == [f"<u>{ex.prompt}</u><a>"]
+    assert task_accuracy(_Scripted(ex.completion + " extra"), cfg, tmpl)["accuracy"] == 0.0

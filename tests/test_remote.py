@@ -20,9 +20,16 @@ from bench_artifacts import gguf_sep, peft_adapters  # noqa: F401  (session fixt
 from conftest import assert_clean_error, run_cli
 
 from edgepeft.bench import BenchConfig, discover
+from edgepeft.bench.remote import (
+    ADB,
+    llama_bench_argv,
+    parse_llama_bench,
+    parse_uri,
+    resolve_device,
+    to_records,
+)
 from edgepeft.errors import EdgepeftError
 from edgepeft.profiles import load_profile
-from edgepeft.remote import ADB, llama_bench_argv, parse_llama_bench, parse_uri, resolve_device, to_records
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llama-bench"
 PROFILE = (Path(__file__).parents[1] / "devices" / "x86-64-cpu.yaml").read_text()

@@ -66,43 +66,20 @@ def command(artifacts, runtimes, device, profile, adapters, prompt_tokens, gen_t
                             swap_cycles=swap_cycles, task=task, task_limit=task_limit, reference=reference,
                             reference_adapters=_pairs(ref_adapters, "--reference-adapter"))
     extra = _pairs(adapters, "--adapter")
-    from edgepeft.remote import resolve_device
+    from edgepeft.bench.remote import resolve_device
     from edgepeft.ui import native_stdout_to_stderr
 
     target = resolve_device(device, profile)
     arts = [bench.discover(a, extra) for a in artifacts]
     with native_stdout_to_stderr(json_out == "-"):
         if target.kind == "local":
-            doc = _run_local(arts, runtimes, target.profile, cfg)
+            doc = bench.run(arts, list(runtimes), target.profile, cfg, say=info)
         else:
-            from edgepeft.remote import run_remote
+            from edgepeft.bench.remote import run_remote
 
             doc = run_remote(target, arts, list(runtimes), cfg, known_hosts=known_hosts, timeout=timeout,
                              identity=ssh_identity)
     _emit(doc, json_out, png)
-
-
-def _run_local(arts, runtimes, profile, cfg) -> dict:
-    from edgepeft import bench
-
-    tokenizer = None
-    if cfg.task:
-        from edgepeft.models import resolve_base
-
-        tokenizer = resolve_base(cfg.reference or "smollm2-135m").load_tokenizer()
-    # refuse everything that cannot fit before spending minutes on the rest
-    plan = [(a, r) for a in arts for r in bench.pick_runtimes(a, profile, list(runtimes))]
-    for a, r in plan:
-        bench.check_fits(a, profile, r, cfg.n_ctx)
-    info(f"measuring memory bandwidth on {profile.name} (numpy copy)...")
-    gb_s = bench.measure_bandwidth()
-    bandwidth = {"bandwidth_gb_s": gb_s, "bandwidth_source": "measured here: numpy copy of 256 MiB, best of 5, "
-                 "read+write bytes", "profile_bandwidth_gb_s": profile.bandwidth.gb_s}
-    records, ref_cache = [], {}
-    for a, r in plan:
-        info(f"bench {a.path.name} on {r} ({len(a.adapters)} adapters)...")
-        records += bench.run_case(a, r, profile, cfg, gb_s, "local", tokenizer, ref_cache)
-    return bench.document(records, profile, cfg, bandwidth)
 
 
 def _emit(doc: dict, json_out: str | None, png: str | None) -> None:

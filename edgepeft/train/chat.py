@@ -37,3 +37,41 @@ def stop_strings(tokenizer) -> list[str]:
     stops = {tokenizer.eos_token} if getattr(tokenizer, "eos_token", None) else set()
     stops |= {t for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>") if t in tokenizer.get_vocab()}
     return sorted(stops)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat template as an artifact carries it (GGUF ``tokenizer.chat_template``, an ONNX folder's
+    tokenizer files), usable wherever :func:`render_prompt` takes a tokenizer."""
+
+    chat_template: str | None
+    bos_token: str = ""
+    eos_token: str = ""
+
+    def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = True) -> str:
+        from transformers.utils.chat_template_utils import _compile_jinja_template  # the renderer HF uses
+
+        return _compile_jinja_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
+            eos_token=self.eos_token)
+
+
+def folder_template(folder) -> ChatTemplate:
+    """The template a transformers tokenizer folder holds (``chat_template.jinja`` or tokenizer_config.json)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    jinja = folder / "chat_template.jinja"
+    template = jinja.read_text() if jinja.is_file() else cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+
+    def token(v) -> str:
+        return (v.get("content", "") if isinstance(v, dict) else v) or ""
+
+    return ChatTemplate(template or None, token(cfg.get("bos_token")), token(cfg.get("eos_token")))

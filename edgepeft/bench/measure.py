@@ -1,0 +1,288 @@
+"""Benchmarks on real runtimes: speed, memory, quality and adapter swap, as JSON records.
+
+One record per artifact x runtime x device x adapter (``None`` = the base alone). Metric
+names follow llama-bench where they overlap (``pp`` and ``tg`` in tokens/s at
+``--prompt-tokens`` / ``--gen-tokens``). Every timed metric runs ``repetitions`` times after
+one warm-up and is reported as mean and stddev; tokenization and sampling are outside the
+timed regions (``tg`` feeds fixed tokens, as llama-bench does).
+
+``bw_util`` = tg tok/s x bytes read per token / memory bandwidth: how close decoding gets
+to the memory-bound ceiling. Bytes per token are the weights a decode step reads (all
+tensors but the embedding table, which is gathered one row at a time, plus the active
+adapter); the bandwidth is measured here by a copy benchmark, or taken from the profile.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+
+from edgepeft.bench.artifacts import bytes_per_token, check_fits, task_template
+from edgepeft.bench.config import DEFAULT_TEXT, BenchConfig
+from edgepeft.bench.report import document
+from edgepeft.errors import EdgepeftError
+from edgepeft.profiles import DeviceProfile
+from edgepeft.runtimes.base import FORMAT_RUNTIMES, RUNTIMES, Artifact, get_runtime
+
+
+# ------------------------------------------------------------------ measurements
+def stats(values: list[float], digits: int = 3) -> dict:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": round(mean, digits), "std": round(std, digits), "n": len(values)}
+
+
+def measure_bandwidth(mib: int = 256, reps: int = 5) -> float:
+    """Local memory bandwidth in GB/s: best numpy copy of a buffer far larger than cache (read + write)."""
+    import numpy as np
+
+    n = mib * (1 << 20) // 8
+    src = np.ones(n, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return round(2 * src.nbytes / best / 1e9, 2)
+
+
+class PeakRSS:
+    """Peak resident memory of this process during a block (Linux resets the high-water mark)."""
+
+    def __enter__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.linux = True
+        except OSError:
+            self.linux = False
+        return self
+
+    def __exit__(self, *exc):
+        self.mb = self.read()
+
+    def read(self) -> float:
+        if self.linux:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return round(int(line.split()[1]) / 1024, 1)
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(peak / (1 << 20 if sys.platform == "darwin" else 1024), 1)
+
+
+def prompt_tokens(rt, n: int, text_file: Path | None) -> list[int]:
+    text = text_file.read_text() if text_file else DEFAULT_TEXT.read_text()
+    toks = rt.tokenize(text[: n * 12])
+    while len(toks) < n:
+        toks = toks + toks
+    return toks[:n]
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def speed(rt, prompt: list[int], cfg: BenchConfig) -> dict:
+    """ttft/pp on a fresh KV cache with the whole prompt; tg: gen_tokens single steps after one token."""
+    gen = [prompt[i % len(prompt)] for i in range(cfg.gen_tokens)]
+    pp_s, tg_s = [], []
+    for rep in range(cfg.repetitions + 1):  # rep 0 is the warm-up
+        rt.reset()
+        t = _timed(lambda: (rt.prefill(prompt), rt.logits()))
+        rt.reset()
+        rt.prefill(prompt[:1])
+        g = _timed(lambda: rt.decode(cfg.gen_tokens, tokens=gen))
+        if rep:
+            pp_s.append(t)
+            tg_s.append(g)
+    return {"ttft_ms": stats([s * 1e3 for s in pp_s]),
+            "pp": {**stats([len(prompt) / s for s in pp_s], 2), "tokens": len(prompt)},
+            "tg": {**stats([cfg.gen_tokens / s for s in tg_s], 2), "tokens": cfg.gen_tokens}}
+
+
+def perplexity(rt, cfg: BenchConfig) -> dict | None:
+    import numpy as np
+
+    if cfg.ppl_file is None:
+        return None
+    toks = rt.tokenize(cfg.ppl_file.read_text())[: cfg.ppl_tokens + 1]
+    nll, count = 0.0, 0
+    for start in range(0, len(toks) - 1, cfg.ppl_ctx):
+        chunk = toks[start: start + cfg.ppl_ctx + 1]
+        if len(chunk) < 2:
+            break
+        rt.reset()
+        rt.prefill(chunk[:-1], all_logits=True)
+        logits = rt.logits().astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        nll -= float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
+        count += len(chunk) - 1
+    return {"ppl": round(math.exp(nll / count), 4), "tokens": count, "file": cfg.ppl_file.name}
+
+
+def swap_times(rt, names: list[str], cycles: int) -> dict | None:
+    """Median time to switch among the adapters and back to none, KV reset included."""
+    if not names:
+        return None
+    order = [*names, None]
+    rt.set_adapter(order[0])  # warm-up
+    samples = []
+    for _ in range(cycles):
+        for name in order:
+            samples.append(_timed(lambda n=name: rt.set_adapter(n)) * 1e3)
+    return {"median": round(statistics.median(samples), 4), "mean": round(statistics.fmean(samples), 4),
+            "n": len(samples), "order": [n or "none" for n in order]}
+
+
+def top1_agreement(rt, tokens: list[int], ref_argmax) -> float | None:
+    import numpy as np
+
+    if ref_argmax is None:
+        return None
+    rt.reset()
+    rt.prefill(tokens, all_logits=True)
+    return round(float((rt.logits().argmax(axis=1) == np.asarray(ref_argmax)).mean()), 4)
+
+
+def task_accuracy(rt, cfg: BenchConfig, tokenizer) -> dict | None:
+    """Greedy exact match on a training task, scored by edgepeft.evaluate (the training issue's metric)."""
+    if not cfg.task:
+        return None
+    from edgepeft import evaluate
+    from edgepeft.train.tasks import get_task
+
+    task = get_task(cfg.task)
+    examples = task.examples("eval")[: cfg.task_limit]
+    preds = []
+    for prompt in evaluate.eval_prompts(examples, tokenizer):
+        rt.reset()
+        rt.prefill(rt.tokenize(prompt, special=True))
+        out: list[int] = []
+        for _ in range(task.max_new_tokens):
+            out.append(int(rt.logits()[-1].argmax()))
+            if any(m in rt.detokenize(out[-1:]) for m in evaluate.END_MARKERS):
+                break
+            rt.decode(1, tokens=out[-1:])
+        preds.append(rt.detokenize(out))
+    res = evaluate.score(preds, examples).as_dict()
+    return {"task": cfg.task, "accuracy": round(res["accuracy"], 4), "correct": res["correct"], "total": res["total"]}
+
+
+# ------------------------------------------------------------------ PyTorch reference
+def reference_argmax(cfg: BenchConfig, tokens: list[int], names: list[str]) -> dict:
+    """Top-1 token per position from PyTorch (base, and base + each PEFT adapter), keyed by adapter name."""
+    if not cfg.reference:
+        return {}
+    import torch
+
+    from edgepeft.models import resolve_base
+
+    base = resolve_base(cfg.reference)
+    model = base.load_model(torch.float32).eval()
+    ids = torch.tensor([tokens])
+    out = {}
+    with torch.no_grad():
+        out[None] = model(ids).logits[0].argmax(-1).tolist()
+        for name in names:
+            folder = cfg.reference_adapters.get(name)
+            if folder is None:
+                continue
+            from peft import PeftModel
+
+            peft_model = PeftModel.from_pretrained(model, folder).eval()
+            out[name] = peft_model(ids).logits[0].argmax(-1).tolist()
+            model = peft_model.unload()
+    return out
+
+
+# ------------------------------------------------------------------ one case
+def run(artifacts: list[Artifact], runtimes: list[str], profile: DeviceProfile, cfg: BenchConfig,
+        say=None, device_label: str = "local") -> dict:
+    """The one benchmark loop (``edgepeft bench`` and the quickstart): fit checks for every case first,
+    then bandwidth, then each artifact on each of its runtimes; returns the schema document."""
+    say = say or (lambda _msg: None)
+    plan = [(a, r) for a in artifacts for r in pick_runtimes(a, profile, list(runtimes))]
+    for a, r in plan:  # refuse everything that cannot fit before spending minutes on the rest
+        check_fits(a, profile, r, cfg.n_ctx)
+    say(f"measuring memory bandwidth on {profile.name} (numpy copy)...")
+    gb_s = measure_bandwidth()
+    bandwidth = {"bandwidth_gb_s": gb_s, "bandwidth_source": "measured here: numpy copy of 256 MiB, best of 5, "
+                 "read+write bytes", "profile_bandwidth_gb_s": profile.bandwidth.gb_s}
+    records, ref_cache = [], {}
+    for a, r in plan:
+        say(f"bench {a.path.name} on {r} ({len(a.adapters)} adapters)...")
+        records += run_case(a, r, profile, cfg, gb_s, device_label, ref_cache)
+    return document(records, profile, cfg, bandwidth)
+
+
+def run_case(artifact: Artifact, runtime: str, profile: DeviceProfile, cfg: BenchConfig,
+             bandwidth_gb_s: float, device_label: str, ref_cache: dict | None = None) -> list[dict]:
+    """All records for one artifact on one runtime: the base alone, then each adapter."""
+    check_fits(artifact, profile, runtime, cfg.n_ctx)
+    tokenizer = task_template(artifact) if cfg.task else None
+    names = list(artifact.adapters)
+    with PeakRSS() as rss:
+        rt = get_runtime(runtime)
+        t = time.perf_counter()
+        rt.load(artifact, profile, n_ctx=cfg.n_ctx)  # fit checks read every file first: the page cache is warm
+        total_ms = (time.perf_counter() - t) * 1e3
+        try:
+            prompt = prompt_tokens(rt, cfg.prompt_tokens, cfg.ppl_file)
+            ref_tokens = prompt_tokens(rt, cfg.top1_tokens, cfg.ppl_file)
+            if ref_cache is not None and cfg.reference and "argmax" not in ref_cache:
+                ref_cache["argmax"] = reference_argmax(cfg, ref_tokens, names)
+            ref = (ref_cache or {}).get("argmax", {})
+            swap = swap_times(rt, names, cfg.swap_cycles)
+            records = []
+            for name in [None, *names]:
+                rt.set_adapter(name)
+                sp = speed(rt, prompt, cfg)
+                bpt = bytes_per_token(artifact, name)
+                rec = {
+                    "artifact": str(artifact.path), "model_file": str(artifact.model), "format": artifact.format,
+                    "quant": artifact.quant, "runtime": runtime, "providers": _providers(rt, profile, runtime),
+                    "device": device_label, "profile": profile.name, "adapter": name or "none",
+                    "model_bytes": artifact.model_bytes,
+                    "adapter_bytes": artifact.adapter_bytes.get(name, 0) if name else 0,
+                    "load_ms": round(rt.load_ms, 3), "check_ms": round(total_ms - rt.load_ms, 3), **sp,
+                    "swap_ms": swap,
+                    "perplexity": perplexity(rt, cfg),
+                    "accuracy": task_accuracy(rt, cfg, tokenizer),
+                    "top1_agree": top1_agreement(rt, ref_tokens, ref.get(name)),
+                    "bytes_per_token": bpt,
+                    "bandwidth_gb_s": bandwidth_gb_s,
+                    "bw_util": round(sp["tg"]["mean"] * bpt / (bandwidth_gb_s * 1e9), 4),
+                }
+                records.append(rec)
+        finally:
+            rt.close()
+    for rec in records:
+        rec["peak_rss_mb"] = rss.mb
+    return records
+
+
+def _providers(rt, profile: DeviceProfile, runtime: str) -> list[str]:
+    got = getattr(rt, "providers", None)
+    return list(got) if got else list(profile.runtimes[runtime].providers)
+
+
+def pick_runtimes(artifact: Artifact, profile: DeviceProfile, wanted: list[str]) -> list[str]:
+    for r in wanted:
+        if r not in RUNTIMES:
+            raise EdgepeftError(f"unknown runtime {r!r}", f"Known runtimes: {', '.join(RUNTIMES)}")
+    if wanted:
+        return [r for r in wanted if r in FORMAT_RUNTIMES[artifact.format]] or [wanted[0]]
+    for r in FORMAT_RUNTIMES[artifact.format]:
+        if r in profile.runtimes:
+            return [r]
+    return [FORMAT_RUNTIMES[artifact.format][0]]

@@ -1,0 +1,154 @@
+"""The bench result document (schema-versioned JSON) and its renderings: table, PNG chart, B/A comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from edgepeft import __version__
+from edgepeft.bench.config import SCHEMA, BenchConfig
+from edgepeft.errors import EdgepeftError
+from edgepeft.profiles import DeviceProfile
+
+
+def document(records: list[dict], profile: DeviceProfile, cfg: BenchConfig, bandwidth: dict) -> dict:
+    """The schema-versioned JSON document."""
+    conf = asdict(cfg)
+    conf["ppl_file"] = str(cfg.ppl_file) if cfg.ppl_file else None
+    return {
+        "schema": SCHEMA, "edgepeft_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count(),
+                 "python": platform.python_version()},
+        "device": {"profile": profile.name, "memory_gb": profile.memory_gb, **bandwidth},
+        "config": conf,
+        "records": records,
+    }
+
+
+def load_document(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EdgepeftError(f"cannot read bench results {path} ({e})", "Pass a JSON file written by edgepeft bench")
+    return load_document_obj(doc, str(path))
+
+
+def load_document_obj(doc, source: str) -> dict:
+    schema = doc.get("schema") if isinstance(doc, dict) else None
+    if not str(schema or "").startswith("edgepeft.bench/") or not isinstance(doc.get("records"), list):
+        raise EdgepeftError(f"{source} is not an edgepeft bench result (schema {schema!r})",
+                            "Pass a JSON file written by edgepeft bench --json")
+    if schema != SCHEMA:
+        raise EdgepeftError(f"{source} has schema {schema}, this edgepeft reads {SCHEMA}",
+                            "Re-run the benchmark with this version")
+    return doc
+
+
+def _key(r: dict) -> tuple:
+    return (Path(r["artifact"]).name, r["runtime"], r["device"], r["adapter"])
+
+
+def _fmt(m) -> str:
+    if m is None:
+        return "-"
+    if isinstance(m, dict):
+        return f"{m['mean']:.1f} ± {m['std']:.1f}" if m.get("std") is not None else f"{m['mean']:.1f}"
+    return f"{m:.0f}" if isinstance(m, float) else f"{m}"
+
+
+def table(doc: dict):
+    from rich.table import Table
+
+    t = Table(title=f"edgepeft bench on {doc['device']['profile']} "
+                    f"({doc['device'].get('bandwidth_gb_s')} GB/s, {doc['device'].get('bandwidth_source', '')})")
+    for col in ("artifact", "runtime", "adapter", "MB", "load ms", "ttft ms", "pp t/s", "tg t/s", "swap ms",
+                "RSS MB", "ppl", "acc", "top1", "bw_util"):
+        t.add_column(col, justify="left" if col in ("artifact", "runtime", "adapter") else "right")
+    for r in doc["records"]:
+        t.add_row(Path(r["artifact"]).name, r["runtime"], r["adapter"],
+                  f"{(r['model_bytes'] + r['adapter_bytes']) / 1e6:.1f}", _fmt(r["load_ms"]),
+                  _fmt(r["ttft_ms"]), _fmt(r["pp"]), _fmt(r["tg"]),
+                  f"{r['swap_ms']['median']:.2f}" if r.get("swap_ms") else "-", _fmt(r["peak_rss_mb"]),
+                  f"{r['perplexity']['ppl']:.2f}" if r.get("perplexity") else "-",
+                  f"{r['accuracy']['accuracy']:.2f}" if r.get("accuracy") else "-",
+                  f"{r['top1_agree']:.3f}" if r.get("top1_agree") is not None else "-",
+                  f"{r['bw_util']:.1%}" if r.get("bw_util") is not None else "-")
+    return t
+
+
+def chart(doc: dict, out: Path) -> Path:
+    """PNG: tg tok/s, bytes, perplexity and accuracy per artifact/runtime/adapter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgepeft import atomic
+
+    recs = doc["records"]
+    labels = [f"{Path(r['artifact']).name}\n{r['runtime']}/{r['adapter']}" for r in recs]
+    panels = [("tg tok/s", [r["tg"]["mean"] if r.get("tg") else 0 for r in recs],
+               [r["tg"]["std"] if r.get("tg") else 0 for r in recs]),
+              ("MB (model + adapter)", [(r["model_bytes"] + r["adapter_bytes"]) / 1e6 for r in recs], None),
+              ("perplexity", [r["perplexity"]["ppl"] if r.get("perplexity") else 0 for r in recs], None),
+              ("task accuracy", [r["accuracy"]["accuracy"] if r.get("accuracy") else 0 for r in recs], None)]
+    fig, axes = plt.subplots(1, 4, figsize=(4.2 * 4, 1.2 + 0.45 * len(recs)))
+    for ax, (title, vals, err) in zip(axes, panels):
+        ax.barh(range(len(recs)), vals, xerr=err, color="#4c72b0")
+        ax.set_title(title)
+        ax.set_yticks(range(len(recs)), labels if ax is axes[0] else [""] * len(recs), fontsize=7)
+        ax.invert_yaxis()
+    fig.suptitle(f"edgepeft bench on {doc['device']['profile']}")
+    fig.tight_layout()
+    with atomic.atomic_path(Path(out)) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
+COMPARE_METRICS = (("pp", "pp t/s"), ("tg", "tg t/s"), ("ttft_ms", "ttft ms"), ("load_ms", "load ms"),
+                   ("peak_rss_mb", "RSS MB"), ("swap_ms", "swap ms"), ("perplexity", "ppl"), ("bw_util", "bw_util"))
+
+
+def _scalar(r: dict, metric: str):
+    v = r.get(metric)
+    if isinstance(v, dict):
+        v = v.get("mean", v.get("median", v.get("ppl")))
+    return v
+
+
+def compare(a: dict, b: dict) -> list[dict]:
+    """b / a for every metric of every record present in both (matched by artifact name, runtime, adapter)."""
+    index = {(_key(r)[0], r["runtime"], r["adapter"]): r for r in a["records"]}
+    rows = []
+    for rb in b["records"]:
+        ra = index.get((_key(rb)[0], rb["runtime"], rb["adapter"]))
+        if ra is None:
+            continue
+        row = {"artifact": _key(rb)[0], "runtime": rb["runtime"], "adapter": rb["adapter"]}
+        for metric, _ in COMPARE_METRICS:
+            va, vb = _scalar(ra, metric), _scalar(rb, metric)
+            row[metric] = round(vb / va, 4) if va and vb is not None else None
+        rows.append(row)
+    if not rows:
+        raise EdgepeftError("the two result files share no artifact/runtime/adapter records",
+                            "Compare runs of the same artifacts (matched by file name, runtime and adapter)")
+    return rows
+
+
+def compare_table(rows: list[dict], a_name: str, b_name: str):
+    from rich.table import Table
+
+    t = Table(title=f"{b_name} / {a_name} (ratio; >1 means larger in {b_name})")
+    for col in ("artifact", "runtime", "adapter", *(label for _, label in COMPARE_METRICS)):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["artifact"], r["runtime"], r["adapter"],
+                  *("-" if r[m] is None else f"{r[m]:.3f}x" for m, _ in COMPARE_METRICS))
+    return t
