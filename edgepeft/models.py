@@ -194,7 +194,10 @@ def _resolve_gguf(spec: str, gguf_path: Path, source: str) -> ResolvedBase:
     key = gguf_content_key(gguf_path)
     out = cache_dir() / "bases" / key
     if not (out / "config.json").is_file():
-        _dequantize_gguf(gguf_path, out)
+        from edgepeft.ui import stage
+
+        with stage(f"dequantize {gguf_path.name} to fp32 (first use; cached after)"):
+            _dequantize_gguf(gguf_path, out)
     return _validate_folder(spec, out, source, origin=gguf_path)
 
 
@@ -243,7 +246,10 @@ def _cached_fingerprint(folder: Path, files: list[Path]) -> str:
                 return data["fingerprint"]
         except (json.JSONDecodeError, KeyError):
             pass
-    fp = fingerprint_files(files)
+    from edgepeft.ui import stage
+
+    with stage(f"fingerprint the base weights ({sum(f.stat().st_size for f in files) / 1e6:.0f} MB)"):
+        fp = fingerprint_files(files)
     if folder.is_relative_to(cache_dir().resolve()) if cache_dir().exists() else False:
         try:
             atomic.write_json(memo, {"fingerprint": fp, "files": stamp})

@@ -1,8 +1,14 @@
-"""Shared CLI plumbing: common options, error reporting, console output.
+"""Shared CLI plumbing: common options, error reporting, console output, progress.
 
 ``@edgepeft_command`` gives every subcommand ``--debug`` and ``--quiet`` and turns an
 :class:`EdgepeftError` into one line on stderr with exit status 2. Unexpected errors
 print one line too, unless ``--debug`` asks for the traceback.
+
+Progress has one rule, here (:func:`stage`), for every command: on a TTY a live rich display
+on stderr (stage name, elapsed time; a bar, count and ETA where the total is known); not on a
+TTY, plain one-line messages ``[command] stage ...`` and ``[command] stage: done in 12.3 s``;
+under ``--quiet``, nothing. Status lines (:func:`info`) follow the same rule, so every line
+edgepeft writes to stderr outside a TTY starts with ``[command]`` (errors: ``edgepeft: error:``).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import functools
 import json
 import os
 import sys
+import time
 
 import click
 
@@ -21,6 +28,7 @@ from edgepeft.errors import EXIT_USAGE, EdgepeftError
 class _State:
     debug = False
     quiet = False
+    command = "edgepeft"  # the subcommand running, for the plain-line prefix
 
 
 STATE = _State()
@@ -33,9 +41,151 @@ def _console(stderr=False):
 
 
 def info(msg: str) -> None:
-    """Progress/status line (suppressed by --quiet), to stderr so stdout stays data."""
-    if not STATE.quiet:
-        _console(stderr=True).print(msg)
+    """Status line (suppressed by --quiet), to stderr so stdout stays data."""
+    if STATE.quiet:
+        return
+    if _LIVE.progress is not None:  # above the live display, which keeps redrawing below
+        _LIVE.progress.console.print(msg, markup=False)
+    elif _live_ok():
+        _console(stderr=True).print(msg, markup=False)
+    else:
+        for line in str(msg).splitlines() or [""]:
+            sys.stderr.write(f"[{STATE.command}] {line}\n")
+        sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------- progress
+# A step shorter than this gets no "done in" line outside a TTY (its start line said enough).
+PLAIN_DONE_AFTER_S = 2.0
+
+
+def _live_ok() -> bool:
+    return not STATE.quiet and sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+
+
+class _Live:
+    progress = None  # the one rich Progress while any stage is open on a TTY
+    depth = 0
+
+
+_LIVE = _Live()
+
+
+class Stage:
+    """Handle of an open :func:`stage`: ``advance()`` by units, ``update()`` the total or a note."""
+
+    def __init__(self, name: str, total: int | None, unit: str):
+        self.name, self.total, self.unit = name, total, unit
+        self.completed = 0
+        self.note = ""
+        self.t0 = time.perf_counter()
+        self.task = None
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def advance(self, n: int = 1) -> None:
+        self.completed += n
+        self._push()
+
+    def update(self, *, completed: int | None = None, total: int | None = None, note: str | None = None) -> None:
+        if completed is not None:
+            self.completed = completed
+        if total is not None:
+            self.total = total
+        if note is not None:
+            self.note = note
+        self._push()
+
+    def _push(self) -> None:
+        if self.task is not None and _LIVE.progress is not None:
+            _LIVE.progress.update(self.task, completed=self.completed, total=self.total, note=self.note)
+
+
+def _progress():
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        ProgressColumn,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.text import Text
+
+    class Bar(BarColumn):  # a bar only where the total is known; a spinner says "running" otherwise
+        def render(self, task):
+            return super().render(task) if task.fields.get("known") else Text("")
+
+    class Count(ProgressColumn):
+        def render(self, task):
+            if not task.fields.get("known"):
+                return Text("")
+            unit = task.fields.get("unit") or ""
+            return Text(f"{int(task.completed)}/{int(task.total)}{' ' + unit if unit else ''}")
+
+    class Eta(ProgressColumn):
+        max_refresh = 0.5
+
+        def render(self, task):
+            if not task.fields.get("known") or task.finished or not task.completed:
+                return Text("")
+            left = task.time_remaining
+            if left is None:
+                return Text("")
+            m, sec = divmod(int(left), 60)
+            return Text(f"ETA {m}:{sec:02d}", style="progress.remaining")
+
+    return Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}"), Bar(bar_width=30),
+                    Count(), TimeElapsedColumn(), Eta(), TextColumn("{task.fields[note]}", markup=False),
+                    console=Console(file=sys.stderr, highlight=False), transient=False, refresh_per_second=8)
+
+
+@contextlib.contextmanager
+def stage(name: str, total: int | None = None, unit: str = ""):
+    """One named step of a command; yields a :class:`Stage`. Stages nest (one live display)."""
+    st = Stage(name, total, unit)
+    if STATE.quiet:
+        yield st
+        return
+    if not _live_ok():
+        info(f"{name} ...")
+        try:
+            yield st
+        finally:
+            if sys.exc_info()[0] is None and st.elapsed >= PLAIN_DONE_AFTER_S:
+                info(f"{name}: done in {st.elapsed:.1f} s")
+        return
+    if _LIVE.progress is None:
+        _LIVE.progress = _progress()
+        _LIVE.progress.start()
+    _LIVE.depth += 1
+    prog = _LIVE.progress
+    indent = "  " * (_LIVE.depth - 1)
+    st.task = prog.add_task(indent + name, total=total, known=total is not None, unit=unit, note="")
+    ok = False
+    try:
+        yield st
+        ok = True
+    finally:
+        done = max(st.completed, st.total or 0, 1)
+        desc = indent + name if ok else f"{indent}[red]✗ {name}[/red]"
+        prog.update(st.task, description=desc, total=done, completed=done, note=st.note)
+        _LIVE.depth -= 1
+        if _LIVE.depth == 0:
+            prog.stop()
+            _LIVE.progress = None
+
+
+def track(items, name: str, unit: str = ""):
+    """Iterate ``items`` inside a :func:`stage` whose total is ``len(items)``."""
+    items = list(items)
+    with stage(name, total=len(items), unit=unit) as st:
+        for item in items:
+            yield item
+            st.advance()
 
 
 @contextlib.contextmanager
@@ -65,7 +215,7 @@ def print_json(obj) -> None:
 
 
 def show_progress() -> bool:
-    return not STATE.quiet and sys.stderr.isatty()
+    return _live_ok()
 
 
 def fail(line: str, code: int = EXIT_USAGE):
@@ -79,7 +229,7 @@ def edgepeft_command(name: str, json_option: bool = False, **kwargs):
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*args, debug: bool, quiet: bool, **kw):
-            STATE.debug, STATE.quiet = debug, quiet
+            STATE.debug, STATE.quiet, STATE.command = debug, quiet, name
             if quiet:
                 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
                 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

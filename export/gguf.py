@@ -33,7 +33,7 @@ from edgepeft.export.quantize import get_quant, quantize
 from edgepeft import __version__, atomic
 from edgepeft.archs import Arch
 from edgepeft.errors import EdgepeftError
-from edgepeft.ui import info
+from edgepeft.ui import info, stage
 
 RECORD_NAME = "gguf-export.json"
 ADAPTER_TYPES = ("f16", "q8_0", "f32")
@@ -115,22 +115,25 @@ def _export_into(req, base, plans, quant, arch, out: Path) -> dict:
         if req.verify:
             from edgepeft.export.gguf_verify import verify_merged
 
-            record["verify"] = verify_merged(path, merge["reference_folder"] or base.path, plans, merge["target"],
-                                             quant.name)
+            with stage("verify in llama.cpp against PyTorch"):
+                record["verify"] = verify_merged(path, merge["reference_folder"] or base.path, plans,
+                                                 merge["target"], quant.name)
         _cleanup_reference(merge)
     else:
         base_path = write_model(base, [], out / f"base-{quant.name}.gguf", quant.name)
         record["files"].append(str(base_path))
         record["adapter_files"] = []
         for plan in plans:
-            apath, note = write_adapter(plan, base, out / adapter_filename(plan.name), req.adapter_type)
+            with stage(f"write adapter {plan.name} ({req.adapter_type})"):
+                apath, note = write_adapter(plan, base, out / adapter_filename(plan.name), req.adapter_type)
             record["files"].append(str(apath))
             record["adapter_files"].append({"name": plan.name, "path": str(apath), **note})
         if req.verify:
             from edgepeft.export.gguf_verify import verify_separate
 
-            record["verify"] = verify_separate(base_path, [Path(a["path"]) for a in record["adapter_files"]],
-                                               base.path, plans, quant.name)
+            with stage("verify in llama.cpp against PyTorch (base, then each adapter)"):
+                record["verify"] = verify_separate(base_path, [Path(a["path"]) for a in record["adapter_files"]],
+                                                   base.path, plans, quant.name)
     return record
 
 
@@ -213,7 +216,8 @@ def write_model(base, plans, final: Path, quant: str, *, merge_target: str = "or
             # while the tokenizer child still runs, leave it a core
             quantize(itmp, qtmp, q.name, nthread=None if tokenizer.done() else max(1, (os.cpu_count() or 1) - 1))
             itmp.unlink()  # free its disk before the final copy
-            copy_with_tokenizer(qtmp, tmp, base.path, base.config["vocab_size"], tokenizer)
+            with stage("embed the tokenizer"):
+                copy_with_tokenizer(qtmp, tmp, base.path, base.config["vocab_size"], tokenizer)
     return final
 
 
@@ -251,7 +255,8 @@ def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: st
     writer.add_name(Path(str(fp_base.spec)).name or str(fp_base.spec))
     gt.add_hparams(writer, cfg, arch, file_type)
     if tokenizer is not None:
-        add_tokenizer(writer, base.path, cfg["vocab_size"], tokenizer.result())
+        with stage("resolve the tokenizer"):
+            add_tokenizer(writer, base.path, cfg["vocab_size"], tokenizer.result())
     adapters = adapters if adapters is not None else plans
     _add_common_meta(writer, "merged" if adapters else "base", fp_base, quant or float_name)
     if adapters:
@@ -268,11 +273,14 @@ def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: st
     for _, values in gt.generated_tensors(cfg):
         writer.write_tensor_data(values)
     by_name = {o.hf_name: o for o in outs}
-    for hf_name, w in _tensor_stream(base, plans, merge_target):
-        o = by_name.get(hf_name)
-        if o is not None:
-            writer.write_tensor_data(gt.encode(gt.permute_qk(w, hf_name, arch, cfg), o.qtype))
-        del w
+    what = "merge + write tensors" if plans or merge_target != "original" else "write tensors"
+    with stage(f"{what} ({float_name})", total=len(by_name), unit="tensors") as st:
+        for hf_name, w in _tensor_stream(base, plans, merge_target):
+            o = by_name.get(hf_name)
+            if o is not None:
+                writer.write_tensor_data(gt.encode(gt.permute_qk(w, hf_name, arch, cfg), o.qtype))
+                st.advance()
+            del w
     writer.close()
 
 

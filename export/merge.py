@@ -25,6 +25,7 @@ from edgepeft.export.plan import AdapterPlan
 from edgepeft import atomic
 from edgepeft.errors import EdgepeftError, MismatchError
 from edgepeft.models import ResolvedBase
+from edgepeft.ui import stage
 
 MERGE_TARGETS = ("original", "dequantized")
 NF4_BLOCKSIZE = 64  # bitsandbytes Params4bit default, what BitsAndBytesConfig(load_in_4bit=True) trains against
@@ -198,8 +199,10 @@ def choose_merge_target(base: ResolvedBase, plans: Iterable[AdapterPlan], evalua
         # a non-NF4 training base has no "dequantized" candidate: original is the only one
         candidates = ("original",) if nf4_mismatch(plans) else ("dequantized", "original")
         for target in candidates:
-            folder = merge_into_folder(base, plans, work / target, target=target)
-            losses[target] = float(evaluate_loss(folder))
+            with stage(f"merge-into auto: build and score the {target} base") as st:
+                folder = merge_into_folder(base, plans, work / target, target=target)
+                losses[target] = float(evaluate_loss(folder))
+                st.update(note=f"held-out loss {losses[target]:.4f}")
         chosen = min(candidates, key=lambda t: (losses[t], t != "dequantized"))
         if keep is not None:
             keep = Path(keep)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from edgepeft import atomic
 from edgepeft.errors import ConfigError, EdgepeftError, IntegrityError
+from edgepeft.ui import stage
 
 MANIFEST = "edgepeft-onnx.json"
 ADAPTER_DIR = "adapters"
@@ -115,13 +116,15 @@ def _export_merged(req, base, plans, out: Path, work: Path) -> dict:
         if plans:
             from edgepeft.export.merge import merge_into_folder
 
-            hf = merge_into_folder(base, plans, work / "merged", target=req.merge_into)
+            with stage(f"merge into the {req.merge_into} base"):
+                hf = merge_into_folder(base, plans, work / "merged", target=req.merge_into)
             merge_info = {"target": req.merge_into}
         build(hf, out)
     record = _record(req, base, plans, out)
     record["merge"] = merge_info
     if req.verify:
-        record["verify"] = _skip_reason(req) or verify_merged(out, hf, req.quant)
+        with stage("verify in onnxruntime against PyTorch"):
+            record["verify"] = _skip_reason(req) or verify_merged(out, hf, req.quant)
     return record
 
 
@@ -184,16 +187,18 @@ def _export_separate(req, base, plans, out: Path, work: Path) -> dict:
     (out / ADAPTER_DIR).mkdir()
     record = _record(req, base, plans, out)
     for plan, entry in zip(plans, record["adapters"]):
-        params = oa.plan_parameters(plan, slots)
         rel = f"{ADAPTER_DIR}/{plan.name}{oa.ADAPTER_SUFFIX}"
-        with atomic.atomic_path(out / rel) as tmp:
-            oa.write_onnx_adapter(params, tmp)
-        oa.check_onnx_adapter_fits(out, out / rel)  # read back what was written
+        with stage(f"write adapter {rel}"):
+            params = oa.plan_parameters(plan, slots)
+            with atomic.atomic_path(out / rel) as tmp:
+                oa.write_onnx_adapter(params, tmp)
+            oa.check_onnx_adapter_fits(out, out / rel)  # read back what was written
         entry["file"] = rel
         record["files"].append(rel)
     record["slots"] = len(slots) // 2
     if req.verify:
-        record["verify"] = _skip_reason(req) or verify_separate(out, base, plans, req.quant)
+        with stage("verify in onnxruntime against PyTorch (each adapter, then none)"):
+            record["verify"] = _skip_reason(req) or verify_separate(out, base, plans, req.quant)
     return record
 
 
@@ -231,9 +236,10 @@ def build_genai(hf_dir: Path, out: Path, *, quant: str, ep: str, block_size: int
 
     opts = {"hf_token": "false", "block_size": block_size, "accuracy_level": accuracy_level, **(extra or {})}
     kv = [f"{k}={v}" for k, v in opts.items()]
+    what = "build + quantize" if quant in ("int4", "int8") else "build"
     try:
         # the builder prints progress to stdout, which must stay data under --json
-        with _quiet(not STATE.debug):
+        with stage(f"{what} {quant} ONNX (onnxruntime-genai builder)"), _quiet(not STATE.debug):
             from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
             parsed = parse_extra_options(None, str(hf_dir), str(out), quant, ep, str(cache), kv)

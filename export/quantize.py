@@ -8,8 +8,8 @@ keeps some tensors at Q6_K, etc.) is exactly what llama.cpp would choose.
 from __future__ import annotations
 
 import os
+import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,9 @@ def get_quant(name: str) -> Quant:
     return q
 
 
+_TENSOR_LINE = re.compile(r"\s*\[\s*(\d+)/\s*(\d+)\]")
+
+
 def quantize(src: Path, dst: Path, quant: str, nthread: int | None = None) -> None:
     """Quantize GGUF ``src`` (F32/F16 intermediate) into ``dst`` with llama.cpp's quantizer.
 
@@ -52,14 +55,21 @@ def quantize(src: Path, dst: Path, quant: str, nthread: int | None = None) -> No
     """
     import subprocess
 
-    from edgepeft.ui import STATE
+    from edgepeft.ui import STATE, stage
 
     get_quant(quant)
     cmd = [sys.executable, "-m", "edgepeft.export.quantize", str(src), str(dst), quant, str(nthread or 0)]
-    with tempfile.TemporaryFile() as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=None if STATE.debug else log, check=False).returncode
-        log.seek(0)
-        lines = log.read().decode(errors="replace").splitlines()
+    lines: list[str] = []
+    with stage(f"quantize {quant} (llama.cpp)", unit="tensors") as st:
+        # llama.cpp logs "[  12/ 273] blk.0..." per tensor: that is the progress bar
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if STATE.debug else subprocess.STDOUT)
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            lines.append(line)
+            m = _TENSOR_LINE.match(line)
+            if m:
+                st.update(completed=int(m.group(1)), total=int(m.group(2)))
+        rc = proc.wait()
     if rc != 0:
         last = next((ln for ln in reversed(lines) if ln.strip()), f"exit status {rc}")
         raise EdgepeftError(f"llama.cpp's quantizer failed turning {Path(src).name} into {quant}: {last.strip()}",

@@ -213,12 +213,12 @@ def test_cli_and_accelerate_launch_train_then_eval(cli, tmp_path, tiny_qwen2):
     p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                         "-m", "edgepeft", "train", "--base", str(tiny_qwen2), "--data", str(data), "--out", str(out),
-                        "--max-steps", "2", "--batch-size", "2", "--max-seq-len", "96", "--json", "--quiet"],
+                        "--max-steps", "2", "--batch-size", "2", "--max-seq-len", "96", "--json"],
                        capture_output=True, text=True, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(p.stdout[p.stdout.index("{"):])
     assert r["steps"] == 2 and r["quantization"]["quant_type"] == "nf4"
-    assert "step 2/2 loss" in p.stderr  # plain log lines when not on a TTY
+    assert "[train] step 2/2 loss" in p.stderr  # plain log lines when not on a TTY (none with --quiet)
     e = cli("eval", "--base", tiny_qwen2, "--adapter", out, "--limit", "2", "--json")
     assert e.returncode == 0, e.stderr
     assert json.loads(e.stdout)["adapter"] == str(out)

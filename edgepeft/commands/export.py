@@ -53,7 +53,11 @@ def command(fmt, base, adapters, names, mode, quant, adapter_type, prune, merge_
     if as_json:
         print_json(result)
     else:
+        from rich.console import Console
+
         from edgepeft.ui import info
+        from edgepeft.verification_view import render
 
         for f in result.get("files", []):
             info(f"wrote {f}")
+        render(result, Console(highlight=False))  # the result, on stdout: every export ends with it

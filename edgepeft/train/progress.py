@@ -1,9 +1,8 @@
-"""Training progress: a rich bar (loss, tokens/s, ETA) on a TTY, plain log lines otherwise."""
+"""Training progress: the ui stage bar (steps, ETA, loss, tokens/s) on a TTY, plain log lines otherwise."""
 
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 
@@ -36,22 +35,11 @@ def make_callback(bar: bool, log_lines: bool):
             self.t0 = time.perf_counter()
             self.tokens0, self.step0 = state.num_input_tokens_seen, state.global_step
             if bar and state.is_world_process_zero:
-                from rich.console import Console
-                from rich.progress import (
-                    BarColumn,
-                    MofNCompleteColumn,
-                    Progress,
-                    TextColumn,
-                    TimeRemainingColumn,
-                )
+                from edgepeft.ui import stage  # the one progress rule every command uses
 
-                self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tok]} tok/s"),
-                                         TextColumn("ETA"), TimeRemainingColumn(),
-                                         console=Console(stderr=True), transient=False)
-                self.progress.start()
-                self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
-                                                   loss="-", tok="-")
+                self.progress = stage("train", total=state.max_steps, unit="steps")
+                self.task = self.progress.__enter__()
+                self.task.update(completed=state.global_step, note="loss -")
 
         def on_step_end(self, args, state, control, **kw):
             # transformers logs every logging_steps only; the last step's loss belongs in the
@@ -60,8 +48,7 @@ def make_callback(bar: bool, log_lines: bool):
                 control.should_log = True
             if self.progress is not None:
                 tok_s, _ = self._rates(state)
-                self.progress.update(self.task, completed=state.global_step, tok=f"{tok_s:,.0f}",
-                                     loss=f"{self.loss:.4f}")
+                self.task.update(completed=state.global_step, note=f"loss {self.loss:.4f}  {tok_s:,.0f} tok/s")
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not logs or "loss" not in logs or not state.is_world_process_zero:
@@ -70,13 +57,14 @@ def make_callback(bar: bool, log_lines: bool):
             if log_lines and self.progress is None:
                 tok_s, eta = self._rates(state)
                 eta_s = "?" if math.isnan(eta) else _fmt_eta(eta)
-                print(f"step {state.global_step}/{state.max_steps} loss {self.loss:.4f} "
-                      f"lr {logs.get('learning_rate', 0):.2e} tok/s {tok_s:,.0f} eta {eta_s}",
-                      file=sys.stderr, flush=True)
+                from edgepeft.ui import info
+
+                info(f"step {state.global_step}/{state.max_steps} loss {self.loss:.4f} "
+                     f"lr {logs.get('learning_rate', 0):.2e} tok/s {tok_s:,.0f} eta {eta_s}")
 
         def on_train_end(self, args, state, control, **kw):
             if self.progress is not None:
-                self.progress.stop()
+                self.progress.__exit__(None, None, None)
                 self.progress = None
 
     return Progress()
