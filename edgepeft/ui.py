@@ -6,7 +6,8 @@ print one line too, unless ``--debug`` asks for the traceback.
 
 Progress has one rule, here (:func:`stage`), for every command: on a TTY a live rich display
 on stderr (stage name, elapsed time; a bar, count and ETA where the total is known); not on a
-TTY, plain one-line messages ``[command] stage ...`` and ``[command] stage: done in 12.3 s``;
+TTY, plain one-line messages ``[command] stage ...`` and ``[command] stage: done in 12.3 s``; a stage
+shorter than two seconds shows nothing;
 under ``--quiet``, nothing. Status lines (:func:`info`) follow the same rule, so every line
 edgepeft writes to stderr outside a TTY starts with ``[command]`` (errors: ``edgepeft: error:``).
 """
@@ -18,6 +19,7 @@ import functools
 import json
 import os
 import sys
+import threading
 import time
 
 import click
@@ -55,8 +57,12 @@ def info(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- progress
-# A step shorter than this gets no "done in" line outside a TTY (its start line said enough).
-PLAIN_DONE_AFTER_S = 2.0
+def show_after_s() -> float:
+    """A stage appears once it has run this long (live row, or its plain start and "done" lines)."""
+    try:
+        return float(os.environ.get("EDGEPEFT_SHOW_AFTER_S", "2"))
+    except ValueError:
+        return 2.0
 
 
 def _live_ok() -> bool:
@@ -105,14 +111,7 @@ class Stage:
 
 def _progress():
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        ProgressColumn,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn
     from rich.text import Text
 
     class Bar(BarColumn):  # a bar only where the total is known; a spinner says "running" otherwise
@@ -125,6 +124,12 @@ def _progress():
                 return Text("")
             unit = task.fields.get("unit") or ""
             return Text(f"{int(task.completed)}/{int(task.total)}{' ' + unit if unit else ''}")
+
+    class Elapsed(ProgressColumn):  # the stage's own time: a bar can fill before a nested step ends
+        def render(self, task):
+            secs = task.fields.get("final")
+            secs = int(task.elapsed or 0) if secs is None else int(secs)
+            return Text(f"{secs // 60}:{secs % 60:02d}", style="progress.elapsed")
 
     class Eta(ProgressColumn):
         max_refresh = 0.5
@@ -139,44 +144,68 @@ def _progress():
             return Text(f"ETA {m}:{sec:02d}", style="progress.remaining")
 
     return Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}"), Bar(bar_width=30),
-                    Count(), TimeElapsedColumn(), Eta(), TextColumn("{task.fields[note]}", markup=False),
+                    Count(), Elapsed(), Eta(), TextColumn("{task.fields[note]}", markup=False),
                     console=Console(file=sys.stderr, highlight=False), transient=False, refresh_per_second=8)
 
 
 @contextlib.contextmanager
 def stage(name: str, total: int | None = None, unit: str = ""):
-    """One named step of a command; yields a :class:`Stage`. Stages nest (one live display)."""
+    """One named step of a command; yields a :class:`Stage`. Stages nest (one live display).
+
+    A stage shows itself once it has run for :func:`show_after_s` (2 s): quick steps stay silent, so
+    bad input caught in the first second still gives exactly one ``edgepeft: error:`` line.
+    """
     st = Stage(name, total, unit)
     if STATE.quiet:
         yield st
         return
-    if not _live_ok():
-        info(f"{name} ...")
-        try:
-            yield st
-        finally:
-            if sys.exc_info()[0] is None and st.elapsed >= PLAIN_DONE_AFTER_S:
-                info(f"{name}: done in {st.elapsed:.1f} s")
-        return
-    if _LIVE.progress is None:
-        _LIVE.progress = _progress()
-        _LIVE.progress.start()
-    _LIVE.depth += 1
-    prog = _LIVE.progress
-    indent = "  " * (_LIVE.depth - 1)
-    st.task = prog.add_task(indent + name, total=total, known=total is not None, unit=unit, note="")
+    live = _live_ok()
+    if live:
+        if _LIVE.progress is None:
+            _LIVE.progress = _progress()
+            _LIVE.progress.start()
+        _LIVE.depth += 1
+        prog = _LIVE.progress
+        indent = "  " * (_LIVE.depth - 1)
+        st.task = prog.add_task(indent + name, total=total, known=total is not None, unit=unit, note="",
+                                visible=False)
+        reveal = functools.partial(prog.update, st.task, visible=True)
+    else:
+        reveal = functools.partial(info, f"{name} ...")
+    shown = []
+
+    def show():
+        shown.append(True)
+        reveal()
+
+    after = show_after_s()
+    timer = threading.Timer(after, show)
+    timer.daemon = True
+    if after <= 0:
+        show()
+    else:
+        timer.start()
     ok = False
     try:
         yield st
         ok = True
     finally:
-        done = max(st.completed, st.total or 0, 1)
-        desc = indent + name if ok else f"{indent}[red]✗ {name}[/red]"
-        prog.update(st.task, description=desc, total=done, completed=done, note=st.note)
-        _LIVE.depth -= 1
-        if _LIVE.depth == 0:
-            prog.stop()
-            _LIVE.progress = None
+        timer.cancel()
+        if not live:
+            if ok and shown:
+                info(f"{name}: done in {st.elapsed:.1f} s")
+        else:
+            if shown:
+                done = max(st.completed, st.total or 0, 1)
+                desc = indent + name if ok else f"{indent}[red]✗ {name}[/red]"
+                prog.update(st.task, description=desc, total=done, completed=done, note=st.note, visible=True,
+                            final=st.elapsed)
+            else:
+                prog.remove_task(st.task)
+            _LIVE.depth -= 1
+            if _LIVE.depth == 0:
+                prog.stop()
+                _LIVE.progress = None
 
 
 def track(items, name: str, unit: str = ""):

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from lora_factory import make_lora
 
+# show every stage, however short: the tiny model's steps take well under the usual 2 s
+SHOW_ALL = {"EDGEPEFT_SHOW_AFTER_S": "0"}
 LONG = "an-export-folder-whose-name-is-long-enough-to-cross-eighty-columns-on-its-own"
 
 
@@ -33,7 +35,7 @@ def _export_args(tiny_llama, lora, out, *extra):
 def test_piped_export_plain_stage_lines_and_verification_table(cli, tiny_llama, lora, tmp_path):
     out = Path("exports") / LONG
     (tmp_path / "exports").mkdir()
-    p = cli(*_export_args(tiny_llama, lora, out), cwd=tmp_path)
+    p = cli(*_export_args(tiny_llama, lora, out), cwd=tmp_path, env=SHOW_ALL)
     assert p.returncode == 0, p.stderr[-3000:]
     ours = [ln for ln in p.stderr.splitlines() if ln.startswith("[export] ")]
     for stage in ("merge + write tensors (f32) ...", "quantize q8_0 (llama.cpp) ...", "embed the tokenizer ...",
@@ -54,7 +56,7 @@ def test_piped_export_plain_stage_lines_and_verification_table(cli, tiny_llama, 
 
 
 def test_quiet_export_writes_no_status_lines(cli, tiny_llama, lora, tmp_path):
-    p = cli(*_export_args(tiny_llama, lora, "o", "--quiet"), cwd=tmp_path)
+    p = cli(*_export_args(tiny_llama, lora, "o", "--quiet"), cwd=tmp_path, env=SHOW_ALL)
     assert p.returncode == 0, p.stderr[-3000:]
     assert not [ln for ln in p.stderr.splitlines() if ln.startswith("[export]")], p.stderr
     assert "top1_agreement" in p.stdout  # --quiet drops progress, not the result
@@ -65,7 +67,7 @@ def test_tty_export_shows_live_progress(tiny_llama, lora, tmp_path):
     import pty
 
     master, slave = pty.openpty()
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+    env = {**os.environ, **SHOW_ALL, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
     proc = subprocess.Popen([sys.executable, "-m", "edgepeft", *map(str, _export_args(tiny_llama, lora, "o"))],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=slave, text=False)
     os.close(slave)
