@@ -45,12 +45,13 @@ def cli():
 
 def main(argv=None):
     import sys
-    import warnings
 
     args = sys.argv[1:] if argv is None else list(argv)
     if "--debug" not in args:
         # Library chatter (bitsandbytes, transformers) must not bury the one-line errors.
-        warnings.simplefilter("ignore")
+        from edgepeft.quiet import silence_libraries
+
+        silence_libraries()
     cli.main(args=args, prog_name="edgepeft")
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from edgepeft import atomic
 from edgepeft.errors import EdgepeftError
-from edgepeft.ui import info
+from edgepeft.quiet import silence_progress_bars
+from edgepeft.ui import STATE, info
 
 ADAPTER_NAME = "demo"
 
@@ -70,7 +71,8 @@ def run(out: Path, fast: bool = False, base: str = "smollm2-135m") -> dict:
         raise EdgepeftError(f"--out {out} already holds a quickstart run", "Pass a new --out directory")
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
-    _quiet_libraries()
+    if not STATE.debug:
+        silence_progress_bars()
 
     with _step("train", timings):
         trained = train_demo(base, out / "run", plan)
@@ -96,22 +98,6 @@ def run(out: Path, fast: bool = False, base: str = "smollm2-135m") -> dict:
 
 
 # ----------------------------------------------------------------------------- steps
-def _quiet_libraries() -> None:
-    """Per-tensor and per-example progress bars from transformers/datasets drown the step lines."""
-    import os
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        import datasets
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
-
-
 class _step:
     """Time a step and say what is happening (progress to stderr)."""
 

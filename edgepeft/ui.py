@@ -259,9 +259,6 @@ def edgepeft_command(name: str, json_option: bool = False, **kwargs):
         @functools.wraps(fn)
         def wrapper(*args, debug: bool, quiet: bool, **kw):
             STATE.debug, STATE.quiet, STATE.command = debug, quiet, name
-            if quiet:
-                os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-                os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
             try:
                 return fn(*args, **kw)
             except EdgepeftError as e:

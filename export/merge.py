@@ -52,15 +52,24 @@ def nf4_round_trip(w):
 def nf4_mismatch(plans: Iterable[AdapterPlan]) -> str | None:
     """Why ``dequantized`` would not reproduce an adapter's training weights (None: it does).
 
-    Training manifests record ``quantization``; NF4 (4-bit, blocksize 64, double quant) is the
-    only scheme reproduced here. Adapters without a manifest are assumed QLoRA NF4.
+    Training manifests record ``quantization``; NF4 (4-bit, blocksize 64, double quant) computed
+    through bitsandbytes' fp32 dequantize kernel (``cpu_kernel``, see edgepeft/train/kernels.py; CUDA
+    runs record none) is the only scheme reproduced here. Adapters without a manifest are assumed
+    QLoRA NF4.
     """
+    from edgepeft.train.kernels import CPU_4BIT_PATH
+
     for plan in plans:
         q = plan.train_summary.get("quantization")
-        if isinstance(q, dict) and not (q.get("bits") == 4 and q.get("quant_type", "nf4") == "nf4"
-                                        and q.get("block_size", NF4_BLOCKSIZE) == NF4_BLOCKSIZE):
+        if not isinstance(q, dict):
+            continue
+        if not (q.get("bits") == 4 and q.get("quant_type", "nf4") == "nf4"
+                and q.get("block_size", NF4_BLOCKSIZE) == NF4_BLOCKSIZE):
             kind = q.get("quant_type") or q.get("dtype") or q.get("method")
             return f"adapter {plan.name} was trained on a {q.get('bits')}-bit ({kind}) base, not NF4"
+        if q.get("cpu_kernel", CPU_4BIT_PATH) != CPU_4BIT_PATH:
+            return (f"adapter {plan.name} was trained through the {q['cpu_kernel']!r} 4-bit CPU kernel, "
+                    f"not {CPU_4BIT_PATH!r}")
     return None
 
 

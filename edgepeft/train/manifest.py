@@ -12,6 +12,7 @@ from pathlib import Path
 
 from edgepeft import __version__, atomic
 from edgepeft.fingerprint import sha256_file
+from edgepeft.train.kernels import kernel_record
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "safetensors")
 SCHEMA = 1
@@ -44,6 +45,7 @@ def build_manifest(*, cfg, base, recipe, data: dict, adapter_dir: Path, lora_tar
         "quantization": recipe.quantization(),
         "recipe": {"device": recipe.device, "optimizer": recipe.optimizer,
                    "gradient_checkpointing": recipe.gradient_checkpointing},
+        "kernels": kernel_record(recipe.device, recipe.bits),
         "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "target": cfg.target,
                  "target_modules": sorted({t.rsplit(".", 1)[-1] for t in lora_targets})},
         "data": data,

@@ -36,8 +36,13 @@ class Recipe:
     def quantization(self) -> dict:
         if self.bits == 4:
             # bitsandbytes' 4-bit block size is fixed at 64 weights per absmax.
-            return {"bits": 4, "method": "bitsandbytes", "quant_type": "nf4", "double_quant": True,
-                    "compute_dtype": self.compute_dtype, "block_size": 64, "storage": "uint8"}
+            q = {"bits": 4, "method": "bitsandbytes", "quant_type": "nf4", "double_quant": True,
+                 "compute_dtype": self.compute_dtype, "block_size": 64, "storage": "uint8"}
+            if self.device == "cpu":
+                from edgepeft.train.kernels import CPU_4BIT_PATH
+
+                q["cpu_kernel"] = CPU_4BIT_PATH  # what --merge-into dequantized reproduces
+            return q
         if self.bits == 8:
             return {"bits": 8, "method": "bitsandbytes", "quant_type": "llm.int8", "threshold": 6.0,
                     "compute_dtype": self.compute_dtype}
@@ -91,6 +96,10 @@ def load_model(base, recipe: Recipe):
         kwargs["device_map"] = {"": recipe.device}
     model = base.load_model(dtype, **kwargs)
     model.config.use_cache = False
+    if recipe.bits == 4 and recipe.device == "cpu":
+        from edgepeft.train.kernels import pin_cpu_4bit_path
+
+        pin_cpu_4bit_path(model)  # the same 4-bit kernels on every CPU, see edgepeft/train/kernels.py
     return model
 
 
