@@ -19,25 +19,27 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepeft import __version__, atomic
-from edgepeft.bundle_fit import (  # noqa: F401 - re-exported: the bundle API in one place
+from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
+from edgepeft.fingerprint import sha256_file, short
+from edgepeft.fit import (  # noqa: F401 - re-exported: the bundle API in one place
     GGUFArtifact,
     _adapter_record,
     adapter_fit_problem,
     check_adapter_fits,
     read_gguf,
 )
-from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
-from edgepeft.fingerprint import sha256_file, short
+from edgepeft.ui import esc
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_FILES = 512  # a bundle is a base, its adapters and a few ONNX folders; each stays open while loaded
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: `$` would accept a trailing newline
 _CHUNK = 1 << 22
 
 
@@ -64,7 +66,7 @@ def safe_member(root: Path, rel) -> Path:
 
 
 def _check_name(name: str, what: str) -> str:
-    if not _NAME.match(name or ""):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise EdgepeftError(f"{what} name {name!r} is not allowed",
                             "Use letters, digits, '.', '_' and '-' (at most 128 characters)")
     return name
@@ -99,46 +101,69 @@ def _onnx_dir_record(src: Path, name: str) -> dict:
     if sidecar is None:
         raise EdgepeftError(f"--onnx {src} has no edgepeft sidecar manifest ({', '.join(ONNX_SIDECARS)})",
                             "Export it with edgepeft export --format onnx so its base fingerprint is recorded")
-    try:
-        side = json.loads(sidecar.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IntegrityError(f"{sidecar} is not valid JSON ({e})", "Re-export the ONNX folder") from e
+    from edgepeft.readers import read_json
+
+    side = read_json(sidecar, "ONNX sidecar")
+    base_rec = side.get("base") if side.get("base") is not None else {}
+    for key, val, kinds in (("base", base_rec, dict), ("adapters", side.get("adapters") or [], list),
+                            ("quant", side.get("quant") or "", str), ("mode", side.get("mode") or "", str),
+                            ("base_fingerprint", side.get("base_fingerprint") or "", str)):
+        if not isinstance(val, kinds):
+            raise IntegrityError(f"{esc(sidecar)}: field {key!r} is a {type(val).__name__}",
+                                 f"Allowed: a {kinds.__name__}; re-export the ONNX folder")
     for f in files:
         if f.suffix in (".onnx", ".onnx_adapter"):
             check_artifact(f)
     adapters = sorted(f.relative_to(src).as_posix() for f in files if f.suffix == ".onnx_adapter")
+    if adapters and not (src / "model.onnx").is_file():
+        raise EdgepeftError(f"--onnx {esc(src)} has adapters but no model.onnx", "Pass the folder export wrote")
     _check_onnx_fits(src.parent, {"path": src.name, "adapters": adapters})
     for a in side.get("adapters") or []:
-        if isinstance(a, dict) and a.get("base_fingerprint") not in (None, (side.get("base") or {}).get("fingerprint")):
-            raise MismatchError(f"--onnx {src}: adapter {a.get('name')} was trained on another base "
+        if isinstance(a, dict) and a.get("base_fingerprint") not in (None, base_rec.get("fingerprint")):
+            raise MismatchError(f"--onnx {esc(src)}: adapter {a.get('name')!r} was trained on another base "
                                 f"({short(str(a['base_fingerprint']))})", "Re-export it with the base it was trained on")
     quant = side.get("quant") or side.get("precision") or "int4"
     runtimes = ["onnxruntime"] if any(f.name.endswith("_ctx.onnx") for f in files) else ["onnxruntime-genai"]
-    fp = side.get("base_fingerprint") or (side.get("base") or {}).get("fingerprint")
+    fp = side.get("base_fingerprint") or base_rec.get("fingerprint")
     return {"name": name, "format": "onnx", "mode": side.get("mode") or ("separate" if adapters else "merged"),
             "quant": quant, "base_fingerprint": fp, "adapters": adapters, "sidecar": sidecar.name,
             "_src": src, "_files": files, "_bytes": sum(f.stat().st_size for f in files), "_runtimes": runtimes}
 
 
-def _regular_files(src: Path) -> list[Path]:
+def _regular_files(src: Path, limit: int = MAX_FILES) -> list[Path]:
+    """Regular files under ``src`` (links refused, never followed), at most ``limit``."""
     out = []
-    for p in sorted(src.rglob("*")):
-        if p.is_symlink():
-            raise EdgepeftError(f"{p} is a symbolic link", "Bundles hold regular files only; copy the target in")
-        if p.is_file() and not p.name.startswith(atomic.TMP_PREFIX):
-            out.append(p)
-    return out
+    for d, dirs, names in os.walk(src, followlinks=False):
+        for n in sorted(dirs) + sorted(names):
+            p = Path(d) / n
+            if p.is_symlink():
+                raise EdgepeftError(f"{esc(p)} is a symbolic link", "Bundles hold regular files only; copy the target in")
+        for n in names:
+            p = Path(d) / n
+            if p.is_file() and not n.startswith(atomic.TMP_PREFIX):
+                out.append(p)
+        if len(out) > limit:
+            raise EdgepeftError(f"{esc(src)} holds more than {limit} files", "Pass the folder export wrote")
+    return sorted(out)
 
 
-def _check_onnx_fits(root: Path, rec: dict) -> None:
-    """Every .onnx_adapter in a separate-mode folder must fit its model's LoRA inputs (names, shapes)."""
+def _check_onnx_fits(files, rec: dict) -> None:
+    """Every .onnx_adapter in a separate-mode folder must fit its model's LoRA inputs (names, shapes).
+
+    ``files`` is an :class:`Opened` bundle (only listed, hashed files are read) or a source folder's parent.
+    """
     if not rec.get("adapters"):
         return
-    from edgepeft.export.onnx_adapters import check_onnx_adapter_fits
+    from edgepeft.fit import check_onnx_adapter_fits
 
-    folder = root / rec["path"]
     for a in rec["adapters"]:
-        check_onnx_adapter_fits(folder, folder / a)
+        model_rel, ad_rel = f"{rec['path']}/model.onnx", f"{rec['path']}/{a}"
+        if isinstance(files, Opened):
+            check_onnx_adapter_fits(files.path(model_rel), files.path(ad_rel), model_label=model_rel,
+                                    adapter_label=ad_rel)
+        else:
+            folder = Path(files) / rec["path"]
+            check_onnx_adapter_fits(folder, folder / a)
 
 
 # ---------------------------------------------------------------------------- copying
@@ -335,7 +360,7 @@ def _add_to_bundle(inp: PackInput, out: Path) -> dict:
     for sub in ("adapters", "onnx"):
         if (out / sub).is_dir():
             atomic.clean_stale_temps(out / sub)
-    adapters, onnx = _plan(inp, read_gguf(out / base_rel), manifest["base_fingerprint"], taken)
+    adapters, onnx = _plan(inp, read_gguf(bundle.base_path, base_rel), manifest["base_fingerprint"], taken)
     _write_new_files(out, manifest, adapters, onnx, final=True)
     manifest["edgepeft_version"] = __version__
     write_manifest(out, manifest)
@@ -343,6 +368,98 @@ def _add_to_bundle(inp: PackInput, out: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------- verify
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class Opened:
+    """A bundle's listed files, each opened once and hashed through that descriptor.
+
+    What runs afterwards (header checks, fit checks, the runtime load) is handed
+    :meth:`path`, which names the very bytes that were hashed: on Linux the descriptor
+    itself (``/proc/self/fd/N``), so a file swapped in by rename after the hash is never
+    read; elsewhere a private copy (0700 temp dir) written from the hashed bytes.
+    The descriptors stay open as long as this object lives.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._fds: dict[str, int] = {}
+        self._paths: dict[str, Path] = {}
+        self._copy_dir = None
+        self.via_fd = os.path.isdir("/proc/self/fd")
+
+    def add(self, rel: str, rec: dict) -> None:
+        import hashlib
+        import stat
+
+        p = safe_member(self.root, rel)
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise IntegrityError(f"bundle file {esc(rel)} is missing", "Re-pack the bundle") from None
+        except OSError as e:
+            raise IntegrityError(f"bundle file {esc(rel)} cannot be opened ({e.strerror})",
+                                 "Bundles hold regular files only; re-pack it") from None
+        self._fds[rel] = fd
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IntegrityError(f"bundle file {esc(rel)} is not a regular file", "Re-pack the bundle")
+        if st.st_size != rec["size"]:
+            raise IntegrityError(f"bundle file {esc(rel)} has {st.st_size} bytes, the manifest says {rec['size']}",
+                                 "The file was changed or truncated")
+        h, left = hashlib.sha256(), rec["size"]
+        out = None
+        if not self.via_fd:
+            import tempfile
+
+            if self._copy_dir is None:
+                self._copy_dir = tempfile.TemporaryDirectory(prefix="edgepeft-bundle-")
+            dst = Path(self._copy_dir.name) / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            out = open(dst, "xb")  # noqa: SIM115 - closed below
+            self._paths[rel] = dst
+        try:
+            while left:
+                buf = os.read(fd, min(_CHUNK, left))
+                if not buf:
+                    raise IntegrityError(f"bundle file {esc(rel)} shrank while it was hashed", "Re-pack the bundle")
+                h.update(buf)
+                if out is not None:
+                    out.write(buf)
+                left -= len(buf)
+        finally:
+            if out is not None:
+                out.close()
+        got = h.hexdigest()
+        if got != rec["sha256"]:
+            raise IntegrityError(f"bundle file {esc(rel)} fails its hash check (sha256 {got[:16]}, manifest "
+                                 f"{rec['sha256'][:16]})", "The file was modified or corrupted; re-pack")
+        if self.via_fd:
+            self._paths[rel] = Path(f"/proc/self/fd/{fd}")
+
+    def path(self, rel: str) -> Path:
+        """The hashed bytes of listed file ``rel``; anything unlisted is refused, never opened."""
+        if rel not in self._paths:
+            raise IntegrityError(f"bundle path {esc(rel)} is not listed (with a hash) in {MANIFEST}",
+                                 "Refusing to read an unlisted file; re-pack the bundle")
+        return self._paths[rel]
+
+    def get(self, rel: str) -> Path | None:
+        return self._paths.get(rel)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds, self._paths = {}, {}
+        if self._copy_dir is not None:
+            self._copy_dir.cleanup()
+            self._copy_dir = None
+
+    def __del__(self):
+        self.close()
+
+
 @dataclass
 class CheckedBundle:
     """A bundle that passed every check; hand its paths (and only these) to runtimes."""
@@ -350,10 +467,15 @@ class CheckedBundle:
     root: Path
     manifest: dict
     warnings: list[str] = field(default_factory=list)
+    opened: Opened | None = None
+
+    def file(self, rel: str) -> Path:
+        """The verified bytes of a listed file (its descriptor path on Linux)."""
+        return self.opened.path(rel) if self.opened is not None else self.root / rel
 
     @property
     def base_path(self) -> Path:
-        return self.root / self.manifest["base"]["path"]
+        return self.file(self.manifest["base"]["path"])
 
     @property
     def adapter_names(self) -> list[str]:
@@ -362,93 +484,161 @@ class CheckedBundle:
     def adapter_path(self, name: str) -> Path:
         for a in self.manifest["adapters"]:
             if a["name"] == name:
-                return self.root / a["path"]
-        raise EdgepeftError(f"bundle {self.root} has no adapter {name!r}",
-                            f"Adapters in it: {', '.join(self.adapter_names) or 'none'}")
+                return self.file(a["path"])
+        raise EdgepeftError(f"bundle {esc(self.root)} has no adapter {name!r}",
+                            f"Adapters in it: {esc(', '.join(self.adapter_names)) or 'none'}")
 
     def onnx_path(self, name: str) -> Path:
         for o in self.manifest["onnx"]:
             if o["name"] == name:
                 return self.root / o["path"]
-        raise EdgepeftError(f"bundle {self.root} has no ONNX folder {name!r}",
-                            f"ONNX folders in it: {', '.join(o['name'] for o in self.manifest['onnx']) or 'none'}")
+        raise EdgepeftError(f"bundle {esc(self.root)} has no ONNX folder {name!r}",
+                            f"ONNX folders in it: {esc(', '.join(o['name'] for o in self.manifest['onnx'])) or 'none'}")
 
 
 def read_manifest(root: Path) -> dict:
+    from edgepeft.readers import MAX_JSON_BYTES, read_bytes
+
     root = Path(root)
     if root.name.startswith(atomic.TMP_PREFIX):
-        raise IntegrityError(f"{root} is an unfinished write left by an interrupted edgepeft run",
+        raise IntegrityError(f"{esc(root)} is an unfinished write left by an interrupted edgepeft run",
                              "Delete it and run the command again")
     if not root.is_dir():
-        raise EdgepeftError(f"bundle {root} is not a directory", "Pass the folder written by edgepeft pack (or its .tar)")
+        raise EdgepeftError(f"bundle {esc(root)} is not a directory", "Pass the folder written by edgepeft pack (or its .tar)")
     mpath = root / MANIFEST
     if mpath.is_symlink() or not mpath.is_file():
-        raise IntegrityError(f"bundle {root} has no {MANIFEST}", "Pass a folder written by edgepeft pack")
-    raw = mpath.read_bytes()
-    try:
-        m = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IntegrityError(f"{mpath} is not valid JSON ({e})", "Re-pack the bundle") from e
+        raise IntegrityError(f"bundle {esc(root)} has no {MANIFEST}", "Pass a folder written by edgepeft pack")
+    raw = read_bytes(mpath, "bundle manifest", MAX_JSON_BYTES)
+    return parse_manifest(raw, mpath)
+
+
+def parse_manifest(raw: bytes, mpath) -> dict:
+    """Parse and fully check manifest bytes: seal, types, and every path in every section."""
+    from edgepeft.readers import loads_json
+
+    m = loads_json(raw, f"bundle manifest {mpath}")
     if not isinstance(m, dict) or m.get("manifest_version") != MANIFEST_VERSION:
         found = m.get("manifest_version") if isinstance(m, dict) else type(m).__name__
-        raise IntegrityError(f"{mpath}: manifest_version {found!r} is not supported (this edgepeft reads "
+        raise IntegrityError(f"{esc(mpath)}: manifest_version {found!r} is not supported (this edgepeft reads "
                              f"{MANIFEST_VERSION})", "Re-pack the bundle with this edgepeft version")
     for key, kind in (("files", dict), ("base", dict), ("adapters", list), ("onnx", list), ("base_fingerprint", str)):
         if not isinstance(m.get(key), kind):
-            raise IntegrityError(f"{mpath}: field {key!r} is missing or not a {kind.__name__}", "Re-pack the bundle")
+            raise IntegrityError(f"{esc(mpath)}: field {key!r} is missing or not a {kind.__name__}", "Re-pack the bundle")
     _check_seal(mpath, raw, m)
-    entries = [("base", m["base"])] + [(f"adapters[{i}]", a) for i, a in enumerate(m["adapters"])] + \
-        [(f"onnx[{i}]", o) for i, o in enumerate(m["onnx"])]
-    for where, e in entries:
-        if not isinstance(e, dict) or not isinstance(e.get("path"), str) or \
-                (where != "base" and not isinstance(e.get("name"), str)):
-            raise IntegrityError(f"{mpath}: {where} needs a string 'path'" + ("" if where == "base" else " and 'name'"),
-                                 "Re-pack the bundle")
+    _check_manifest(mpath, m)
     return m
 
 
+def _bad(mpath, where: str, allowed: str):
+    raise IntegrityError(f"{esc(mpath)}: {where} is not allowed", f"Allowed: {allowed}; re-pack the bundle")
+
+
+def _check_manifest(mpath, m: dict) -> None:
+    """Every path in every section passes check_relpath and is listed with a hash; names match in full."""
+    files = m["files"]
+    if len(files) > MAX_FILES:
+        _bad(mpath, f"files ({len(files)} entries)", f"at most {MAX_FILES} files")
+    for rel, rec in files.items():
+        check_relpath(rel)
+        if rel == MANIFEST:
+            _bad(mpath, f"files[{rel!r}]", "data files only (the manifest seals itself)")
+        if not isinstance(rec, dict) or not isinstance(rec.get("sha256"), str) or \
+                not _HEX64.fullmatch(rec["sha256"]) or type(rec.get("size")) is not int or rec["size"] < 0:
+            _bad(mpath, f"files[{rel!r}]={rec!r}", "{sha256: 64 lowercase hex digits, size: integer >= 0}")
+    if not _HEX64.fullmatch(m["base_fingerprint"]):
+        _bad(mpath, f"base_fingerprint={m['base_fingerprint']!r}", "64 lowercase hex digits")
+
+    def listed(rel, where, suffix):
+        if not isinstance(rel, str):
+            _bad(mpath, f"{where}={rel!r}", "a bundle-relative path string")
+        check_relpath(rel)
+        if not rel.endswith(suffix):
+            _bad(mpath, f"{where}={rel!r}", f"a {suffix} file")
+        if rel not in files:
+            raise IntegrityError(f"{esc(mpath)}: {where} names {rel!r} but records no hash for it",
+                                 "Re-pack the bundle")
+
+    base = m["base"]
+    listed(base.get("path"), "base.path", ".gguf")
+    names = set()
+    for i, a in enumerate(m["adapters"]):
+        if not isinstance(a, dict):
+            _bad(mpath, f"adapters[{i}]", "an object with name and path")
+        _manifest_name(mpath, a.get("name"), f"adapters[{i}].name", names)
+        listed(a.get("path"), f"adapters[{i}].path", ".gguf")
+    for i, o in enumerate(m["onnx"]):
+        if not isinstance(o, dict):
+            _bad(mpath, f"onnx[{i}]", "an object with name, path and adapters")
+        name = _manifest_name(mpath, o.get("name"), f"onnx[{i}].name", names, prefix="onnx/")
+        if o.get("path") != f"onnx/{name}":
+            _bad(mpath, f"onnx[{i}].path={o.get('path')!r}", f"'onnx/{esc(name)}' (the folder pack wrote)")
+        check_relpath(o["path"])
+        ads = o.get("adapters", [])
+        if not isinstance(ads, list):
+            _bad(mpath, f"onnx[{i}].adapters", "a list of folder-relative .onnx_adapter paths")
+        for j, a in enumerate(ads):
+            listed(f"{o['path']}/{a}" if isinstance(a, str) else a, f"onnx[{i}].adapters[{j}]", ".onnx_adapter")
+        if ads:
+            listed(f"{o['path']}/model.onnx", f"onnx[{i}] (its model.onnx)", ".onnx")
+
+
+def _manifest_name(mpath, name, where: str, taken: set, prefix: str = "") -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        _bad(mpath, f"{where}={name!r}", "letters, digits, '.', '_' and '-' (at most 128 characters)")
+    if prefix + name in taken:
+        _bad(mpath, f"{where}={name!r}", "a name used once")
+    taken.add(prefix + name)
+    return name
+
+
 def verify(root: Path) -> CheckedBundle:
-    """Every check, in order; raise on the first failure, naming it. Returns the checked bundle."""
+    """Every check, in order; raise on the first failure, naming it. Returns the checked bundle.
+
+    Every listed file is opened once and hashed through its descriptor; every later check
+    (headers, fingerprints, fits) and the runtime load read those same bytes, and nothing
+    that is not listed is ever opened.
+    """
     from edgepeft.security import check_artifact
 
     root = Path(root)
     m = read_manifest(root)
-    for rel, rec in m["files"].items():
-        p = safe_member(root, rel)
-        if not p.is_file():
-            raise IntegrityError(f"bundle file {rel} is missing", "Re-pack the bundle")
-        if not isinstance(rec, dict) or p.stat().st_size != rec.get("size"):
-            raise IntegrityError(f"bundle file {rel} has {p.stat().st_size} bytes, the manifest says "
-                                 f"{rec.get('size') if isinstance(rec, dict) else rec}", "The file was changed or truncated")
-        got = sha256_file(p)
-        if got != rec.get("sha256"):
-            raise IntegrityError(f"bundle file {rel} fails its hash check (sha256 {got[:16]}, manifest "
-                                 f"{str(rec.get('sha256'))[:16]})", "The file was modified or corrupted; re-pack")
-    referenced = [m["base"].get("path")] + [a.get("path") for a in m["adapters"]]
-    for rel in referenced:
-        if rel not in m["files"]:
-            raise IntegrityError(f"manifest names {rel!r} but records no hash for it", "Re-pack the bundle")
-    for rel in m["files"]:
-        if rel.endswith((".gguf", ".onnx_adapter", ".onnx")):
-            check_artifact(root / rel)
-    base = read_gguf(root / m["base"]["path"])
-    if base.fingerprint != m["base_fingerprint"]:
-        raise MismatchError(f"base {m['base']['path']} has fingerprint {short(str(base.fingerprint))}, the manifest "
-                            f"says {short(m['base_fingerprint'])}", "Re-pack the bundle")
-    for a in m["adapters"]:
-        check_adapter_fits(base, read_gguf(root / a["path"]), m["base_fingerprint"])
-    for o in m["onnx"]:
-        if o.get("base_fingerprint") != m["base_fingerprint"]:
-            raise MismatchError(f"ONNX folder {o.get('name')} is for base {short(str(o.get('base_fingerprint')))}, "
-                                f"the bundle base is {short(m['base_fingerprint'])}", "Re-pack the bundle")
-        for a in o.get("adapters", []):
-            if f"{o['path']}/{a}" not in m["files"]:
-                raise IntegrityError(f"ONNX adapter {o['path']}/{a} has no hash in the manifest", "Re-pack the bundle")
-        _check_onnx_fits(root, o)
+    opened = Opened(root)
+    try:
+        for rel, rec in m["files"].items():
+            opened.add(rel, rec)
+        for rel in m["files"]:
+            if rel.endswith((".gguf", ".onnx_adapter", ".onnx")):
+                folder = rel.rsplit("/", 1)[0]
+                check_artifact(opened.path(rel), label=rel, resolve=lambda loc, folder=folder: opened.get(f"{folder}/{loc}"))
+        base = read_gguf(opened.path(m["base"]["path"]), m["base"]["path"])
+        if base.fingerprint != m["base_fingerprint"]:
+            raise MismatchError(f"base {esc(m['base']['path'])} has fingerprint {short(str(base.fingerprint))}, the "
+                                f"manifest says {short(m['base_fingerprint'])}", "Re-pack the bundle")
+        for a in m["adapters"]:
+            check_adapter_fits(base, read_gguf(opened.path(a["path"]), a["path"]), m["base_fingerprint"])
+        for o in m["onnx"]:
+            if o.get("base_fingerprint") != m["base_fingerprint"]:
+                raise MismatchError(f"ONNX folder {esc(o['name'])} is for base {short(str(o.get('base_fingerprint')))}, "
+                                    f"the bundle base is {short(m['base_fingerprint'])}", "Re-pack the bundle")
+            _check_onnx_fits(opened, o)
+    except BaseException:
+        opened.close()
+        raise
     listed = set(m["files"]) | {MANIFEST}
-    warnings = [f"unlisted file {p.relative_to(root).as_posix()} (ignored; never loaded)"
-                for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).as_posix() not in listed]
-    return CheckedBundle(root, m, warnings)
+    warnings = [f"unlisted file {esc(rel)} (ignored; never loaded)" for rel in _walk_names(root) if rel not in listed]
+    return CheckedBundle(root, m, warnings, opened)
+
+
+def _walk_names(root: Path, limit: int = 10_000) -> list[str]:
+    """Relative names of regular files under ``root`` (links not followed, at most ``limit``)."""
+    out = []
+    for d, dirs, names in os.walk(root, followlinks=False):
+        for n in names:
+            rel = (Path(d) / n).relative_to(root).as_posix()
+            out.append(rel)
+            if len(out) >= limit:
+                return sorted(out)
+    return sorted(out)
 
 
 def load_checked(bundle_dir: Path) -> CheckedBundle:
@@ -457,31 +647,33 @@ def load_checked(bundle_dir: Path) -> CheckedBundle:
 
 
 def verify_path(target: Path) -> CheckedBundle:
-    """verify a bundle directory, or a .tar extracted into a throwaway directory."""
+    """verify a bundle directory, or a tar extracted into a private throwaway directory."""
     import tempfile
-
-    from edgepeft.bundle_tar import extract_tar
 
     target = Path(target)
     if target.name.startswith(atomic.TMP_PREFIX):
-        raise IntegrityError(f"{target} is an unfinished write left by an interrupted edgepeft run",
+        raise IntegrityError(f"{esc(target)} is an unfinished write left by an interrupted edgepeft run",
                              "Delete it and run the command again")
-    if target.is_file() and tarfile.is_tarfile(target):
-        with tempfile.TemporaryDirectory(prefix="edgepeft-verify-") as d:
-            checked = verify(extract_tar(target, Path(d) / "bundle"))
-            return CheckedBundle(target, checked.manifest, checked.warnings)
     if target.is_file():
-        raise EdgepeftError(f"{target} is a file but not a bundle tar", "Pass a bundle directory or its .tar")
+        with tempfile.TemporaryDirectory(prefix="edgepeft-verify-") as d:
+            checked = _verify_tar(target, Path(d))
+            checked.opened.close()
+            return CheckedBundle(target, checked.manifest, checked.warnings)
     if not target.exists():
-        raise EdgepeftError(f"bundle {target} does not exist", "Check the path")
+        raise EdgepeftError(f"bundle {esc(target)} does not exist", "Check the path")
     return verify(target)
 
 
+def _verify_tar(target: Path, workdir: Path) -> CheckedBundle:
+    from edgepeft.artifacts import is_tar
+    from edgepeft.bundle_tar import extract_tar
+
+    if not is_tar(target):
+        raise EdgepeftError(f"{esc(target)} is a file but not a bundle tar", "Pass a bundle directory or its .tar")
+    return verify(extract_tar(target, workdir / "bundle"))
+
+
 # ------------------------------------------------------------------------------ inspect
-def is_bundle(p: Path) -> bool:
-    return (p.is_dir() and (p / MANIFEST).is_file()) or (p.is_file() and p.suffix == ".tar")
-
-
 def describe_bundle(p: Path) -> dict:
     """``edgepeft inspect BUNDLE``: what is inside, after the full check."""
     checked = verify_path(p)
@@ -494,11 +686,29 @@ def describe_bundle(p: Path) -> dict:
             "total_bytes": sum(f["size"] for f in m["files"].values()), "warnings": checked.warnings}
 
 
-def as_artifact(bundle_dir: Path, extra: dict | None = None):
-    """A checked bundle as a ``runtimes.base.Artifact`` (GGUF base + its adapters), for bench/runtimes."""
+_KEEP: list = []  # checked bundles handed to runtimes: their descriptors (and tar extractions) live until exit
+
+
+def as_artifact(bundle: Path, extra: dict | None = None):
+    """A checked bundle as a ``runtimes.base.Artifact`` (GGUF base + its adapters), for bench/runtimes.
+
+    The model and adapter paths are the descriptors the files were hashed through (see :class:`Opened`),
+    so the runtime loads exactly the verified bytes; ``names`` maps them back to bundle paths.
+    """
+    import tempfile
+
     from edgepeft.runtimes.base import Artifact
 
-    checked = load_checked(bundle_dir)
+    bundle = Path(bundle)
+    if bundle.is_file():
+        work = tempfile.TemporaryDirectory(prefix="edgepeft-bench-")
+        _KEEP.append(work)
+        checked = _verify_tar(bundle, Path(work.name))
+    else:
+        checked = load_checked(bundle)
+    _KEEP.append(checked)
     adapters = {n: checked.adapter_path(n) for n in checked.adapter_names}
-    return Artifact(Path(bundle_dir), "gguf", checked.base_path, {**adapters, **(extra or {})},
-                    checked.manifest["base"].get("quant"))
+    names = {checked.base_path: checked.manifest["base"]["path"],
+             **{checked.adapter_path(a["name"]): a["path"] for a in checked.manifest["adapters"]}}
+    return Artifact(bundle, "gguf", checked.base_path, {**adapters, **(extra or {})},
+                    checked.manifest["base"].get("quant"), names=names)

@@ -12,7 +12,9 @@ reported as ``file:line: field=value is not allowed``.
 from __future__ import annotations
 
 import importlib.resources
+import math
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,7 +91,9 @@ class _LineDict(dict):
 def _loader():
     import yaml
 
-    class Loader(yaml.SafeLoader):
+    from edgepeft.readers import yaml_loader
+
+    class Loader(yaml_loader()):
         pass
 
     def construct_mapping(loader, node, deep=False):
@@ -149,7 +153,69 @@ def _kind_name(kind) -> str:
 
 
 def _positive(v) -> bool:
-    return v > 0
+    return math.isfinite(v) and v > 0
+
+
+# Runtime options are typed: each known key has one type and range, anything else is refused
+# (they reach llama.cpp here and llama-bench's argv on a remote device).
+RUNTIME_OPTIONS = {
+    "n_threads": (lambda v: _int(v) and 0 <= v <= 4096, "an integer in [0, 4096] (0 = physical cores)"),
+    "n_gpu_layers": (lambda v: _int(v) and -1 <= v <= 100_000, "an integer in [-1, 100000] (999 = all)"),
+}
+BINARY_KEYS = ("llama_bench", "llama_cli")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_name(v) -> bool:
+    return isinstance(v, str) and _NAME.fullmatch(v) is not None
+
+
+def _plain_path(v: str) -> bool:
+    return bool(v) and not v.startswith("-") and not _CONTROL.search(v)
+
+
+def _plain_word(v: str) -> bool:
+    return _plain_path(v) and " " not in v
+
+
+def _options(opts: dict, field_name: str, where: str) -> dict:
+    for k, v in opts.items():
+        if k not in RUNTIME_OPTIONS:
+            raise ConfigError(field_name, k, ", ".join(RUNTIME_OPTIONS), source=where)
+        ok, allowed = RUNTIME_OPTIONS[k]
+        if not ok(v):
+            raise ConfigError(f"{field_name}.{k}", v, allowed, source=where)
+    return dict(opts)
+
+
+def _provider_options(po: dict, field_name: str, where: str) -> dict:
+    out = {}
+    for prov, opts in po.items():
+        if not _is_name(prov):
+            raise ConfigError(field_name, prov, "an execution provider name", source=where)
+        if not isinstance(opts, dict):
+            raise ConfigError(f"{field_name}.{prov}", opts, "a mapping of option: value", source=where)
+        for k, v in opts.items():
+            if not _is_name(k) or isinstance(v, (dict, list)) or v is None or \
+                    (isinstance(v, str) and _CONTROL.search(v)) or (isinstance(v, float) and not math.isfinite(v)):
+                raise ConfigError(f"{field_name}.{prov}.{k}", v, "a string, number or boolean", source=where)
+        out[prov] = dict(opts)
+    return out
+
+
+def _binaries(b: dict, field_name: str, where: str) -> dict:
+    for k, v in b.items():
+        if k not in BINARY_KEYS:
+            raise ConfigError(field_name, k, ", ".join(BINARY_KEYS), source=where)
+        if not isinstance(v, str) or not v or v.startswith("-") or _CONTROL.search(v):
+            raise ConfigError(f"{field_name}.{k}", v, "a path to the binary (no control characters, not starting "
+                              "with '-')", source=where)
+    return dict(b)
 
 
 def parse_profile(data, path: str) -> DeviceProfile:
@@ -167,10 +233,12 @@ def parse_profile(data, path: str) -> DeviceProfile:
         r = _Fields(spec if spec is not None else _LineDict(), path, f"runtimes.{rname}.")
         runtimes[rname] = RuntimeSpec(
             name=rname,
-            providers=tuple(r.get("providers", list, default=[])),
-            options=dict(r.get("options", dict, default={})),
-            provider_options=dict(r.get("provider_options", dict, default={})),
-            binaries=dict(r.get("binaries", dict, default={})),
+            providers=tuple(r.get("providers", list, default=[], check=lambda v: all(_is_name(x) for x in v),
+                                  allowed="a list of provider names (letters, digits, '.', '_', '-')")),
+            options=_options(r.get("options", dict, default={}), f"runtimes.{rname}.options", r.where("options")),
+            provider_options=_provider_options(r.get("provider_options", dict, default={}),
+                                               f"runtimes.{rname}.provider_options", r.where("provider_options")),
+            binaries=_binaries(r.get("binaries", dict, default={}), f"runtimes.{rname}.binaries", r.where("binaries")),
             notes=r.get("notes", str, default=""),
         )
         r.done()
@@ -190,9 +258,12 @@ def parse_profile(data, path: str) -> DeviceProfile:
         kind=rd.get("kind", str, check=lambda v: v in REACH_KINDS, allowed=", ".join(REACH_KINDS)),
         uri=rd.get("uri", str, default=None, check=lambda v: v.startswith(("ssh://", "adb://")),
                    allowed="ssh://user@host[:port] or adb://SERIAL"),
-        python=rd.get("python", str, default="python3"),
-        workdir=rd.get("workdir", str, default="~/edgepeft-bench"),
-        known_hosts=rd.get("known_hosts", str, default=None),
+        python=rd.get("python", str, default="python3", check=_plain_word,
+                      allowed="an interpreter path (no spaces or control characters, not starting with '-')"),
+        workdir=rd.get("workdir", str, default="~/edgepeft-bench", check=_plain_path,
+                       allowed="a directory path (no control characters, not starting with '-')"),
+        known_hosts=rd.get("known_hosts", str, default=None, check=_plain_path,
+                           allowed="a file path (no control characters, not starting with '-')"),
         timeout_s=float(rd.get("timeout_s", (int, float), default=20.0, check=_positive, allowed="a number > 0")),
         notes=rd.get("notes", str, default=""),
     )
@@ -209,7 +280,7 @@ def parse_profile(data, path: str) -> DeviceProfile:
         arch=f.get("arch", str, default="x86_64", check=lambda v: v in ("x86_64", "arm64"),
                    allowed="x86_64, arm64"),
         usable_fraction=float(f.get("usable_fraction", (int, float), default=DEFAULT_USABLE_FRACTION,
-                                    check=lambda v: 0 < v <= 1, allowed="a number in (0, 1]")),
+                                    check=lambda v: math.isfinite(v) and 0 < v <= 1, allowed="a number in (0, 1]")),
         source=path,
     )
     f.done()
@@ -217,21 +288,11 @@ def parse_profile(data, path: str) -> DeviceProfile:
 
 
 def load_profile_file(path: Path) -> DeviceProfile:
-    import yaml
+    from edgepeft.readers import MAX_YAML_BYTES, loads_yaml, read_text
 
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise EdgepeftError(f"cannot read device profile {path}: {e.strerror}", "Check the path") from e
-    try:
-        data = yaml.load(text, Loader=_loader())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f"{mark.line + 1}" if mark else "?"
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise EdgepeftError(f"{path}:{line}: invalid YAML ({problem})", "Fix the YAML syntax") from e
-    return parse_profile(data, str(path))
+    text = read_text(path, "device profile", MAX_YAML_BYTES)
+    return parse_profile(loads_yaml(text, str(path), _loader()), str(path))
 
 
 def shipped_profiles() -> dict[str, Path]:

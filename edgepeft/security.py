@@ -1,6 +1,9 @@
-"""Header sanity checks that run before any file reaches a C++ runtime (llama.cpp, ORT).
+"""The bounded binary readers: every GGUF, ``.onnx_adapter`` and ``.onnx`` header edgepeft reads.
 
-Both parsers here are bounded walkers: every length, count and offset read from the file
+This is the only place those formats are parsed (inspect, bench, pack, verify, the fit
+checks and every runtime load call it; no gguf-py ``GGUFReader``). Files are read with
+plain bounded ``read()``s, never mmap, so a file that shrinks while it is read is an
+error, not a SIGBUS. The walkers here are bounded: every length, count and offset read from the file
 is checked against the bytes that remain before anything is sliced or allocated, so a
 truncated, bit-flipped or hostile file costs at most one pass over its header and ends
 in an :class:`IntegrityError` naming what is wrong. They never hand the file to a
@@ -15,8 +18,10 @@ library that trusts its offsets.
 
 from __future__ import annotations
 
-import mmap
+import array
+import os
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +35,13 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_KEY_LEN = 1 << 16
 _FIX = "Re-export or re-download it"
 
-# GGUF value type -> struct format of one scalar (8 = string, 9 = array handled apart)
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-_U64 = struct.Struct("<Q")
+MAX_STRING = 64 << 20  # one metadata string (chat templates are KBs; nothing legitimate is near this)
+# GGUF value type -> struct of one scalar (8 = string, 9 = array handled apart); bool read as a byte
+_GGUF_SCALARS = {t: struct.Struct("<" + f) for t, f in
+                 {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}.items()}
+_ARRAY_CODES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}
+_UINT32, _BOOL, _STRING, _ARRAY = 4, 7, 8, 9
+_U32, _U64, _QQ, _IQ = struct.Struct("<I"), struct.Struct("<Q"), struct.Struct("<QQ"), struct.Struct("<IQ")
 
 
 @dataclass
@@ -55,15 +63,24 @@ class GGUFHeader:
     path: Path
     version: int
     size: int
-    metadata: dict = field(default_factory=dict)  # scalars and strings only; arrays as their length
+    metadata: dict = field(default_factory=dict)  # key -> decoded value (arrays as lists)
+    types: dict = field(default_factory=dict)  # key -> GGUF value type (arrays: (9, element type))
     tensors: dict[str, GGUFTensorInfo] = field(default_factory=dict)
 
 
-class _Cursor:
-    """Little-endian reader over a mapped file that refuses to read past its end."""
+class _Stream:
+    """Little-endian reader over an open file: plain bounded ``read()``s, never mmap.
 
-    def __init__(self, buf, path: Path):
-        self.buf, self.path, self.size, self.pos = buf, path, len(buf), 0
+    Every length is checked against the bytes the file had when it was opened, and a short
+    read (the file shrank while it was read) is an :class:`IntegrityError`, not a SIGBUS.
+    """
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, f, label: str, size: int):
+        self.f, self.path, self.size = f, label, size
+        self.pos = 0  # absolute offset of the next byte
+        self.buf, self.bpos = b"", 0
 
     def left(self) -> int:
         return self.size - self.pos
@@ -75,136 +92,151 @@ class _Cursor:
 
     def read(self, n: int, what: str) -> bytes:
         self.need(n, what)
-        b = bytes(self.buf[self.pos:self.pos + n])
+        avail = len(self.buf) - self.bpos
+        if avail < n:
+            want = min(max(n - avail, self._CHUNK), self.size - self.pos - avail)
+            more = self.f.read(want)
+            if len(more) < n - avail:
+                raise IntegrityError(f"{self.path} shrank while it was read (at byte {self.pos + avail + len(more)} "
+                                     f"of {self.size})", "Do not modify the file while edgepeft reads it")
+            self.buf, self.bpos = self.buf[self.bpos:] + more, 0
+        b = self.buf[self.bpos:self.bpos + n]
+        self.bpos += n
         self.pos += n
         return b
 
-    def skip(self, n: int, what: str) -> None:
-        self.need(n, what)
-        self.pos += n
+    def unpack(self, st: struct.Struct, what: str):
+        return st.unpack(self.read(st.size, what))
 
-    def unpack(self, fmt: str, what: str):
-        st = struct.Struct("<" + fmt)
-        self.need(st.size, what)
-        v = st.unpack_from(self.buf, self.pos)
-        self.pos += st.size
-        return v
-
-    def string(self, what: str, limit: int | None = None) -> bytes:
-        (n,) = self.unpack("Q", f"{what} length")
-        if limit is not None and n > limit:
+    def string(self, what: str, limit: int) -> str:
+        (n,) = self.unpack(_U64, f"{what} length")
+        if n > limit:
             raise IntegrityError(f"{self.path}: {what} claims {n} bytes (limit {limit}); the file is corrupt", _FIX)
-        return self.read(n, what)
+        return self.read(n, what).decode("utf-8", "replace")
 
 
-def _regular_file(path: Path, kind: str) -> int:
+def _regular_file(path: Path, kind: str, label: str | None = None) -> int:
+    shown = label or str(path)
     path = Path(path)
     if not path.exists():
-        raise IntegrityError(f"{path} does not exist", "Check the path")
+        raise IntegrityError(f"{shown} does not exist", "Check the path")
     if path.is_dir():
-        raise IntegrityError(f"{path} is a directory, expected a {kind} file", f"Pass the {kind} file itself")
+        raise IntegrityError(f"{shown} is a directory, expected a {kind} file", f"Pass the {kind} file itself")
     if not path.is_file():
-        raise IntegrityError(f"{path} is not a regular file", f"Pass a {kind} file")
+        raise IntegrityError(f"{shown} is not a regular file", f"Pass a {kind} file")
     size = path.stat().st_size
     if size == 0:
-        raise IntegrityError(f"{path} is empty (0 bytes)", _FIX)
+        raise IntegrityError(f"{shown} is empty (0 bytes)", _FIX)
     return size
 
 
-def check_gguf_header(path: Path) -> GGUFHeader:
-    """Walk the whole GGUF header with every size bounded; return names, shapes and scalar metadata."""
+def check_gguf_header(path: Path, label: str | None = None) -> GGUFHeader:
+    """Walk the whole GGUF header with every size bounded; return names, shapes and metadata.
+
+    The one GGUF reader: every other module reads GGUF metadata through this. ``label`` names
+    the file in errors when ``path`` is a descriptor path (``/proc/self/fd/N``).
+    """
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
-    size = _regular_file(path, ".gguf")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        c = _Cursor(mm, path)
-        magic = mm[:4]
-        c.pos = len(magic)
+    label = label or str(path)
+    _regular_file(path, ".gguf", label)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        c = _Stream(f, label, size)
+        magic = c.read(min(4, size), "magic")
         if magic != GGUF_MAGIC:
-            raise IntegrityError(f"{path} is not a GGUF file (magic {magic!r})",
+            raise IntegrityError(f"{label} is not a GGUF file (magic {magic!r})",
                                  "Pass a .gguf written by llama.cpp or edgepeft")
-        (version,) = c.unpack("I", "version")
+        (version,) = c.unpack(_U32, "version")
         if version not in GGUF_VERSIONS:
-            raise IntegrityError(f"{path}: unsupported GGUF version {version} (supported: 2, 3)",
+            raise IntegrityError(f"{label}: unsupported GGUF version {version} (supported: 2, 3)",
                                  "Re-export with a current llama.cpp/edgepeft")
-        n_tensors, n_kv = c.unpack("QQ", "tensor and key counts")
+        n_tensors, n_kv = c.unpack(_QQ, "tensor and key counts")
         if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
-            raise IntegrityError(f"{path}: implausible GGUF header ({n_tensors} tensors, {n_kv} keys); "
+            raise IntegrityError(f"{label}: implausible GGUF header ({n_tensors} tensors, {n_kv} keys); "
                                  "the file is corrupt", _FIX)
-        hdr = GGUFHeader(path, version, size)
+        hdr = GGUFHeader(Path(label), version, size)
         for _ in range(n_kv):
-            key = c.string("metadata key", MAX_KEY_LEN).decode("utf-8", "replace")
-            (vtype,) = c.unpack("I", f"type of {key}")
-            hdr.metadata[key] = _gguf_value(c, vtype, key, depth=0)
+            key = c.string("metadata key", MAX_KEY_LEN)
+            if key in hdr.metadata:
+                raise IntegrityError(f"{label}: metadata key {key!r} appears twice (llama.cpp refuses such files)", _FIX)
+            (vtype,) = c.unpack(_U32, f"type of {key!r}")
+            hdr.metadata[key], hdr.types[key] = _gguf_value(c, vtype, key)
         infos = []
         for i in range(n_tensors):
-            name = c.string(f"tensor {i} name", MAX_KEY_LEN).decode("utf-8", "replace")
-            (n_dims,) = c.unpack("I", f"tensor {name} rank")
+            name = c.string(f"tensor {i} name", MAX_KEY_LEN)
+            (n_dims,) = c.unpack(_U32, f"tensor {name!r} rank")
             if not 1 <= n_dims <= MAX_DIMS:
-                raise IntegrityError(f"{path}: tensor {name} has {n_dims} dims (1-{MAX_DIMS} allowed); "
+                raise IntegrityError(f"{label}: tensor {name!r} has {n_dims} dims (1-{MAX_DIMS} allowed); "
                                      "the file is corrupt", _FIX)
-            ne = c.unpack("Q" * n_dims, f"tensor {name} dims")
-            ttype, offset = c.unpack("IQ", f"tensor {name} type/offset")
+            ne = struct.unpack(f"<{n_dims}Q", c.read(8 * n_dims, f"tensor {name!r} dims"))
+            ttype, offset = c.unpack(_IQ, f"tensor {name!r} type/offset")
             infos.append((name, ne, ttype, offset))
         align = hdr.metadata.get("general.alignment", 32)
+        if "general.alignment" in hdr.types and hdr.types["general.alignment"] != _UINT32:
+            raise IntegrityError(f"{label}: general.alignment is stored as GGUF type "
+                                 f"{hdr.types['general.alignment']}, allowed: uint32 (type {_UINT32})", _FIX)
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
-            raise IntegrityError(f"{path}: general.alignment={align!r} is not a power of two", _FIX)
+            raise IntegrityError(f"{label}: general.alignment={align!r} is not a power of two", _FIX)
         data_start = (c.pos + align - 1) // align * align
     for name, ne, ttype, offset in infos:
         try:
             qtype = GGMLQuantizationType(ttype)
             block, type_size = GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
-            raise IntegrityError(f"{path}: tensor {name} has unknown ggml type {ttype}", _FIX) from None
+            raise IntegrityError(f"{label}: tensor {name!r} has unknown ggml type {ttype}", _FIX) from None
         n = 1
         for d in ne:
             if d <= 0 or d > 1 << 40:
-                raise IntegrityError(f"{path}: tensor {name} has dimension {d}; the file is corrupt", _FIX)
+                raise IntegrityError(f"{label}: tensor {name!r} has dimension {d}; the file is corrupt", _FIX)
             n *= d
         if ne[0] % block:
-            raise IntegrityError(f"{path}: tensor {name} row length {ne[0]} is not a multiple of the "
+            raise IntegrityError(f"{label}: tensor {name!r} row length {ne[0]} is not a multiple of the "
                                  f"{qtype.name} block size {block}; the file is corrupt", _FIX)
         nbytes = n // block * type_size
         if offset % align:
-            raise IntegrityError(f"{path}: tensor {name} offset {offset} is not {align}-byte aligned", _FIX)
+            raise IntegrityError(f"{label}: tensor {name!r} offset {offset} is not {align}-byte aligned", _FIX)
         start = data_start + offset
         if start + nbytes > size:
-            raise IntegrityError(f"{path}: tensor {name} ends at byte {start + nbytes} past the file end ({size}); "
+            raise IntegrityError(f"{label}: tensor {name!r} ends at byte {start + nbytes} past the file end ({size}); "
                                  "it is truncated", _FIX)
         if name in hdr.tensors:
-            raise IntegrityError(f"{path}: tensor {name} appears twice", _FIX)
+            raise IntegrityError(f"{label}: tensor {name!r} appears twice", _FIX)
         hdr.tensors[name] = GGUFTensorInfo(name, tuple(ne), ttype, start, nbytes)
     return hdr
 
 
-def _gguf_value(c: _Cursor, vtype: int, key: str, depth: int):
+def _gguf_value(c: _Stream, vtype: int, key: str):
+    """(value, type) of one metadata entry; arrays are decoded in full (bounded by the file's bytes)."""
     if vtype in _GGUF_SCALARS:
-        (v,) = c.unpack(_GGUF_SCALARS[vtype], f"value of {key}")
-        return v
+        st = _GGUF_SCALARS[vtype]
+        (v,) = c.unpack(st, f"value of {key!r}")
+        if vtype == _BOOL and v not in (0, 1):
+            raise IntegrityError(f"{c.path}: metadata {key!r} is a bool stored as {v}; allowed: 0 or 1", _FIX)
+        return (bool(v) if vtype == _BOOL else v), vtype
     if vtype == _STRING:
-        return c.string(f"value of {key}").decode("utf-8", "replace")
-    if vtype == _ARRAY and depth == 0:
-        (sub,) = c.unpack("I", f"array type of {key}")
-        (n,) = c.unpack("Q", f"array length of {key}")
+        return c.string(f"value of {key!r}", MAX_STRING), vtype
+    if vtype == _ARRAY:
+        (sub,) = c.unpack(_U32, f"array type of {key!r}")
+        (n,) = c.unpack(_U64, f"array length of {key!r}")
         if sub in _GGUF_SCALARS:
-            c.skip(n * struct.calcsize(_GGUF_SCALARS[sub]), f"array {key}")
-        elif sub == _STRING:
-            c.need(n * 8, f"array {key}")  # each string has at least its 8-byte length
-            buf, pos, end = c.buf, c.pos, c.size
-            for _ in range(n):  # hot loop over vocabularies: inline the bounds check
-                if pos + 8 > end:
-                    c.pos = pos
-                    c.need(8, f"string in {key}")
-                pos += 8 + _U64.unpack_from(buf, pos)[0]
-                if pos > end:
-                    c.pos = end
-                    c.need(1, f"string in {key}")
-            c.pos = pos
-        else:
-            raise IntegrityError(f"{c.path}: metadata {key} is an array of unsupported type {sub}", _FIX)
-        return [n]  # length only: callers that need array contents use gguf-py after this check
-    raise IntegrityError(f"{c.path}: metadata {key} has unknown value type {vtype}; the file is corrupt", _FIX)
+            st = _GGUF_SCALARS[sub]
+            vals = array.array(_ARRAY_CODES[sub], c.read(n * st.size, f"array {key!r}"))  # 1x the file's bytes
+            if sys.byteorder != "little":
+                vals.byteswap()
+            return vals, (_ARRAY, sub)
+        if sub == _STRING:
+            c.need(n * 8, f"array {key!r}")  # each string has at least its 8-byte length
+            return [c.string(f"string in {key!r}", MAX_STRING) for _ in range(n)], (_ARRAY, sub)
+        raise IntegrityError(f"{c.path}: metadata {key!r} is an array of unsupported type {sub}", _FIX)
+    raise IntegrityError(f"{c.path}: metadata {key!r} has unknown value type {vtype}; the file is corrupt", _FIX)
+
+
+def read_metadata(path: Path, prefix: str = "") -> dict:
+    """Decoded GGUF metadata whose keys start with ``prefix`` (tokenizer arrays left out)."""
+    return {k: v for k, v in check_gguf_header(path).metadata.items()
+            if k.startswith(prefix) and not k.startswith(("tokenizer.ggml.", "GGUF."))}
 
 
 # --- .onnx_adapter (ORT flatbuffers) ----------------------------------------------------
@@ -212,6 +244,8 @@ def _gguf_value(c: _Cursor, vtype: int, key: str, depth: int):
 ADAPTER_IDENTIFIER = b"TORT"
 ADAPTER_FORMAT_VERSIONS = (1,)
 MAX_PARAMETERS = 1 << 16
+MAX_ADAPTER_BYTES = 8 << 30  # read whole (adapters are MBs); refuse anything absurd before allocating
+MAX_ONNX_GRAPH_BYTES = 2 << 30  # protobuf's own limit for one message
 # ORT TensorDataType -> bytes per element (STRING=8 is refused: adapters never hold strings)
 _ORT_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 14: 8, 15: 16,
                  16: 2, 17: 1, 18: 1, 19: 1, 20: 1}
@@ -285,13 +319,15 @@ class _FB:
         return vec + 4, n
 
 
-def check_onnx_adapter(path: Path) -> OnnxAdapterHeader:
+def check_onnx_adapter(path: Path, label: str | None = None) -> OnnxAdapterHeader:
     """Validate an ``.onnx_adapter`` file's flatbuffer structure before ORT reads it."""
     path = Path(path)
-    size = _regular_file(path, ".onnx_adapter")
+    _regular_file(path, ".onnx_adapter", label)
+    buf = _read_all(path, label, MAX_ADAPTER_BYTES, ".onnx_adapter")
+    path = Path(label or path)
+    size = len(buf)
     if size < 8:
         raise IntegrityError(f"{path} is too short for an .onnx_adapter ({size} bytes)", _FIX)
-    buf = path.read_bytes()  # adapters are small (MBs); the size check below bounds every slice
     if buf[4:8] != ADAPTER_IDENTIFIER:
         raise IntegrityError(f"{path} is not an .onnx_adapter (identifier {buf[4:8]!r}, expected b'TORT')",
                              "Pass a file written by onnxruntime.AdapterFormat or edgepeft export --format onnx")
@@ -309,7 +345,7 @@ def check_onnx_adapter(path: Path) -> OnnxAdapterHeader:
     for i in range(n):
         p = fb.deref(start + 4 * i, f"parameter {i}")
         s, ln = fb.vector(p, 0, 1, f"parameter {i} name")
-        name = buf[s:s + ln].decode("utf-8", "replace")
+        name = bytes(buf[s:s + ln]).decode("utf-8", "replace")
         ds, nd = fb.vector(p, 1, 8, f"parameter {name} dims")
         if nd > 8:
             raise IntegrityError(f"{path}: parameter {name} has {nd} dims; the file is corrupt", _FIX)
@@ -334,43 +370,84 @@ def check_onnx_adapter(path: Path) -> OnnxAdapterHeader:
 
 # --- .onnx models -----------------------------------------------------------------------
 
-def check_onnx_model(path: Path) -> None:
-    """An ONNX model's external-data files must stay inside its folder and exist at the stated sizes."""
+def _read_all(path: Path, label: str | None, limit: int, kind: str) -> bytes:
+    """A whole (small) file with one bounded read; a file that shrinks meanwhile is an error, not a crash."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise IntegrityError(f"{label or path} is {size} bytes, more than any {kind} edgepeft reads ({limit})", _FIX)
+        buf = f.read(size)
+    if len(buf) != size:
+        raise IntegrityError(f"{label or path} shrank while it was read ({len(buf)} of {size} bytes)",
+                             "Do not modify the file while edgepeft reads it")
+    return buf
+
+
+def load_onnx_graph(path: Path, label: str | None = None):
+    """An ONNX model's graph (no external data), parsed from one bounded read."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
     path = Path(path)
-    size = _regular_file(path, ".onnx")
+    _regular_file(path, ".onnx", label)
+    raw = _read_all(path, label, MAX_ONNX_GRAPH_BYTES, ".onnx graph")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf DecodeError and friends
-        raise IntegrityError(f"{path} is not a valid ONNX model ({type(e).__name__}: {size} bytes)", _FIX) from e
+        return onnx.load_model_from_string(raw)
+    except Exception as e:  # noqa: BLE001 - protobuf DecodeError, RecursionError on deep nesting, and friends
+        raise IntegrityError(f"{label or path} is not a valid ONNX model ({type(e).__name__}, {len(raw)} bytes)",
+                             _FIX) from None
+
+
+def check_onnx_model(path: Path, label: str | None = None, resolve=None) -> None:
+    """An ONNX model's external-data files must stay inside its folder and exist at the stated sizes.
+
+    ``resolve(rel)`` maps a folder-relative location to the file to check (a bundle passes its
+    hashed descriptors, so an unlisted file is never opened); by default it is looked up beside ``path``.
+    """
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    path = Path(path)
+    shown = label or str(path)
+    model = load_onnx_graph(path, label)
     folder = path.parent.resolve()
     for t in _get_all_tensors(model):
         if not uses_external_data(t):
             continue
-        info = ExternalDataInfo(t)
-        rel = Path(info.location)
-        target = (folder / rel).resolve()
-        if rel.is_absolute() or ".." in rel.parts or not target.is_relative_to(folder):
-            raise IntegrityError(f"{path}: tensor {t.name} points at external data {info.location!r} outside "
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        rel = Path(loc)
+        nums = {}
+        for k in ("offset", "length"):
+            v = info.get(k, "0") or "0"
+            if not v.isdigit() or len(v) > 19:
+                raise IntegrityError(f"{shown}: tensor {t.name!r} has external-data {k}={v!r}",
+                                     "Allowed: a non-negative integer; re-export the model")
+            nums[k] = int(v)
+        if not loc or rel.is_absolute() or ".." in rel.parts or "\\" in loc or "\0" in loc:
+            raise IntegrityError(f"{shown}: tensor {t.name!r} points at external data {loc!r} outside "
                                  "the model folder", "Refusing to load it; re-export the model")
-        if not target.is_file():
-            raise IntegrityError(f"{path}: external data file {info.location} for tensor {t.name} is missing", _FIX)
-        end = (info.offset or 0) + (info.length or 0)
-        if end > target.stat().st_size:
-            raise IntegrityError(f"{path}: tensor {t.name} ends at byte {end} past the end of {info.location}", _FIX)
+        if resolve is not None:
+            target = resolve(rel.as_posix())
+        else:
+            target = (folder / rel).resolve()
+            if not target.is_relative_to(folder):
+                raise IntegrityError(f"{shown}: tensor {t.name!r} points at external data {loc!r} outside "
+                                     "the model folder", "Refusing to load it; re-export the model")
+        if target is None or not Path(target).is_file():
+            raise IntegrityError(f"{shown}: external data file {loc} for tensor {t.name!r} is missing", _FIX)
+        end = nums["offset"] + nums["length"]
+        if end > Path(target).stat().st_size:
+            raise IntegrityError(f"{shown}: tensor {t.name!r} ends at byte {end} past the end of {loc}", _FIX)
 
 
-def check_artifact(path: Path) -> None:
+def check_artifact(path: Path, label: str | None = None, resolve=None) -> None:
     """Dispatch on the suffix; runtimes call this on any file before handing it to native code."""
     path = Path(path)
-    suffix = path.suffix.lower()
+    suffix = Path(label or path).suffix.lower()
     if suffix == ".gguf":
-        check_gguf_header(path)
+        check_gguf_header(path, label)
     elif suffix == ".onnx_adapter":
-        check_onnx_adapter(path)
+        check_onnx_adapter(path, label)
     elif suffix == ".onnx":
-        check_onnx_model(path)
+        check_onnx_model(path, label, resolve)
     else:
-        _regular_file(path, suffix or "model")
+        _regular_file(path, suffix or "model", label)

@@ -42,10 +42,30 @@ def _console(stderr=False):
     return Console(stderr=stderr, highlight=False)
 
 
+def esc(x) -> str:
+    """``x`` as text that prints as exactly one line: control characters (newline, carriage return,
+    ANSI escape, bidi overrides, ...) become their Python escapes. The one escaping helper for every
+    name, key or path that came from a file or the command line; ``{x!r}`` is equally safe."""
+    s = str(x)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+def cell(x) -> str:
+    """Text for a rich renderable (table cell, title): :func:`esc` plus rich-markup escaping."""
+    from rich.markup import escape
+
+    return escape(esc(x))
+
+
 def info(msg: str) -> None:
-    """Status line (suppressed by --quiet), to stderr so stdout stays data."""
+    """Status line (suppressed by --quiet), to stderr so stdout stays data. Never parsed as markup; every
+    line passes :func:`esc` (a newline in ``msg`` starts a new status line, one inside a name must be escaped
+    where the name is interpolated: use ``{name!r}`` or ``esc(name)``)."""
     if STATE.quiet:
         return
+    msg = "\n".join(esc(line) for line in str(msg).splitlines())
     if _LIVE.progress is not None:  # above the live display, which keeps redrawing below
         _LIVE.progress.console.print(msg, markup=False)
     elif _live_ok():
@@ -54,6 +74,11 @@ def info(msg: str) -> None:
         for line in str(msg).splitlines() or [""]:
             sys.stderr.write(f"[{STATE.command}] {line}\n")
         sys.stderr.flush()
+
+
+def echo(msg: str) -> None:
+    """A result line on stdout, one line whatever names it contains."""
+    click.echo(esc(msg))
 
 
 # ----------------------------------------------------------------------------- progress
@@ -248,7 +273,7 @@ def show_progress() -> bool:
 
 
 def fail(line: str, code: int = EXIT_USAGE):
-    click.echo(f"edgepeft: error: {line}", err=True)
+    click.echo(f"edgepeft: error: {esc(line)}", err=True)
     sys.exit(code)
 
 

@@ -10,7 +10,7 @@ Pipeline: resolve the base, load (and prune) the adapters into :class:`AdapterPl
 Block quantizations run llama.cpp's own quantizer over an F32/F16 intermediate written to a
 temp file in ``--out``. The tokenizer (read through transformers) resolves in a child process
 meanwhile and its keys are added after quantizing (``gguf_tokenizer.TokenizerJob``). Every file carries ``edgepeft.*`` metadata (base fingerprint,
-adapter hash and name, settings) so ``edgepeft.bundle_fit.check_gguf_pair`` can refuse an adapter made for
+adapter hash and name, settings) so ``edgepeft.fit.check_gguf_pair`` can refuse an adapter made for
 another base of the same shape, which llama.cpp itself would load silently. Every export ends
 by running the artifact in llama.cpp against the PyTorch reference (``export/gguf_verify.py``).
 """

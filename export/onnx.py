@@ -420,27 +420,3 @@ def applied(model, plan):
         with torch.no_grad():
             for target, w0 in saved.items():
                 params[target + ".weight"].copy_(w0)
-
-
-# ------------------------------------------------------------------ inspect
-def is_onnx_export(p: Path) -> bool:
-    return p.is_dir() and ((p / MANIFEST).is_file() or (p / "genai_config.json").is_file())
-
-
-def describe_onnx(p: Path) -> dict:
-    """What an ONNX export folder holds: the manifest, adapter slots, and each adapter's fit."""
-    from edgepeft.export import onnx_adapters as oa
-
-    manifest = json.loads((p / MANIFEST).read_text()) if (p / MANIFEST).is_file() else {}
-    info = {"kind": "onnx", "path": str(p), **{k: manifest.get(k) for k in ("mode", "quant", "target", "base")}}
-    if (p / oa.MODEL_FILE).is_file():
-        slots = oa.model_slots(p)
-        info["adapter_slots"] = len(slots) // 2
-        info["adapters"] = {}
-        for f in sorted((p / ADAPTER_DIR).glob("*" + oa.ADAPTER_SUFFIX)) if slots else []:
-            fit = oa.check_onnx_adapter_fits(p, f)  # raises, naming the tensor, if it does not fit
-            info["adapters"][f.name] = {"modules": fit["modules"], "ranks": sorted(set(fit["ranks"].values()))}
-    if manifest.get("qnn"):
-        info["qnn"] = {k: manifest["qnn"][k] for k in ("soc_model", "htp_arch", "prefill_len", "cache_len")}
-    info["total_bytes"] = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return info

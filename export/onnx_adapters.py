@@ -12,7 +12,7 @@ rewrite is done here in a few lines of ``onnx``.
 
 An ``.onnx_adapter`` (``onnxruntime.AdapterFormat``) then holds, per module, A as (in, r)
 and scale·B as (r, out), named exactly like the graph inputs. Names and shapes are checked
-when the file is written and again by :func:`check_onnx_adapter_fits` before it is loaded.
+when the file is written and again by :func:`edgepeft.fit.check_onnx_adapter_fits` before it is loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
+from edgepeft.fit import check_onnx_adapter_fits, check_parameters, model_slots  # noqa: F401 - the one fit check
 
 RANK_DIM = "lora_r"
 MODEL_FILE = "model.onnx"
@@ -30,7 +31,6 @@ ADAPTER_SUFFIX = ".onnx_adapter"
 BUILDER_BLOCKS = {"attn": "self_attn", "mlp": "mlp"}
 _HF_BLOCKS = {v: k for k, v in BUILDER_BLOCKS.items()}
 _BUILDER_LORA = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<block>\w+)\.(?P<proj>\w+)\.lora_(?P<ab>[AB])\.MatMul\.weight$")
-_PARAM = re.compile(r"^(?P<target>.+)\.lora_(?P<ab>[AB])\.weight$")
 _HF_TARGET = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<block>\w+)\.(?P<proj>\w+)$")
 
 
@@ -115,31 +115,6 @@ def make_lora_inputs(model_path: Path) -> dict[str, dict]:
     return slots
 
 
-def model_slots(model_dir: Path) -> dict[str, dict]:
-    """The adapter slots of an exported model, read from its graph inputs (weights not loaded)."""
-    import onnx
-    from onnx import helper
-
-    path = Path(model_dir)
-    path = path / MODEL_FILE if path.is_dir() else path
-    if not path.is_file():
-        raise EdgepeftError(f"{path} does not exist", "Pass the folder written by edgepeft export --format onnx")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise IntegrityError(f"cannot read ONNX model {path}: {type(e).__name__}", "Re-export it") from e
-    slots = {}
-    for vi in model.graph.input:
-        m = _PARAM.match(vi.name)
-        if not m:
-            continue
-        t = vi.type.tensor_type
-        shape = [None if d.dim_param else int(d.dim_value) for d in t.shape.dim]
-        slots[vi.name] = {"shape": shape, "dtype": helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                          "target": m["target"]}
-    return slots
-
-
 # ------------------------------------------------------------------ adapter files
 def plan_parameters(plan, slots: dict[str, dict]) -> dict:
     """``{param: np.ndarray}`` for one AdapterPlan, checked against the model's slots."""
@@ -158,47 +133,8 @@ def plan_parameters(plan, slots: dict[str, dict]) -> dict:
                                     f"Export the base with this adapter among --adapter so the slot exists "
                                     f"({len(slots) // 2} modules have slots)")
             params[name] = arr.astype(np.dtype(slot["dtype"]))
-    check_parameters(params, slots, where=f"adapter {plan.name}")
+    check_parameters({k: (v.shape, str(v.dtype)) for k, v in params.items()}, slots, where=f"adapter {plan.name}")
     return params
-
-
-def check_parameters(params: dict, slots: dict[str, dict], where: str) -> dict[str, int]:
-    """Names, dtypes and shapes of adapter parameters vs the model's slots; returns ranks per target."""
-    ranks: dict[str, int] = {}
-    for name in sorted(params):
-        arr = params[name]
-        slot = slots.get(name)
-        if slot is None:
-            hint = _nearest(name, slots)
-            raise MismatchError(f"{where}: parameter {name} is not an adapter input of the model"
-                                + (f" (closest: {hint})" if hint else ""),
-                                "Export the adapter against this base with edgepeft export --mode separate")
-        shape = list(arr.shape)
-        want = slot["shape"]
-        if len(shape) != len(want) or any(w is not None and w != s for w, s in zip(want, shape)):
-            shown = ["r" if w is None else w for w in want]
-            raise MismatchError(f"{where}: parameter {name} has shape {shape}, the model expects {shown}",
-                                "The adapter was made for a different base; re-export it against this one")
-        if str(arr.dtype) != slot["dtype"]:
-            raise MismatchError(f"{where}: parameter {name} is {arr.dtype}, the model expects {slot['dtype']}",
-                                "Re-export the adapter against this base")
-        rank = shape[want.index(None)]
-        target = slot["target"]
-        if ranks.setdefault(target, rank) != rank:
-            raise MismatchError(f"{where}: {target} has A and B of different ranks ({ranks[target]} vs {rank})",
-                                "Re-export the adapter")
-    for target in ranks:
-        for ab in "AB":
-            if param_name(target, ab) not in params:
-                raise MismatchError(f"{where}: {target} has only one of lora_A/lora_B", "Re-export the adapter")
-    return ranks
-
-
-def _nearest(name: str, slots) -> str | None:
-    import difflib
-
-    close = difflib.get_close_matches(name, list(slots), n=1, cutoff=0.6)
-    return close[0] if close else None
 
 
 def write_onnx_adapter(params: dict, path: Path) -> None:
@@ -228,20 +164,3 @@ def read_onnx_adapter(path: Path) -> dict:
     except Exception as e:
         raise IntegrityError(f"{path} is not a readable .onnx_adapter ({type(e).__name__})",
                              "Re-export it with edgepeft export --format onnx --mode separate") from e
-
-
-def check_onnx_adapter_fits(model_dir, adapter_path) -> dict:
-    """Load-time check: does ``adapter_path`` fit the ONNX model in ``model_dir``?
-
-    Returns ``{"adapter": path, "modules": n, "ranks": {target: r}}``; raises
-    :class:`MismatchError` naming the first parameter whose name, dtype or shape does not fit.
-    Runtimes and bundles call this before ``og.Adapters.load`` / ``ort.LoraAdapter.Load``,
-    whose own errors do not say which tensor is wrong.
-    """
-    slots = model_slots(Path(model_dir))
-    if not slots:
-        raise MismatchError(f"ONNX model in {model_dir} has no LoRA inputs, so {adapter_path} cannot be applied",
-                            "Export the base with --mode separate")
-    params = read_onnx_adapter(Path(adapter_path))
-    ranks = check_parameters(params, slots, where=f"adapter {adapter_path}")
-    return {"adapter": str(adapter_path), "modules": len(ranks), "ranks": ranks}

@@ -46,6 +46,10 @@ class Artifact:
     model: Path  # the file (gguf, onnx) or folder (genai) handed to the runtime
     adapters: dict[str, Path] = field(default_factory=dict)
     quant: str | None = None  # gguf file type (q4_k_m...) or onnx quant (int4...)
+    names: dict = field(default_factory=dict)  # file handed over -> the name it has for users (bundle path)
+
+    def name_of(self, f: Path) -> str:
+        return self.names.get(f) or str(f)
 
     @property
     def model_files(self) -> list[Path]:

@@ -68,7 +68,7 @@ class LlamaCppRuntime:
     def load(self, artifact: Artifact, device, n_ctx: int = 1024) -> None:
         import llama_cpp
 
-        from edgepeft.bundle_fit import check_adapter_fits, read_gguf
+        from edgepeft.fit import check_adapter_fits, read_gguf
 
         self._ll = llama_cpp
         quiet_logs(llama_cpp)

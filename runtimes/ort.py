@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from edgepeft.export.onnx_adapters import check_onnx_adapter_fits
 from edgepeft.runtimes.base import Artifact, check_adapter_name
 
 from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
+from edgepeft.fit import check_onnx_adapter_fits
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,

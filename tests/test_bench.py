@@ -11,6 +11,7 @@ from bench_artifacts import gguf_sep, onnx_sep, peft_adapters  # noqa: F401  (se
 from conftest import assert_clean_error, run_cli
 
 from edgepeft import bench
+from edgepeft.artifacts import runtime_artifact
 from edgepeft.errors import EdgepeftError
 from edgepeft.profiles import load_profile
 
@@ -82,7 +83,7 @@ def test_table_and_compare(result, gguf_sep, cli):
 
 
 def test_too_big_wrong_quant_wrong_format_refused(gguf_sep, onnx_sep, tmp_path, cli):
-    art = bench.discover(gguf_sep)
+    art = runtime_artifact(gguf_sep)
     text = (Path(__file__).parents[1] / "devices" / "x86-64-cpu.yaml").read_text()
     tiny = tmp_path / "tiny-dev.yaml"
     tiny.write_text(text.replace("memory_gb: 16", "memory_gb: 0.01"))
@@ -98,7 +99,7 @@ def test_too_big_wrong_quant_wrong_format_refused(gguf_sep, onnx_sep, tmp_path, 
     with pytest.raises(EdgepeftError, match="does not run gguf"):
         bench.check_fits(art, load_profile(str(nogguf)), "llama.cpp", 1024)
     with pytest.raises(EdgepeftError, match="cannot run"):
-        bench.check_fits(bench.discover(onnx_sep), load_profile("x86-64-cpu"), "llama.cpp", 1024)
+        bench.check_fits(runtime_artifact(onnx_sep), load_profile("x86-64-cpu"), "llama.cpp", 1024)
 
 
 def test_bad_inputs_one_line(gguf_sep, tmp_path, cli):
@@ -110,10 +111,10 @@ def test_bad_inputs_one_line(gguf_sep, tmp_path, cli):
 
 
 def test_bytes_per_token_skips_gathered_embedding(gguf_sep, onnx_sep):
-    g = bench.discover(gguf_sep)
+    g = runtime_artifact(gguf_sep)
     assert bench.bytes_per_token(g, None) < g.model_bytes  # untied: token_embd is gathered, output is read
     assert bench.bytes_per_token(g, "sql") == bench.bytes_per_token(g, None) + g.adapter_bytes["sql"]
-    o = bench.discover(onnx_sep)
+    o = runtime_artifact(onnx_sep)
     assert 0 < bench.bytes_per_token(o, None) < o.model_bytes
     assert bench.measure_bandwidth(mib=32, reps=2) > 0.1
 

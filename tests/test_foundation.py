@@ -208,8 +208,8 @@ def test_wheel_installs_namespaced_subpackages(tmp_path):
 def test_runtimes_and_fit_checks_import_without_torch():
     """`edgepeft bench` on a device: the runtime modules and the fit checks they call stay torch-free."""
     _, heavy = heavy_modules_after(
-        "from edgepeft.bundle_fit import check_gguf_pair\n"
-        "from edgepeft.export.onnx_adapters import check_onnx_adapter_fits\n"
+        "from edgepeft.fit import check_gguf_pair\n"
+        "from edgepeft.fit import check_onnx_adapter_fits\n"
         "import edgepeft.runtimes.llamacpp, edgepeft.runtimes.ort, edgepeft.runtimes.ortgenai, edgepeft.bundle",
         heavy=("torch",))
     assert heavy == []

@@ -179,8 +179,8 @@ def test_lora_path_loads_adapter_and_metadata(tiny_qwen2, adapters, tmp_path):
     import json
     import shutil
 
-    from edgepeft.gguf_meta import read_metadata
     from edgepeft.models import resolve_base
+    from edgepeft.security import read_metadata
 
     run = tmp_path / "run"  # a training run dir: its manifest's summary travels into the adapter GGUF
     shutil.copytree(adapters["qwen2"]["a"], run / "adapter")
@@ -209,8 +209,8 @@ def test_lora_path_loads_adapter_and_metadata(tiny_qwen2, adapters, tmp_path):
 
 
 def test_check_adapter_fits_refuses_other_base(tiny_llama, tokenizer_dir, adapters, tmp_path):
-    from edgepeft.bundle_fit import check_gguf_pair as check_adapter_fits
     from edgepeft.errors import MismatchError
+    from edgepeft.fit import check_gguf_pair as check_adapter_fits
 
     other = make_tiny("llama", tmp_path / "other-base", tokenizer_dir, seed=7)  # same shapes, other weights
     r1 = export(tiny_llama, tmp_path / "one", [adapters["llama"]["a"]], mode="separate", quant="f16")
@@ -256,7 +256,7 @@ def test_matches_llama_cpp_converters(arch, tiny_llama, tiny_qwen2, adapters, ll
     pre-tokenizer by hashing a tokenization and does not know our tiny model's mix (SmolLM2
     vocab under Qwen2's split regex), so it refuses that base; the real Qwen2 tokenizer is fine.
     """
-    from edgepeft.gguf_meta import read_metadata
+    from edgepeft.security import read_metadata
 
     base = {"llama": tiny_llama, "qwen2": tiny_qwen2}[arch]
     rec = export(base, tmp_path / "ours", [adapters[arch]["a"]], mode="separate", quant="f16")

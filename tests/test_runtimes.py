@@ -8,7 +8,7 @@ import pytest
 from bench_artifacts import gguf_sep, onnx_sep, peft_adapters  # noqa: F401  (session fixtures)
 from edgepeft.runtimes.base import RUNTIMES, get_runtime
 
-from edgepeft.bench import discover
+from edgepeft.artifacts import runtime_artifact as discover
 from edgepeft.errors import EdgepeftError, MismatchError
 from edgepeft.profiles import load_profile
 

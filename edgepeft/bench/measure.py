@@ -249,7 +249,7 @@ def run_case(artifact: Artifact, runtime: str, profile: DeviceProfile, cfg: Benc
                 sp = speed(rt, prompt, cfg)
                 bpt = bytes_per_token(artifact, name)
                 rec = {
-                    "artifact": str(artifact.path), "model_file": str(artifact.model), "format": artifact.format,
+                    "artifact": str(artifact.path), "model_file": artifact.name_of(artifact.model), "format": artifact.format,
                     "quant": artifact.quant, "runtime": runtime, "providers": _providers(rt, profile, runtime),
                     "device": device_label, "profile": profile.name, "adapter": name or "none",
                     "model_bytes": artifact.model_bytes,

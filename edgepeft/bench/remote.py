@@ -207,7 +207,8 @@ def _remote_layout(arts, workdir: str) -> tuple[dict, list]:
         root = a.path if a.path.is_dir() else a.path.parent
         rdir = f"{workdir}/{a.path.name if a.path.is_dir() else a.path.stem}"
         for f in a.files:
-            rel = f.relative_to(root) if f.is_relative_to(root) else Path(f.name)
+            named = a.names.get(f)
+            rel = Path(named) if named else f.relative_to(root) if f.is_relative_to(root) else Path(f.name)
             files[f] = f"{rdir}/{rel.as_posix()}"
         args.append(rdir if a.path.is_dir() else files[a.path])
     return files, args

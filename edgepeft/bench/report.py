@@ -13,6 +13,7 @@ from edgepeft import __version__
 from edgepeft.bench.config import SCHEMA, BenchConfig
 from edgepeft.errors import EdgepeftError
 from edgepeft.profiles import DeviceProfile
+from edgepeft.ui import cell
 
 
 def document(records: list[dict], profile: DeviceProfile, cfg: BenchConfig, bandwidth: dict) -> dict:
@@ -65,13 +66,13 @@ def _fmt(m) -> str:
 def table(doc: dict):
     from rich.table import Table
 
-    t = Table(title=f"edgepeft bench on {doc['device']['profile']} "
-                    f"({doc['device'].get('bandwidth_gb_s')} GB/s, {doc['device'].get('bandwidth_source', '')})")
+    t = Table(title=cell(f"edgepeft bench on {doc['device']['profile']} "
+                         f"({doc['device'].get('bandwidth_gb_s')} GB/s, {doc['device'].get('bandwidth_source', '')})"))
     for col in ("artifact", "runtime", "adapter", "MB", "load ms", "ttft ms", "pp t/s", "tg t/s", "swap ms",
                 "RSS MB", "ppl", "acc", "top1", "bw_util"):
         t.add_column(col, justify="left" if col in ("artifact", "runtime", "adapter") else "right")
     for r in doc["records"]:
-        t.add_row(Path(r["artifact"]).name, r["runtime"], r["adapter"],
+        t.add_row(cell(Path(r["artifact"]).name), cell(r["runtime"]), cell(r["adapter"]),
                   f"{(r['model_bytes'] + r['adapter_bytes']) / 1e6:.1f}", _fmt(r["load_ms"]),
                   _fmt(r["ttft_ms"]), _fmt(r["pp"]), _fmt(r["tg"]),
                   f"{r['swap_ms']['median']:.2f}" if r.get("swap_ms") else "-", _fmt(r["peak_rss_mb"]),
@@ -145,10 +146,10 @@ def compare(a: dict, b: dict) -> list[dict]:
 def compare_table(rows: list[dict], a_name: str, b_name: str):
     from rich.table import Table
 
-    t = Table(title=f"{b_name} / {a_name} (ratio; >1 means larger in {b_name})")
+    t = Table(title=cell(f"{b_name} / {a_name} (ratio; >1 means larger in {b_name})"))
     for col in ("artifact", "runtime", "adapter", *(label for _, label in COMPARE_METRICS)):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["artifact"], r["runtime"], r["adapter"],
+        t.add_row(cell(r["artifact"]), cell(r["runtime"]), cell(r["adapter"]),
                   *("-" if r[m] is None else f"{r[m]:.3f}x" for m, _ in COMPARE_METRICS))
     return t

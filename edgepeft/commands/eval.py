@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edgepeft.ui import edgepeft_command, info, print_json
+from edgepeft.ui import echo, edgepeft_command, info, print_json
 
 
 @edgepeft_command("eval", json_option=True)
@@ -25,7 +25,8 @@ def command(base: str, adapter: str | None, task: str, split: str, limit: int | 
     if as_json:
         print_json(result)
         return
-    click.echo(f"{task}/{split}: exact match {result['accuracy']:.1%} ({result['correct']}/{result['total']})"
+    echo(f"{task}/{split}: exact match {result['accuracy']:.1%} ({result['correct']}/{result['total']})"
          f" base {base}" + (f" + adapter {adapter}" if adapter else ""))
     for m in result["misses"][:3]:
-        info(f"  expected {m['expected']}\n  got      {m['got']}")
+        info(f"  expected {m['expected']}")
+        info(f"  got      {m['got']}")

@@ -23,9 +23,11 @@ def command(target: str, as_json: bool):
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"edgepeft inspect {target}", show_header=False, box=None)
+    from edgepeft.ui import cell
+
+    table = Table(title=cell(f"edgepeft inspect {target}"), show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
     for k, v in summary_rows(info):
-        table.add_row(k, v)
+        table.add_row(cell(k), cell(v))
     Console(highlight=False).print(table)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edgepeft.ui import edgepeft_command, info, print_json
+from edgepeft.ui import echo, edgepeft_command, info, print_json
 
 
 @edgepeft_command("verify", json_option=True)
@@ -27,6 +27,6 @@ def command(bundle, as_json):
         return
     for w in checked.warnings:
         info(f"warning: {w}")
-    click.echo(f"OK {bundle}: {len(m['files'])} files hashed, base {short(m['base_fingerprint'])}, "
+    echo(f"OK {bundle}: {len(m['files'])} files hashed, base {short(m['base_fingerprint'])}, "
                f"adapters fit: {', '.join(a['name'] for a in m['adapters']) or 'none'}"
                + (f"; ONNX: {', '.join(o['name'] for o in m['onnx'])}" if m["onnx"] else ""))

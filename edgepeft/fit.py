@@ -1,16 +1,20 @@
-"""What a GGUF artifact is, and whether an adapter fits a base: by fingerprint AND by names/shapes.
+"""The one fit check: does an adapter fit its base, for GGUF and for ``.onnx_adapter``.
 
-Torch-free on purpose: ``edgepeft verify``, ``pack`` and runtime loads on a device all run
-this one check, and must not import PyTorch.
+GGUF: by fingerprint AND by tensor names/shapes (llama.cpp's own rule). ONNX: every
+adapter parameter's name, dtype and shape against the model's LoRA graph inputs. Both read
+files only through the bounded readers in :mod:`edgepeft.security` (no gguf-py reader, no
+ORT parse of an unchecked file). Torch-free on purpose: ``edgepeft verify``, ``pack`` and
+runtime loads on a device all run this one check, and must not import PyTorch.
 """
 
 from __future__ import annotations
 
-import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepeft.errors import MismatchError
+from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
 from edgepeft.fingerprint import short
 
 # GGUF metadata keys that carry the base fingerprint (written by export/gguf.py); first hit wins.
@@ -19,7 +23,7 @@ FINGERPRINT_KEYS = ("edgepeft.base_fingerprint", "edgepeft.fingerprint")
 
 @dataclass
 class GGUFArtifact:
-    path: Path
+    path: Path  # as named in errors (a descriptor path is shown by its label)
     header: object  # edgepeft.security.GGUFHeader
     meta: dict  # edgepeft.* metadata, JSON strings decoded
 
@@ -45,24 +49,33 @@ class GGUFArtifact:
             return "unknown"
 
 
-def read_gguf(path: Path) -> GGUFArtifact:
+def read_gguf(path: Path, label: str | None = None) -> GGUFArtifact:
+    """One bounded header walk; ``edgepeft.*`` JSON strings decoded (bounded), impossible values refused."""
+    from edgepeft.readers import loads_json
     from edgepeft.security import check_gguf_header
 
-    hdr = check_gguf_header(path)
-    raw = {k: v for k, v in hdr.metadata.items() if k.startswith("edgepeft.")}
-    if any(isinstance(v, list) for v in raw.values()):  # arrays: let gguf-py decode them (header is safe now)
-        from edgepeft.gguf_meta import read_metadata
-
-        raw = read_metadata(path, "edgepeft.")
+    hdr = check_gguf_header(path, label)
     meta = {}
-    for k, v in raw.items():
+    for k, v in hdr.metadata.items():
+        if not k.startswith("edgepeft."):
+            continue
         if isinstance(v, str) and v[:1] in "{[":
             try:
-                v = json.loads(v)
-            except json.JSONDecodeError:
-                pass
+                v = loads_json(v, f"{hdr.path}: metadata {k}")
+            except EdgepeftError:
+                pass  # a string that merely looks like JSON stays a string
+        elif not isinstance(v, (str, int, float, bool)):
+            v = list(v)
         meta[k[len("edgepeft."):]] = v
-    return GGUFArtifact(Path(path), hdr, meta)
+    for k in ("adapter.lora.alpha",):
+        v = hdr.metadata.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise IntegrityError(f"{hdr.path}: metadata {k}={v!r} is not allowed", "Allowed: a finite number")
+    for k in FINGERPRINT_KEYS:
+        if k in hdr.metadata and not isinstance(hdr.metadata[k], str):
+            raise IntegrityError(f"{hdr.path}: metadata {k} is a {type(hdr.metadata[k]).__name__}",
+                                 "Allowed: a 64-character hex string")
+    return GGUFArtifact(Path(label or path), hdr, meta)
 
 
 def adapter_fit_problem(base: GGUFArtifact, adapter: GGUFArtifact) -> str | None:
@@ -167,3 +180,98 @@ def _adapter_record(art: GGUFArtifact, name: str) -> dict:
         "merge": m.get("merge"),
         "training": train,
     }
+
+
+# ------------------------------------------------------------------ ONNX (.onnx_adapter)
+LORA_PARAM = re.compile(r"(?P<target>.+)\.lora_(?P<ab>[AB])\.weight")  # graph input / adapter parameter name
+# ORT TensorDataType -> numpy dtype name (what the model's graph inputs declare)
+_ORT_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
+               10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}
+
+
+def model_slots(model_dir: Path, label: str | None = None) -> dict[str, dict]:
+    """The adapter slots of an exported model, read from its graph inputs (weights not loaded)."""
+    from edgepeft.security import load_onnx_graph
+
+    path = Path(model_dir)
+    path = path / "model.onnx" if path.is_dir() else path
+    if not path.is_file():
+        raise EdgepeftError(f"{label or path} does not exist", "Pass the folder written by edgepeft export --format onnx")
+    from onnx import helper
+
+    model = load_onnx_graph(path, label)
+    slots = {}
+    for vi in model.graph.input:
+        m = LORA_PARAM.fullmatch(vi.name)
+        if not m:
+            continue
+        t = vi.type.tensor_type
+        try:
+            dtype = helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        except (KeyError, ValueError, TypeError):
+            raise IntegrityError(f"{label or path}: graph input {vi.name!r} has unknown element type {t.elem_type}",
+                                 "Re-export it") from None
+        shape = [None if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        slots[vi.name] = {"shape": shape, "dtype": dtype, "target": m["target"]}
+    return slots
+
+
+def check_parameters(params: dict, slots: dict[str, dict], where: str) -> dict[str, int]:
+    """Names, dtypes and shapes ``{param: (shape, dtype name)}`` vs the model's slots; returns ranks per target."""
+    ranks: dict[str, int] = {}
+    for name in sorted(params):
+        shape, dtype = params[name]
+        shape = list(shape)
+        slot = slots.get(name)
+        if slot is None:
+            hint = _nearest(name, slots)
+            raise MismatchError(f"{where}: parameter {name!r} is not an adapter input of the model"
+                                + (f" (closest: {hint})" if hint else ""),
+                                "Export the adapter against this base with edgepeft export --mode separate")
+        want = slot["shape"]
+        if len(shape) != len(want) or None not in want or any(w is not None and w != s for w, s in zip(want, shape)):
+            shown = ["r" if w is None else w for w in want]
+            raise MismatchError(f"{where}: parameter {name} has shape {shape}, the model expects {shown}",
+                                "The adapter was made for a different base; re-export it against this one")
+        if dtype != slot["dtype"]:
+            raise MismatchError(f"{where}: parameter {name} is {dtype}, the model expects {slot['dtype']}",
+                                "Re-export the adapter against this base")
+        rank = shape[want.index(None)]
+        target = slot["target"]
+        if ranks.setdefault(target, rank) != rank:
+            raise MismatchError(f"{where}: {target} has A and B of different ranks ({ranks[target]} vs {rank})",
+                                "Re-export the adapter")
+    for target in ranks:
+        for ab in "AB":
+            if f"{target}.lora_{ab}.weight" not in params:
+                raise MismatchError(f"{where}: {target} has only one of lora_A/lora_B", "Re-export the adapter")
+    return ranks
+
+
+def _nearest(name: str, slots) -> str | None:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(slots), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def check_onnx_adapter_fits(model_dir, adapter_path, *, model_label: str | None = None,
+                            adapter_label: str | None = None) -> dict:
+    """Load-time check: does ``adapter_path`` fit the ONNX model in ``model_dir``?
+
+    Reads the adapter through the bounded flatbuffers walker only (names, dims, dtypes), so a
+    hostile file never reaches ORT's parser. Returns ``{"adapter": path, "modules": n, "ranks":
+    {target: r}}``; raises :class:`MismatchError` naming the first parameter that does not fit.
+    ``model_dir`` may be the ``model.onnx`` file itself (a descriptor path in a bundle).
+    """
+    from edgepeft.security import check_onnx_adapter
+
+    slots = model_slots(Path(model_dir), model_label)
+    shown = adapter_label or str(adapter_path)
+    if not slots:
+        raise MismatchError(f"ONNX model in {model_label or model_dir} has no LoRA inputs, so {shown} cannot be applied",
+                            "Export the base with --mode separate")
+    hdr = check_onnx_adapter(Path(adapter_path), adapter_label)
+    params = {n: (p.shape, _ORT_DTYPES.get(p.data_type, f"ort-type-{p.data_type}")) for n, p in hdr.params.items()}
+    ranks = check_parameters(params, slots, where=f"adapter {shown}")
+    return {"adapter": shown, "modules": len(ranks), "ranks": ranks}
