@@ -13,6 +13,7 @@ Kinds: :class:`GGUFFile`, :class:`GGUFFolder` (an export folder: one model plus
 
 from __future__ import annotations
 
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,9 @@ def discover(path: str | Path) -> Discovered | None:
 def inside(folder: Path, rel: str, where: str) -> Path:
     """``folder/rel`` for a record's relative path; refuse absolute paths, ``..`` and anything leaving ``folder``."""
     rp = Path(rel)
+    if rp.is_absolute() and "\0" not in rel:  # older records: absolute; honoured only inside the folder
+        rp = Path(os.path.relpath(rp, folder)) if rp.resolve().is_relative_to(folder.resolve()) else Path(rp.name)
+        rel = rp.as_posix()
     if not rel or "\0" in rel or rp.is_absolute() or ".." in rp.parts:
         raise IntegrityError(f"{where}={rel!r} leaves the folder", "Allowed: a path relative to the folder")
     target = folder / rp

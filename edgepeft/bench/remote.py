@@ -14,17 +14,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import posixpath
 import re
 import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepeft.errors import EdgepeftError
+from edgepeft.errors import ConfigError, EdgepeftError
+from edgepeft.ui import esc
 from edgepeft.profiles import DeviceProfile, load_profile, local_profile_name
 
-_SSH = re.compile(r"^ssh://(?:(?P<user>[^@/:]+)@)?(?P<host>[^:/@]+)(?::(?P<port>\d+))?/?$")
-_ADB = re.compile(r"^adb://(?P<serial>[\w.:-]+)$")
+# always fullmatch (`$` would accept a trailing newline); user, host and serial never start with '-',
+# so none can be read as an ssh/adb option
+_SSH = re.compile(r"ssh://(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]{0,63})@)?"
+                  r"(?P<host>[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::(?P<port>\d{1,5}))?/?")
+_ADB = re.compile(r"adb://(?P<serial>[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127})")
 
 
 @dataclass(frozen=True)
@@ -39,14 +45,15 @@ class Target:
 
 
 def parse_uri(uri: str, profile: DeviceProfile) -> Target:
-    m = _SSH.match(uri)
-    if m:
-        return Target("ssh", profile, uri, m["user"], m["host"], int(m["port"] or 22))
-    m = _ADB.match(uri)
+    m = _SSH.fullmatch(uri)
+    if m and 1 <= int(m["port"] or 22) <= 65535:
+        return Target("ssh", profile, uri, m["user"], m["host"].strip("[]"), int(m["port"] or 22))
+    m = _ADB.fullmatch(uri)
     if m:
         return Target("adb", profile, uri, serial=m["serial"])
     raise EdgepeftError(f"--device {uri!r} is not a valid device URI",
-                        "Use ssh://user@host[:port] or adb://SERIAL (serial from `adb devices`)")
+                        "Use ssh://user@host[:port] or adb://SERIAL (letters, digits, '.', '_', '-', ':'; "
+                        "host, user and serial may not start with '-')")
 
 
 def resolve_device(device: str, profile: str | None) -> Target:
@@ -65,6 +72,13 @@ def resolve_device(device: str, profile: str | None) -> Target:
     return parse_uri(prof.reach.uri, prof)
 
 
+def _timeout(given, t: Target) -> float:
+    v = float(given if given is not None else t.profile.reach.timeout_s)
+    if not math.isfinite(v) or v <= 0 or v > 86400:
+        raise ConfigError("--timeout", given, "a number of seconds in (0, 86400]")
+    return v
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -78,7 +92,7 @@ class SSH:
     def __init__(self, t: Target, known_hosts: str | None = None, identity: str | None = None,
                  timeout: float | None = None):
         self.t = t
-        self.timeout = float(timeout or t.profile.reach.timeout_s)
+        self.timeout = _timeout(timeout, t)
         kh = known_hosts or t.profile.reach.known_hosts
         opts = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
                 "-o", f"ConnectTimeout={max(1, int(self.timeout))}",
@@ -88,9 +102,13 @@ class SSH:
         if identity:
             opts += ["-i", str(identity), "-o", "IdentitiesOnly=yes"]
         dest = f"{t.user}@{t.host}" if t.user else t.host
-        self.base = ["ssh", "-p", str(t.port), *opts, dest]
+        if dest.startswith("-"):  # parse_uri refuses this already; never let a destination become an option
+            raise EdgepeftError(f"ssh destination {dest!r} starts with '-'", "Pass ssh://user@host")
+        self.base = ["ssh", "-p", str(t.port), *opts, "--", dest]
 
     def argv(self, command: str) -> list[str]:
+        """ssh's argv: options, ``--``, the destination, then ONE remote shell command whose every
+        word was built with :func:`shlex.quote` by the callers below."""
         return [*self.base, command]
 
     def run(self, command: str, step: str, stdin=None, timeout: float | None = None) -> str:
@@ -112,9 +130,9 @@ class SSH:
 
     def put(self, local: Path, remote: str) -> None:
         # cat over the ssh channel: needs neither scp nor sftp on the device; rename makes it atomic
-        q = shlex.quote(remote)
+        q, part, parent = (shlex.quote(x) for x in (remote, remote + ".part", posixpath.dirname(remote) or "."))
         with open(local, "rb") as f:
-            self.run(f"mkdir -p $(dirname {q}) && cat > {q}.part && mv {q}.part {q}", f"copying {local.name}",
+            self.run(f"mkdir -p -- {parent} && cat > {part} && mv -f -- {part} {q}", f"copying {esc(local.name)}",
                      stdin=f, timeout=self.timeout + local.stat().st_size / 2e6)
 
     def hashes(self, paths: list[str]) -> dict[str, str]:
@@ -142,11 +160,13 @@ def ssh_error(uri: str, stderr: str, step: str) -> EdgepeftError:
 class ADB:
     def __init__(self, t: Target, timeout: float | None = None):
         self.t = t
-        self.timeout = float(timeout or t.profile.reach.timeout_s)
+        self.timeout = _timeout(timeout, t)
+        if not t.serial or t.serial.startswith("-"):  # parse_uri refuses this already
+            raise EdgepeftError(f"adb serial {t.serial!r} is not allowed", "Pass adb://SERIAL from `adb devices`")
         self.base = ["adb", "-s", t.serial]
 
     def push_argv(self, local: Path, remote: str) -> list[str]:
-        return [*self.base, "push", str(local), remote]
+        return [*self.base, "push", str(Path(local).resolve()), remote]  # absolute: never read as an option
 
     def shell_argv(self, command: str) -> list[str]:
         return [*self.base, "shell", command]
@@ -237,7 +257,10 @@ def run_remote(t: Target, arts, runtimes: list[str], cfg, known_hosts=None, time
     tr = SSH(t, known_hosts, identity, timeout) if t.kind == "ssh" else ADB(t, timeout)
     workdir = t.profile.reach.workdir
     if workdir.startswith("~/"):
-        workdir = tr.run("echo $HOME", "finding the home directory").strip() + workdir[1:]
+        home = tr.run('printf %s "$HOME"', "finding the home directory").strip()
+        if not home.startswith("/") or any(c in home for c in "\n\r\0"):
+            raise EdgepeftError(f"{t.uri}: $HOME is {home!r}, not an absolute path", "Set reach.workdir to an absolute path")
+        workdir = home + workdir[1:]
     files, remote_arts = _remote_layout(arts, workdir)
     prof_arg = t.profile.name
     if Path(t.profile.source).resolve().parent != Path(__file__).resolve().parent.parent / "devices":
@@ -287,14 +310,20 @@ def _llama_bench_remote(tr, t: Target, arts, remote_arts, cfg, budget) -> dict:
 
 
 def llama_bench_argv(binary: str, model: str, cfg, profile: DeviceProfile, fmt: str = "json") -> list[str]:
+    """llama-bench's argv, every word shell-quoted (options are typed by the profile loader, quoted anyway)."""
     opts = profile.runtimes["llama.cpp"].options if "llama.cpp" in profile.runtimes else {}
-    argv = [shlex.quote(binary), "-m", shlex.quote(model), "-p", str(cfg.prompt_tokens), "-n", str(cfg.gen_tokens),
-            "-r", str(cfg.repetitions), "-o", fmt]
+    argv = [binary, "-m", model, "-p", str(int(cfg.prompt_tokens)), "-n", str(int(cfg.gen_tokens)),
+            "-r", str(int(cfg.repetitions)), "-o", fmt]
     if opts.get("n_threads"):
-        argv += ["-t", str(opts["n_threads"])]
+        argv += ["-t", str(int(opts["n_threads"]))]
     if "n_gpu_layers" in opts:
-        argv += ["-ngl", str(opts["n_gpu_layers"])]
-    return argv
+        argv += ["-ngl", str(int(opts["n_gpu_layers"]))]
+    return [_home_quote(argv[0]), *(shlex.quote(a) for a in argv[1:])]
+
+
+def _home_quote(path: str) -> str:
+    """Shell-quote a path, keeping a leading ``~/`` expandable (as "$HOME"/...)."""
+    return f'"$HOME"/{shlex.quote(path[2:])}' if path.startswith("~/") else shlex.quote(path)
 
 
 # ------------------------------------------------------------------ llama-bench output
