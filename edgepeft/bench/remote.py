@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgepeft.errors import ConfigError, EdgepeftError
-from edgepeft.ui import esc
 from edgepeft.profiles import DeviceProfile, load_profile, local_profile_name
+from edgepeft.ui import esc
 
 # always fullmatch (`$` would accept a trailing newline); user, host and serial never start with '-',
 # so none can be read as an ssh/adb option
