@@ -145,8 +145,9 @@ def test_saved_adapter_in_plain_peft_matches_trainer_logits(trained_4bit, tiny_l
             base = trained(input_ids=ids).logits
     assert (a - base).abs().max() > 1e-2  # the adapter does something
     # Both run the dequantize-fp32 path on any CPU (tests/test_cpu_4bit.py forces bitsandbytes' feature check
-    # each way). Bound 5e-3, measured 1.4e-3 with the check forced either way (the same value: the same kernels); unpinned on an AVX-512 BF16 CPU bitsandbytes' fused bf16
-    # kernel gave 0.0217. The strict 1e-5 check runs on the fp32 base in test_resume_after_ctrl_c_matches_uninterrupted.
+    # each way). Bound 5e-3; measured 1.4e-3 with the check forced either way (the same value: the same
+    # kernels). Unpinned, on an AVX-512 BF16 CPU, bitsandbytes' fused bf16 kernel gave 0.0217. The strict
+    # 1e-5 check runs on the fp32 base in test_resume_after_ctrl_c_matches_uninterrupted.
     torch.testing.assert_close(b, a, atol=5e-3, rtol=0)
     assert (b.argmax(-1) == a.argmax(-1)).all()
     assert not repacked_for_fused_kernel(trained) and not repacked_for_fused_kernel(plain)
