@@ -22,6 +22,8 @@ TMP_PREFIX = ".edgepeft-tmp-"
 PAUSE_ENV = "EDGEPEFT_PAUSE_AT"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file: the mode every output file ends with
+DIR_MODE = 0o777 & ~_UMASK
 
 
 def fault_point(name: str) -> None:
@@ -62,7 +64,7 @@ def atomic_path(final: Path, suffix: str = "") -> Iterator[Path]:
         raise _unwritable(final.parent, e) from e
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; final artifacts get normal permissions
+    os.chmod(tmp_path, FILE_MODE)  # mkstemp makes 0600; final artifacts get normal permissions
     try:
         yield tmp_path
         _fsync(tmp_path)
@@ -82,9 +84,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=final.parent))
     except OSError as e:
         raise _unwritable(final.parent, e) from e
-    os.chmod(tmp, 0o777 & ~_UMASK)
+    os.chmod(tmp, DIR_MODE)
     try:
         yield tmp
+        normal_modes(tmp)
         fault_point(f"before-rename:{final.name}")
         if final.exists():
             old = final.with_name(f"{TMP_PREFIX}old-{final.name}-{os.getpid()}")
@@ -96,6 +99,31 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def normal_modes(root: Path) -> None:
+    """Give every file and folder under ``root`` the mode a plain ``open()``/``mkdir`` would have.
+
+    Libraries that write into our temp folders create some files 0600 (ONNX's external-data
+    writer, anything through ``mkstemp``); renamed as they are, a service account that did not
+    create them could not read them on the device. Executable bits are kept.
+    """
+    for p in [Path(root), *Path(root).rglob("*")]:
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode & 0o777
+        want = DIR_MODE if p.is_dir() else FILE_MODE | (mode & 0o111 & ~_UMASK)
+        if mode != want:
+            os.chmod(p, want)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename a finished temp file (or folder) onto its final name, with normal permissions."""
+    if Path(tmp).is_dir():
+        normal_modes(tmp)
+    else:
+        os.chmod(tmp, FILE_MODE)
+    os.replace(tmp, final)
 
 
 def _unwritable(directory: Path, e: OSError) -> EdgepeftError:

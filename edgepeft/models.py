@@ -58,6 +58,17 @@ class ResolvedBase:
     origin: Path | None = None  # the .gguf it came from, if any
     notes: tuple[str, ...] = field(default=())
 
+    def record_spec(self, record_file: Path | None = None) -> str:
+        """The base as a record names it: an alias or hub id as given; a local path relative to
+        ``record_file`` (edgepeft.paths), or only its name inside a shipped artifact (``None``)."""
+        if self.source not in ("folder", "gguf"):
+            return self.spec
+        if record_file is None:
+            return Path(self.spec).name or self.spec
+        from edgepeft.paths import to_record
+
+        return to_record(self.spec, record_file)
+
     @cached_property
     def config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())

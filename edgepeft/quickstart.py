@@ -23,6 +23,7 @@ from pathlib import Path
 
 from edgepeft import atomic
 from edgepeft.errors import EdgepeftError
+from edgepeft.paths import to_record
 from edgepeft.quiet import silence_progress_bars
 from edgepeft.ui import STATE, info
 
@@ -93,7 +94,9 @@ def run(out: Path, fast: bool = False, base: str = "smollm2-135m") -> dict:
                "evaluate": evals, "exports": {k: _export_summary(v) for k, v in exports.items()},
                "bench": str(out / "bench.json"), "chart": str(chart), "bundle": str(bundle_dir),
                "seconds": timings}
-    atomic.write_json(out / "summary.json", summary)
+    where = out / "summary.json"  # stored paths are relative to it; the returned summary's open from here
+    atomic.write_json(where, {**summary, "train": {**summary["train"], "adapter": to_record(adapter, where)},
+                              **{k: to_record(summary[k], where) for k in ("bench", "chart", "bundle")}})
     return summary
 
 
@@ -166,7 +169,7 @@ def bench_all(out: Path, folders: list[Path], plan: Plan) -> dict:
                             ppl_ctx=min(256, plan.ppl_tokens), swap_cycles=plan.swap_cycles, task="demo",
                             task_limit=plan.task_limit)
     doc = bench.run([bench.discover(f) for f in folders], [], profile, cfg, say=lambda m: info(f"[quickstart] {m}"))
-    atomic.write_json(out / "bench.json", doc)
+    bench.write_document(doc, out / "bench.json")
     return doc
 
 

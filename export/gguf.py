@@ -33,6 +33,7 @@ from edgepeft.export.quantize import get_quant, quantize
 from edgepeft import __version__, atomic
 from edgepeft.archs import Arch
 from edgepeft.errors import EdgepeftError
+from edgepeft.paths import to_record
 from edgepeft.ui import info, stage
 
 RECORD_NAME = "gguf-export.json"
@@ -91,7 +92,7 @@ def _export_checked(req, base, arch, quant, t0: float) -> dict:
         finals = []
         for f in record["files"]:
             final = out / Path(f).name
-            os.replace(f, final)
+            atomic.publish(Path(f), final)
             finals.append(str(final))
         for a in record.get("adapter_files", []):
             a["path"] = str(out / Path(a["path"]).name)
@@ -100,8 +101,19 @@ def _export_checked(req, base, arch, quant, t0: float) -> dict:
         shutil.rmtree(stage, ignore_errors=True)
     record["seconds"] = round(time.perf_counter() - t0, 2)
     record["peak_rss_mb"] = _peak_rss_mb()
-    atomic.write_json(out / RECORD_NAME, record)
+    atomic.write_json(out / RECORD_NAME, stored_record(record, out / RECORD_NAME, base))
     return record
+
+
+def stored_record(record: dict, record_file: Path, base) -> dict:
+    """The record as gguf-export.json stores it: every path relative to that file (the returned record
+    keeps the paths as the caller can open them)."""
+    stored = {**record, "base": base.record_spec(record_file), "files": [to_record(f, record_file) for f in record["files"]],
+              "adapters": [{**a, "source": to_record(a["source"], record_file) if a.get("source") else None}
+                           for a in record.get("adapters", [])]}
+    if "adapter_files" in record:
+        stored["adapter_files"] = [{**a, "path": to_record(a["path"], record_file)} for a in record["adapter_files"]]
+    return stored
 
 
 def _export_into(req, base, plans, quant, arch, out: Path) -> dict:
@@ -260,7 +272,9 @@ def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: st
     adapters = adapters if adapters is not None else plans
     _add_common_meta(writer, "merged" if adapters else "base", fp_base, quant or float_name)
     if adapters:
-        writer.add_string(EdgepeftKeys.ADAPTERS, json.dumps([_plan_summary(p) for p in adapters]))
+        # a shipped file carries no host path: the adapters' source folders stay in gguf-export.json
+        writer.add_string(EdgepeftKeys.ADAPTERS, json.dumps([{k: v for k, v in _plan_summary(p).items() if k != "source"}
+                                                             for p in adapters]))
         writer.add_string(EdgepeftKeys.MERGE, json.dumps({k: v for k, v in (merge or {"target": merge_target}).items()
                                                           if k != "reference_folder"}, default=str))
         prune = [p.prune_report for p in adapters if p.prune_report]
@@ -304,7 +318,7 @@ def _add_common_meta(writer, mode: str, base, quant: str) -> None:
     writer.add_string(EdgepeftKeys.VERSION, __version__)
     writer.add_string(EdgepeftKeys.MODE, mode)
     writer.add_string(EdgepeftKeys.BASE_FINGERPRINT, base.fingerprint)
-    writer.add_string(EdgepeftKeys.BASE_SPEC, str(base.spec))
+    writer.add_string(EdgepeftKeys.BASE_SPEC, base.record_spec())  # a shipped file names no host path
     writer.add_string(EdgepeftKeys.QUANT, quant)
 
 

@@ -12,9 +12,11 @@ from edgepeft.bench.report import (
            document,
            load_document,
            load_document_obj,
+           stored_document,
            table,
+           write_document,
 )
 
 __all__ = ["DEFAULT_TEXT", "SCHEMA", "BenchConfig", "bytes_per_token", "chart", "check_fits", "compare",
            "compare_table", "discover", "document", "load_document", "load_document_obj", "measure_bandwidth",
-           "pick_runtimes", "run", "run_case", "table"]
+           "pick_runtimes", "run", "run_case", "stored_document", "table", "write_document"]

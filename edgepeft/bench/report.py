@@ -12,6 +12,7 @@ from pathlib import Path
 from edgepeft import __version__
 from edgepeft.bench.config import SCHEMA, BenchConfig
 from edgepeft.errors import EdgepeftError
+from edgepeft.paths import from_record, to_record
 from edgepeft.profiles import DeviceProfile
 from edgepeft.ui import cell
 
@@ -31,13 +32,35 @@ def document(records: list[dict], profile: DeviceProfile, cfg: BenchConfig, band
     }
 
 
+def stored_document(doc: dict, path: str | Path) -> dict:
+    """The bench document as the file ``path`` stores it: artifact paths relative to that file."""
+    def rel(v):
+        return to_record(v, path) if v else v
+
+    records = [{**r, "artifact": rel(r.get("artifact")), "model_file": rel(r.get("model_file"))}
+               for r in doc.get("records", [])]
+    return {**doc, "config": {**doc.get("config", {}), "ppl_file": rel(doc.get("config", {}).get("ppl_file"))},
+            "records": records}
+
+
+def write_document(doc: dict, path: str | Path) -> None:
+    from edgepeft import atomic
+
+    atomic.write_json(Path(path), stored_document(doc, path))
+
+
 def load_document(path: str | Path) -> dict:
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise EdgepeftError(f"cannot read bench results {path} ({e})", "Pass a JSON file written by edgepeft bench")
-    return load_document_obj(doc, str(path))
+    doc = load_document_obj(doc, str(path))
+    for r in doc["records"]:
+        for k in ("artifact", "model_file"):
+            if isinstance(r.get(k), str):
+                r[k] = str(from_record(r[k], path))
+    return doc
 
 
 def load_document_obj(doc, source: str) -> dict:
@@ -70,7 +93,8 @@ def table(doc: dict):
                          f"({doc['device'].get('bandwidth_gb_s')} GB/s, {doc['device'].get('bandwidth_source', '')})"))
     for col in ("artifact", "runtime", "adapter", "MB", "load ms", "ttft ms", "pp t/s", "tg t/s", "swap ms",
                 "RSS MB", "ppl", "acc", "top1", "bw_util"):
-        t.add_column(col, justify="left" if col in ("artifact", "runtime", "adapter") else "right")
+        names = col in ("artifact", "runtime", "adapter")  # identifiers fold, never end in "…"
+        t.add_column(col, justify="left" if names else "right", overflow="fold" if names else "ellipsis")
     for r in doc["records"]:
         t.add_row(cell(Path(r["artifact"]).name), cell(r["runtime"]), cell(r["adapter"]),
                   f"{(r['model_bytes'] + r['adapter_bytes']) / 1e6:.1f}", _fmt(r["load_ms"]),
@@ -148,7 +172,7 @@ def compare_table(rows: list[dict], a_name: str, b_name: str):
 
     t = Table(title=cell(f"{b_name} / {a_name} (ratio; >1 means larger in {b_name})"))
     for col in ("artifact", "runtime", "adapter", *(label for _, label in COMPARE_METRICS)):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for r in rows:
         t.add_row(cell(r["artifact"]), cell(r["runtime"]), cell(r["adapter"]),
                   *("-" if r[m] is None else f"{r[m]:.3f}x" for m, _ in COMPARE_METRICS))

@@ -86,13 +86,13 @@ def _emit(doc: dict, json_out: str | None, png: str | None) -> None:
     import json
     from pathlib import Path
 
-    from edgepeft import atomic, bench
+    from edgepeft import bench
 
     if json_out == "-":
         click.echo(json.dumps(doc, indent=2, default=str))
     else:
         if json_out:
-            atomic.write_json(Path(json_out), doc)
+            bench.write_document(doc, json_out)
             info(f"wrote {json_out}")
         _show(bench.table(doc))
     if png:

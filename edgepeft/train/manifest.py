@@ -12,6 +12,7 @@ from pathlib import Path
 
 from edgepeft import __version__, atomic
 from edgepeft.fingerprint import sha256_file
+from edgepeft.paths import to_record
 from edgepeft.train.kernels import kernel_record
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "safetensors")
@@ -35,13 +36,18 @@ def loss_curve(log_history: list[dict]) -> list[list[float]]:
 def build_manifest(*, cfg, base, recipe, data: dict, adapter_dir: Path, lora_targets: list[str],
                    log_history: list[dict], train: dict, task: str | None) -> dict:
     adapter_file = adapter_dir / "adapter_model.safetensors"
+    where = adapter_dir.parent / "manifest.json"  # every path below is relative to this file
+    hyper = {**cfg.hyperparams(), "out": to_record(cfg.run_dir, where), "base": base.record_spec(where)}
+    if not str(data.get("source", "")).startswith("task:"):  # a JSONL file, not a bundled task
+        data = {**data, "source": to_record(data["source"], where)}
+        hyper["data"] = to_record(cfg.data, where) if cfg.data else None
     return {
         "schema": SCHEMA,
         "kind": "edgepeft-train-run",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "task": task,
-        "base": {"spec": base.spec, "fingerprint": base.fingerprint, "model_type": base.model_type,
-                 "source": base.source, "origin": str(base.origin) if base.origin else None},
+        "base": {"spec": base.record_spec(where), "fingerprint": base.fingerprint, "model_type": base.model_type,
+                 "source": base.source, "origin": to_record(base.origin, where) if base.origin else None},
         "quantization": recipe.quantization(),
         "recipe": {"device": recipe.device, "optimizer": recipe.optimizer,
                    "gradient_checkpointing": recipe.gradient_checkpointing},
@@ -49,12 +55,12 @@ def build_manifest(*, cfg, base, recipe, data: dict, adapter_dir: Path, lora_tar
         "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "target": cfg.target,
                  "target_modules": sorted({t.rsplit(".", 1)[-1] for t in lora_targets})},
         "data": data,
-        "hyperparams": cfg.hyperparams(),
+        "hyperparams": hyper,
         "seed": cfg.seed,
         "libraries": library_versions(),
         "train": train,
         "loss_curve": loss_curve(log_history),
-        "adapter": {"path": adapter_dir.name, "sha256": sha256_file(adapter_file),
+        "adapter": {"path": to_record(adapter_dir, where), "sha256": sha256_file(adapter_file),
                     "bytes": adapter_file.stat().st_size},
     }
 

@@ -9,7 +9,6 @@ a progress display, and the run record (adapter, manifest, loss plot).
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -148,7 +147,7 @@ def trainer_class():
                 final = real / name
                 if final.exists():
                     shutil.rmtree(final)
-                os.replace(staging / name, final)
+                atomic.publish(staging / name, final)
                 shutil.rmtree(staging, ignore_errors=True)
                 _rotate(real, self.keep_checkpoints)
             self.accelerator.wait_for_everyone()
