@@ -139,7 +139,8 @@ def summary_rows(info: dict) -> list[tuple[str, str]]:
                 rows.append((f"  {name}", human_bytes(size)))
             continue
         if k == "fingerprint" and isinstance(v, str):
-            rows.append((k, f"{v}  (short {short(v)})"))
+            rows.append((k, v))
+            rows.append(("  short", short(v)))
             continue
         if isinstance(v, int) and k.endswith("bytes"):
             rows.append((k, human_bytes(v)))
@@ -154,8 +155,7 @@ def summary_rows(info: dict) -> list[tuple[str, str]]:
 def _compact(v) -> str:
     import json
 
-    s = json.dumps(v, default=str)
-    return s if len(s) < 200 else s[:197] + "..."
+    return json.dumps(v, default=str)  # never cut: it can hold hashes and paths
 
 
 def human_bytes(n: int) -> str:

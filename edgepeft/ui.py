@@ -67,9 +67,9 @@ def info(msg: str) -> None:
         return
     msg = "\n".join(esc(line) for line in str(msg).splitlines())
     if _LIVE.progress is not None:  # above the live display, which keeps redrawing below
-        _LIVE.progress.console.print(msg, markup=False)
+        _LIVE.progress.console.print(msg, markup=False, soft_wrap=True)  # paths/fingerprints never folded
     elif _live_ok():
-        _console(stderr=True).print(msg, markup=False)
+        _console(stderr=True).print(msg, markup=False, soft_wrap=True)
     else:
         for line in str(msg).splitlines() or [""]:
             sys.stderr.write(f"[{STATE.command}] {line}\n")

@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import assert_clean_error
@@ -181,29 +180,7 @@ def test_debug_shows_traceback(cli, tmp_path):
     assert p.returncode != 0 and "Traceback" in p.stderr
 
 
-# --- install layout --------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_wheel_installs_namespaced_subpackages(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-                    str(root)], check=True, capture_output=True)
-    whl = next(wheels.glob("edgepeft-*.whl"))
-    site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(whl)],
-                   check=True, capture_output=True)
-    top = {p.name for p in site.iterdir()}
-    assert "export" not in top and "runtimes" not in top and "devices" not in top, top
-    assert (site / "edgepeft" / "export" / "plan.py").is_file()
-    code = ("import edgepeft, edgepeft.export.plan, edgepeft.runtimes, edgepeft.devices, importlib.resources as r;"
-            "print(edgepeft.__file__);"
-            "print(sorted(p.name for p in r.files('edgepeft.devices').iterdir() if p.name.endswith('.yaml')))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                       env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, check=False)
-    assert p.returncode == 0, p.stderr
-    assert str(site) in p.stdout.splitlines()[0]
-
+# --- install layout (the built wheel: tests/test_wheel.py) ------------------------------------------
 
 def test_runtimes_and_fit_checks_import_without_torch():
     """`edgepeft bench` on a device: the runtime modules and the fit checks they call stay torch-free."""

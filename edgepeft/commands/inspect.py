@@ -20,14 +20,12 @@ def command(target: str, as_json: bool):
     if as_json:
         print_json(info)
         return
-    from rich.console import Console
-    from rich.table import Table
+    # Plain lines, never a fitted table: a terminal or a pipe at 80 columns must not cut the
+    # fingerprint or a path (the identifiers a user copies and compares). Each line one line (esc).
+    from edgepeft.ui import echo
 
-    from edgepeft.ui import cell
-
-    table = Table(title=cell(f"edgepeft inspect {target}"), show_header=False, box=None)
-    table.add_column(style="bold")
-    table.add_column()
-    for k, v in summary_rows(info):
-        table.add_row(cell(k), cell(v))
-    Console(highlight=False).print(table)
+    rows = summary_rows(info)
+    width = max(len(k) for k, _ in rows)
+    echo(f"edgepeft inspect {target}")
+    for k, v in rows:
+        echo(f"  {k:<{width}}  {v}".rstrip())

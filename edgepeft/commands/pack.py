@@ -32,5 +32,6 @@ def command(base, adapters, names, onnx, out, tar, as_json):
         return
     info(f"bundle {out}: base {manifest['base']['path']}, {len(manifest['adapters'])} adapter(s), "
          f"{len(manifest['onnx'])} ONNX folder(s), {len(manifest['files'])} files hashed")
+    info(f"base fingerprint {manifest['base_fingerprint']}")
     if tar:
         info(f"wrote {Path(out).with_name(Path(out).name + '.tar')}")

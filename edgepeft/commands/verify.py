@@ -15,7 +15,6 @@ def command(bundle, as_json):
     Exit 0 when all checks pass, 2 with the first failure named otherwise.
     """
     from edgepeft.bundle import verify_path
-    from edgepeft.fingerprint import short
 
     checked = verify_path(bundle)
     m = checked.manifest
@@ -27,6 +26,7 @@ def command(bundle, as_json):
         return
     for w in checked.warnings:
         info(f"warning: {w}")
-    echo(f"OK {bundle}: {len(m['files'])} files hashed, base {short(m['base_fingerprint'])}, "
-               f"adapters fit: {', '.join(a['name'] for a in m['adapters']) or 'none'}"
-               + (f"; ONNX: {', '.join(o['name'] for o in m['onnx'])}" if m["onnx"] else ""))
+    echo(f"OK {bundle}: {len(m['files'])} files hashed, "
+         f"adapters fit: {', '.join(a['name'] for a in m['adapters']) or 'none'}"
+         + (f"; ONNX: {', '.join(o['name'] for o in m['onnx'])}" if m["onnx"] else ""))
+    echo(f"base fingerprint {m['base_fingerprint']}")  # in full, on its own line: the one to compare
