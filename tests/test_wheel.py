@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -31,9 +32,17 @@ SOURCE_ROOTS = {"edgepeft": "edgepeft", "export": "edgepeft.export", "runtimes":
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("wheel")
+    # from a clean copy: setuptools reuses a checkout's build/lib, which still holds modules deleted since
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for folder in SOURCE_ROOTS:
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+                        dirs_exist_ok=True)
     wheels = tmp / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-                    str(ROOT)], check=True, capture_output=True, cwd=tmp)
+                    str(src)], check=True, capture_output=True, cwd=tmp)
     whl = next(wheels.glob("edgepeft-*.whl"))
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, capture_output=True)
