@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -116,17 +118,114 @@ def test_installed_cli_version(installed):
     assert proc.returncode == 0 and proc.stdout.strip() == f"edgepeft, version {__version__}", proc
 
 
+# ---------------------------------------------------------------------------- the README, run
+# Set-up commands (install, the suite itself) are not run: the venv above is the installation.
+SETUP = (("pip",), ("python", "-m", "pip"), ("python", "-m", "pytest"), ("pytest",), (".ci/run",))
+# The ONLY changes made to a README command. Each lowers a step or token count, never raises one and
+# never touches anything else; a count the command leaves at its default is set (every default is larger).
+LOWER = {
+    "train": {"--max-steps": 2},  # README: 60 steps (11 min on 2 cores); 2 steps still write adapter + manifest
+    "eval": {"--limit": 4},
+    "bench": {"--prompt-tokens": 32, "--gen-tokens": 8, "--repetitions": 1, "--ppl-tokens": 64,
+              "--swap-cycles": 1, "--task-limit": 2},
+}
+ALIASES = {"-r": "--repetitions"}
+# `edgepeft quickstart` -> `edgepeft quickstart --fast`: the same steps with the FAST plan, which differs
+# from FULL only in counts (training steps, eval examples, bench tokens/repetitions; edgepeft/quickstart.py).
+QUICKSTART_FAST = "--fast"
+
+
+def readme_commands(text: str) -> list[str]:
+    """Every command of every ```bash block, in order (continuation lines joined, comments dropped)."""
+    cmds = []
+    for block in re.findall(r"^```bash[ \t]*\n(.*?)^```", text, re.DOTALL | re.MULTILINE):
+        logical = ""
+        for line in block.splitlines():
+            if line.rstrip().endswith("\\"):
+                logical += line.rstrip()[:-1] + " "
+                continue
+            logical = (logical + line).strip()
+            if logical and not logical.startswith("#"):
+                cmds.append(logical)
+            logical = ""
+    return cmds
+
+
+def is_setup(argv: list[str]) -> bool:
+    return any(tuple(argv[: len(s)]) == s for s in SETUP)
+
+
+def lowered(cmd: str) -> tuple[str, list[str]]:
+    """The command to run and the substitutions made (empty: run exactly as written)."""
+    argv = shlex.split(cmd, comments=True)
+    if len(argv) < 2 or argv[0] != "edgepeft":
+        return cmd, []
+    sub, notes = argv[1], []
+    if sub == "quickstart" and QUICKSTART_FAST not in argv:
+        return shlex.join([*argv, QUICKSTART_FAST]), [f"quickstart {QUICKSTART_FAST}"]
+    for opt, most in LOWER.get(sub, {}).items():
+        names = [opt, *(a for a, o in ALIASES.items() if o == opt)]
+        at = next((i for i, a in enumerate(argv) if a in names or a.split("=", 1)[0] in names), None)
+        if at is None:
+            argv += [opt, str(most)]
+            notes.append(f"{opt} {most} (default is larger)")
+        elif "=" in argv[at]:
+            name, value = argv[at].split("=", 1)
+            if float(value) > most:
+                argv[at] = f"{name}={most}"
+                notes.append(f"{name} {value} -> {most}")
+        elif float(argv[at + 1]) > most:
+            notes.append(f"{argv[at]} {argv[at + 1]} -> {most}")
+            argv[at + 1] = str(most)
+    return (shlex.join(argv), notes) if notes else (cmd, [])
+
+
+def test_lowered_only_lowers_counts():
+    assert lowered("edgepeft train --base b --max-steps 60 --lr 1e-3")[0] == "edgepeft train --base b --max-steps 2 --lr 1e-3"
+    assert lowered("edgepeft train --max-steps 1")[1] == []  # never raised
+    run, notes = lowered("edgepeft bench out/gguf -r 9 --gen-tokens=4 --json b.json")
+    assert shlex.split(run)[:7] == ["edgepeft", "bench", "out/gguf", "-r", "1", "--gen-tokens=4", "--json"]
+    assert "-r 9 -> 1" in notes and not any(n.startswith("--gen-tokens") for n in notes)
+    assert lowered("edgepeft quickstart   # the whole story")[0] == "edgepeft quickstart --fast"
+    assert lowered("edgepeft pack --base a.gguf --out bundle/") == ("edgepeft pack --base a.gguf --out bundle/", [])
+    assert readme_commands("```bash\n# c\na \\\n  b  # x\n\nc\n```\n```python\nd\n```\n") == ["a    b  # x", "c"]
+
+
+def test_fast_plan_only_lowers_counts():
+    """What makes `quickstart` -> `quickstart --fast` a count-only substitution."""
+    from dataclasses import asdict
+
+    from edgepeft.quickstart import FAST, FULL
+
+    for name, full in asdict(FULL).items():
+        fast = getattr(FAST, name)
+        if isinstance(full, int) and not isinstance(full, bool) and full != fast:
+            assert 0 < fast < full, name
+        else:
+            assert fast == full, (name, fast, full)
+
+
 @pytest.mark.slow
 @pytest.mark.integration
-def test_installed_quickstart_fast_from_an_empty_dir(installed, tmp_path):
-    """``edgepeft quickstart --fast`` from the wheel, in a new empty directory, default relative --out."""
+def test_readme_commands_run_verbatim_from_the_installed_wheel(installed, tmp_path):
+    """Every README command (set-up excepted) in order, in a new empty directory, with the wheel's
+    ``edgepeft``. This is the suite's one quickstart run: the README's ``edgepeft quickstart``
+    (default, relative --out) at the FAST plan's counts."""
     from edgepeft.bundle import load_checked
 
     work = tmp_path / "fresh"
     work.mkdir()
-    proc = run_installed(installed, "edgepeft", "quickstart", "--fast", cwd=work, timeout=2400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = work / "edgepeft-quickstart"
+    cmds = [c for c in readme_commands((ROOT / "README.md").read_text()) if not is_setup(shlex.split(c, comments=True))]
+    ran = []
+    for cmd in cmds:
+        run, notes = lowered(cmd)
+        proc = run_installed(installed, "bash", "-c", run, cwd=work, timeout=3600)
+        assert proc.returncode == 0, f"README command failed: {cmd}\nran: {run} ({'; '.join(notes)})\n{proc.stderr[-3000:]}"
+        ran.append((shlex.split(run, comments=True), proc))
+    quickstarts = [(argv, p) for argv, p in ran if argv[:2] == ["edgepeft", "quickstart"]]
+    assert quickstarts, "the README no longer shows `edgepeft quickstart`, its main command"
+    argv, proc = quickstarts[0]
+    out = work / (argv[argv.index("--out") + 1] if "--out" in argv else "edgepeft-quickstart")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fast"] is True and summary["train"]["steps"] == 3
     assert set(summary["exports"]) == {"gguf-merged", "gguf-separate", "onnx-merged", "onnx-separate"}
