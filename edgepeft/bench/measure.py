@@ -249,7 +249,7 @@ def run_case(artifact: Artifact, runtime: str, profile: DeviceProfile, cfg: Benc
                 sp = speed(rt, prompt, cfg)
                 bpt = bytes_per_token(artifact, name)
                 rec = {
-                    "artifact": str(artifact.path), "model_file": artifact.name_of(artifact.model), "format": artifact.format,
+                    "artifact": str(artifact.path), "model_file": _model_file(artifact), "format": artifact.format,
                     "quant": artifact.quant, "runtime": runtime, "providers": _providers(rt, profile, runtime),
                     "device": device_label, "profile": profile.name, "adapter": name or "none",
                     "model_bytes": artifact.model_bytes,
@@ -286,3 +286,12 @@ def pick_runtimes(artifact: Artifact, profile: DeviceProfile, wanted: list[str])
         if r in profile.runtimes:
             return [r]
     return [FORMAT_RUNTIMES[artifact.format][0]]
+
+
+def _model_file(artifact) -> str:
+    """The model's path as a user can open it: a bundle member under the bundle folder (the runtime
+    was handed a verified descriptor); a member of a bundle .tar keeps its name inside the tar."""
+    name = artifact.name_of(artifact.model)
+    if artifact.model in artifact.names and artifact.path.is_dir():
+        return str(artifact.path / name)
+    return name

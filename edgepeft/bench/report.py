@@ -37,7 +37,10 @@ def stored_document(doc: dict, path: str | Path) -> dict:
     def rel(v):
         return to_record(v, path) if v else v
 
-    records = [{**r, "artifact": rel(r.get("artifact")), "model_file": rel(r.get("model_file"))}
+    def rel_file(v):  # a member of a bundle .tar is a name inside the tar, not a path here
+        return rel(v) if v and Path(v).exists() else v
+
+    records = [{**r, "artifact": rel(r.get("artifact")), "model_file": rel_file(r.get("model_file"))}
                for r in doc.get("records", [])]
     return {**doc, "config": {**doc.get("config", {}), "ppl_file": rel(doc.get("config", {}).get("ppl_file"))},
             "records": records}
@@ -58,7 +61,7 @@ def load_document(path: str | Path) -> dict:
     doc = load_document_obj(doc, str(path))
     for r in doc["records"]:
         for k in ("artifact", "model_file"):
-            if isinstance(r.get(k), str):
+            if isinstance(r.get(k), str) and (k == "artifact" or from_record(r[k], path).exists()):
                 r[k] = str(from_record(r[k], path))
     return doc
 
