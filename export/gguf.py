@@ -292,7 +292,7 @@ def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: st
         for hf_name, w in _tensor_stream(base, plans, merge_target):
             o = by_name.get(hf_name)
             if o is not None:
-                writer.write_tensor_data(gt.encode(gt.permute_qk(w, hf_name, arch, cfg), o.qtype))
+                writer.write_tensor_data(gt.encode(gt.to_gguf(w, hf_name, arch, cfg), o.qtype))
                 st.advance()
             del w
     writer.close()
@@ -361,7 +361,7 @@ def write_adapter(plan: AdapterPlan, base, final: Path, adapter_type: str = "f16
         b = m.b.float() * f if f != 1.0 else m.b.float()
         if f != 1.0:
             folded.append(target)
-        b = gt.permute_qk(b, target + ".weight", arch, cfg)
+        b = gt.lora_b_to_gguf(b, target, arch, cfg)
         for suffix, t in ((".lora_a", m.a.float()), (".lora_b", b)):
             qtype = want
             if want == gguf.GGMLQuantizationType.Q8_0 and t.shape[-1] % 32:

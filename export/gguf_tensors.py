@@ -82,6 +82,22 @@ def permute_qk(w, hf_name: str, arch: Arch, cfg: dict):
     return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def to_gguf(w, hf_name: str, arch: Arch, cfg: dict):
+    """A base tensor (or a merged W + ΔW) as llama.cpp stores it: Q/K permutation, Gemma's norm +1."""
+    w = permute_qk(w, hf_name, arch, cfg)
+    if arch.norm_shift and hf_name.endswith("norm.weight"):
+        w = w + arch.norm_shift
+    return w
+
+
+def lora_b_to_gguf(b, target: str, arch: Arch, cfg: dict):
+    """LoRA B for ``target`` as llama.cpp applies it: the output-row permutation only.
+
+    The norm shift needs no counterpart: norms are not LoRA targets, and +1 on W + ΔW is +1 on W.
+    """
+    return permute_qk(b, target + ".weight", arch, cfg)
+
+
 def encode(t, qtype) -> np.ndarray:
     """Torch tensor or numpy array -> the bytes/array GGUFWriter writes for ``qtype`` (F32, F16, BF16, Q8_0)."""
     import gguf
@@ -114,7 +130,7 @@ def declare(writer, outs: list[TensorOut]) -> None:
 
 
 def add_hparams(writer, cfg: dict, arch: Arch, file_type) -> None:
-    """The architecture keys llama.cpp reads for Llama/Mistral/Qwen2 models."""
+    """The architecture keys llama.cpp reads, as llama.cpp's converter writes them for ``arch``."""
     rope = rope_params(cfg)
     rope_type = rope_kind(cfg)
     if rope_type not in _PLAIN_ROPE and not (rope_type == "llama3" and arch.gguf_arch.lower() == "llama"):
@@ -130,6 +146,9 @@ def add_hparams(writer, cfg: dict, arch: Arch, file_type) -> None:
     theta = rope.get("rope_theta", cfg.get("rope_theta"))
     if theta is not None:
         writer.add_rope_freq_base(float(theta))
+    swa_theta = (rope_params(cfg, "sliding_attention") or {}).get("rope_theta")
+    if swa_theta is not None and rope_params(cfg, "sliding_attention") is not rope:
+        writer.add_rope_freq_base_swa(float(swa_theta))
     if rope_type in ("linear", "yarn") and rope.get("factor"):
         import gguf
 
@@ -145,10 +164,79 @@ def add_hparams(writer, cfg: dict, arch: Arch, file_type) -> None:
     if arch.permute_qk:  # llama.cpp's llama converter also records these
         writer.add_vocab_size(cfg["vocab_size"])
         writer.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // n_head)
+    extra = _ARCH_HPARAMS.get(arch.gguf_arch)
+    if extra is not None:
+        extra(writer, cfg)
 
 
-def rope_params(cfg: dict) -> dict:
-    return cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+def _gemma3_hparams(writer, cfg: dict) -> None:
+    """Sliding window (interleaved sliding/global layers), final soft-capping; what llama.cpp hard-codes is checked."""
+    head_dim = cfg.get("head_dim", 256)
+    if cfg.get("query_pre_attn_scalar", head_dim) != head_dim:
+        raise EdgepeftError(f"gemma3_text query_pre_attn_scalar {cfg['query_pre_attn_scalar']} differs from head_dim "
+                            f"{head_dim}; llama.cpp scales queries by 1/sqrt(head_dim)",
+                            "This Gemma 3 variant is not supported for GGUF export")
+    if cfg.get("attn_logit_softcapping") is not None:
+        raise EdgepeftError("gemma3_text with attn_logit_softcapping is not supported by llama.cpp",
+                            "Export a Gemma 3 checkpoint without attention soft-capping")
+    if cfg.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
+    types = layer_types(cfg)
+    if "sliding_attention" in types:
+        writer.add_sliding_window(int(cfg["sliding_window"]))
+        # llama.cpp's default is 5 sliding then 1 global (the converter writes no pattern);
+        # any other interleave is written out per layer so llama.cpp follows the config
+        if types != _gemma3_default_types(len(types)):
+            writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+
+
+def _gemma3_default_types(n: int) -> list[str]:
+    return ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]
+
+
+def layer_types(cfg: dict) -> list[str]:
+    """Per-layer attention kind ("sliding_attention" / "full_attention") as the HF config states it."""
+    types = cfg.get("layer_types")
+    if types:
+        return list(types)
+    return ["full_attention"] * cfg["num_hidden_layers"]
+
+
+def _phi3_hparams(writer, cfg: dict) -> None:
+    rope = rope_params(cfg)
+    if rope.get("long_factor") or rope.get("short_factor"):
+        raise EdgepeftError("phi3 with LongRoPE factors (128k-context Phi-3, Phi-4-mini) is not supported by the GGUF "
+                            "writer yet", "Use a 4k-context Phi-3 checkpoint, or llama.cpp's convert_hf_to_gguf.py")
+    n_head = cfg["num_attention_heads"]
+    rot = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0
+    orig = rope.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+    if orig is not None:
+        writer.add_rope_scaling_orig_ctx_len(int(orig))
+    writer.add_rope_dimension_count(int(rot * cfg["hidden_size"]) // n_head)
+    writer.add_sliding_window(int(cfg.get("sliding_window") or 0))
+
+
+def _smollm3_hparams(writer, cfg: dict) -> None:
+    """llama.cpp hard-codes SmolLM3's NoPE layers as every 4th; refuse a config that says otherwise."""
+    n = cfg["num_hidden_layers"]
+    want = [0 if (i + 1) % 4 == 0 else 1 for i in range(n)]
+    got = cfg.get("no_rope_layers")
+    if got is not None and list(got) != want:
+        raise EdgepeftError(f"smollm3 no_rope_layers {list(got)} is not every 4th layer, which llama.cpp hard-codes",
+                            "This SmolLM3 variant is not supported for GGUF export")
+
+
+_ARCH_HPARAMS = {"GEMMA3": _gemma3_hparams, "PHI3": _phi3_hparams, "SMOLLM3": _smollm3_hparams}
+
+
+def rope_params(cfg: dict, kind: str = "full_attention") -> dict:
+    """The rope parameters of ``kind`` layers (Gemma 3 nests one dict per attention kind)."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if isinstance(rope.get(kind), dict):
+        return rope[kind]
+    if kind != "full_attention" and any(isinstance(v, dict) for v in rope.values()):
+        return {}
+    return rope
 
 
 def rope_kind(cfg: dict) -> str | None:

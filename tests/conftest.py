@@ -45,9 +45,10 @@ def make_tiny(model_type: str, out: Path, tokenizer_dir: Path, seed: int = 0, **
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = {"tie_word_embeddings": model_type == "qwen2", "pad_token_id": tok.pad_token_id, **TINY, **config}
     cfg = AutoConfig.for_model(
         model_type, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=(model_type == "qwen2"), torch_dtype="float32", **{**TINY, **config})
+        torch_dtype="float32", **config)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
     model.save_pretrained(out, safe_serialization=True)
