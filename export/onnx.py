@@ -73,6 +73,9 @@ def export(req) -> dict:
     from edgepeft.models import resolve_base
 
     base = resolve_base(req.base)
+    if base.arch.onnx_refusal:
+        raise EdgepeftError(f"ONNX export of {base.model_type} is not supported: {base.arch.onnx_refusal}",
+                            "Export GGUF instead (edgepeft export --format gguf)")
     base.require_tokenizer()
     plans = load_plans(req, base)
     t0 = time.perf_counter()
@@ -180,7 +183,8 @@ def _export_separate(req, base, plans, out: Path, work: Path) -> dict:
     slot_adapter = _slot_adapter(base, targets, work / "slots")
     extra = {"adapter_path": str(slot_adapter), **_algo(req)}
     if req.quant in ("int4", "int8"):  # keep LoRA matmuls float: the rank axis must stay dynamic
-        extra["nodes_to_exclude"] = ",".join(oa.builder_node(t, ab) for t in targets for ab in "AB")
+        extra["nodes_to_exclude"] = ",".join(oa.builder_node(p, ab) for t in targets for p in oa.split_target(t)
+                                             for ab in "AB")
     build_genai(base.path, out, quant=req.quant, ep=BUILDER_EP[req.target], block_size=req.block_size,
                 accuracy_level=req.accuracy_level, cache=work / "cache", extra=extra)
     slots = oa.make_lora_inputs(out / oa.MODEL_FILE)

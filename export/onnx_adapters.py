@@ -31,12 +31,22 @@ ADAPTER_SUFFIX = ".onnx_adapter"
 BUILDER_BLOCKS = {"attn": "self_attn", "mlp": "mlp"}
 _HF_BLOCKS = {v: k for k, v in BUILDER_BLOCKS.items()}
 _BUILDER_LORA = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<block>\w+)\.(?P<proj>\w+)\.lora_(?P<ab>[AB])\.MatMul\.weight$")
+# fused Hugging Face modules (Phi-3) that the builder emits as separate projections; a LoRA on
+# the fused module becomes one LoRA per part: the same A, and B's rows cut at the parts' sizes
+# (ΔW = B·A row-sliced is exactly each part's ΔW), so nothing is approximated
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _HF_TARGET = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<block>\w+)\.(?P<proj>\w+)$")
 
 
 def param_name(target: str, ab: str) -> str:
     """The graph input / adapter parameter name of one LoRA matrix ("A" or "B")."""
     return f"{target}.lora_{ab}.weight"
+
+
+def split_target(target: str) -> list[str]:
+    """The projections the builder emits for ``target`` (itself, or the parts of a fused module)."""
+    head, _, leaf = target.rpartition(".")
+    return [f"{head}.{part}" for part in FUSED[leaf]] if leaf in FUSED else [target]
 
 
 def builder_node(target: str, ab: str) -> str:
@@ -124,15 +134,23 @@ def plan_parameters(plan, slots: dict[str, dict]) -> dict:
     for target, mod in plan.modules.items():
         a = mod.a.float().T.contiguous().numpy()  # (in, r)
         b = (mod.b.float() * mod.scale).T.contiguous().numpy()  # (r, out); scale folded like the builder does
-        for ab, arr in (("A", a), ("B", b)):
-            name = param_name(target, ab)
-            slot = slots.get(name)
-            if slot is None:
-                raise MismatchError(f"adapter {plan.name}: module {target} has no LoRA slot in the ONNX base "
-                                    f"(no graph input {name})",
-                                    f"Export the base with this adapter among --adapter so the slot exists "
-                                    f"({len(slots) // 2} modules have slots)")
-            params[name] = arr.astype(np.dtype(slot["dtype"]))
+        start = 0
+        for part in split_target(target):
+            name_b = param_name(part, "B")
+            width = (slots.get(name_b) or {"shape": [None, b.shape[1] - start]})["shape"][1]
+            for ab, arr in (("A", a), ("B", b[:, start:start + width])):
+                name = param_name(part, ab)
+                slot = slots.get(name)
+                if slot is None:
+                    raise MismatchError(f"adapter {plan.name}: module {target} has no LoRA slot in the ONNX base "
+                                        f"(no graph input {name})",
+                                        f"Export the base with this adapter among --adapter so the slot exists "
+                                        f"({len(slots) // 2} modules have slots)")
+                params[name] = np.ascontiguousarray(arr).astype(np.dtype(slot["dtype"]))
+            start += width
+        if start != b.shape[1]:
+            raise MismatchError(f"adapter {plan.name}: {target} has {b.shape[1]} output rows, the ONNX slots for "
+                                f"its parts cover {start}", "Re-export the adapter against this base")
     check_parameters({k: (v.shape, str(v.dtype)) for k, v in params.items()}, slots, where=f"adapter {plan.name}")
     return params
 

@@ -90,6 +90,9 @@ class LlamaCppRuntime:
         self.n_ctx = cp.n_ctx = n_ctx
         cp.n_batch = n_ctx
         cp.n_ubatch = min(512, n_ctx)
+        # sliding-window layers (Gemma 3) keep window + ubatch cells, not the whole context:
+        # llama-cli's default, and what bench's KV estimate assumes
+        cp.swa_full = False
         cp.n_threads = cp.n_threads_batch = threads
         cp.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)

@@ -191,7 +191,7 @@ def test_per_tensor_transforms_on_base_and_lora_b(arch, tiny_new, new_adapters, 
 IDS = [[1, 520, 33, 1000, 77, 9, 4021], [1, 17, 300, 4000, 12]]
 
 
-@pytest.mark.parametrize("arch", NEW)
+@pytest.mark.parametrize("arch", [a for a in NEW if not ARCHS[a].onnx_refusal])
 def test_onnx_merged_and_separate_match_peft(arch, tiny_new, new_adapters, tmp_path):
     from edgepeft.export.onnx import OrtLM, export as onnx_export, load_lora_adapter
     from edgepeft.export.request import ExportRequest
@@ -212,6 +212,14 @@ def test_onnx_merged_and_separate_match_peft(arch, tiny_new, new_adapters, tmp_p
     for name, refs in (("A", ref), (None, ref_base), ("A", ref)):  # swap in, out and in again, one session
         for ids, r in zip(IDS, refs):
             np.testing.assert_allclose(lm.logits(ids, adapter if name else None), r, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", [a for a in NEW if ARCHS[a].onnx_refusal])
+def test_onnx_refuses_what_the_builder_cannot_build(arch, tiny_new, tmp_path):
+    proc = run_cli("export", "--format", "onnx", "--base", tiny_new[arch], "--out", "out", "--quant", "fp32",
+                   cwd=tmp_path)
+    assert_clean_error(proc, f"ONNX export of {arch} is not supported", "onnxruntime-genai", "--format gguf")
+    assert not (tmp_path / "out").exists()
 
 
 # --- train, and the one-line refusal --------------------------------------------------------------

@@ -92,23 +92,54 @@ def check_fits(artifact: Artifact, profile: DeviceProfile, runtime: str, n_ctx: 
 
 
 def _kv_bytes(artifact: Artifact, n_ctx: int) -> int:
-    """f16 KV cache size from the model's own metadata (0 when it cannot be read)."""
+    """f16 KV cache size from the model's own metadata (0 when it cannot be read).
+
+    GGUF: what llama.cpp allocates. Per layer K and V of key_length/value_length per KV head;
+    the context is padded to 256 cells; with a sliding window (Gemma 3) the sliding layers keep
+    only window + ubatch cells (padded to 256), because the runtime creates its context with
+    ``swa_full`` off, and the global layers keep the whole context.
+    """
     try:
         if artifact.format == "gguf":
             from edgepeft.security import check_gguf_header
 
-            meta = check_gguf_header(artifact.model).metadata
-            arch = meta.get("general.architecture")
-            layers = meta.get(f"{arch}.block_count")
-            heads = meta.get(f"{arch}.attention.head_count")
-            kv_heads = meta.get(f"{arch}.attention.head_count_kv") or heads
-            head_dim = meta.get(f"{arch}.embedding_length") // heads
-        else:
-            from edgepeft.readers import read_json
+            return gguf_kv_bytes(check_gguf_header(artifact.model).metadata, n_ctx)
+        from edgepeft.readers import read_json
 
-            folder = artifact.model if artifact.model.is_dir() else artifact.model.parent
-            dec = read_json(folder / "genai_config.json", "genai config")["model"]["decoder"]
-            layers, kv_heads, head_dim = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
+        folder = artifact.model if artifact.model.is_dir() else artifact.model.parent
+        dec = read_json(folder / "genai_config.json", "genai config")["model"]["decoder"]
+        layers, kv_heads, head_dim = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
         return 2 * int(layers) * int(kv_heads) * int(head_dim) * n_ctx * 2
     except (KeyError, TypeError, ValueError, OSError, ZeroDivisionError, EdgepeftError):
         return 0
+
+
+def kv_cells(n_ctx: int, n_swa: int, swa_layers: list[bool], n_ubatch: int = 512) -> list[int]:
+    """Cells llama.cpp's KV cache gives each layer (llama-kv-cache-iswa.cpp with swa_full off)."""
+    def pad(n: int) -> int:
+        return -(-n // 256) * 256
+
+    full = pad(n_ctx)
+    swa = min(full, pad(n_swa + n_ubatch)) if n_swa else full
+    return [swa if n_swa and is_swa else full for is_swa in swa_layers]
+
+
+def gguf_kv_bytes(meta: dict, n_ctx: int, n_ubatch: int = 512) -> int:
+    from edgepeft.archs import GGUF_SWA_PERIOD
+
+    arch = meta.get("general.architecture")
+    layers = int(meta[f"{arch}.block_count"])
+    heads = meta[f"{arch}.attention.head_count"]
+    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv") or heads)
+    head_dim = meta[f"{arch}.embedding_length"] // heads
+    k_len = int(meta.get(f"{arch}.attention.key_length") or head_dim)
+    v_len = int(meta.get(f"{arch}.attention.value_length") or head_dim)
+    n_swa = int(meta.get(f"{arch}.attention.sliding_window") or 0) if arch in GGUF_SWA_PERIOD else 0
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        swa_layers = [bool(x) for x in pattern][:layers]
+    else:
+        period = GGUF_SWA_PERIOD.get(arch, 0)
+        swa_layers = [bool(period) and (i % period) < period - 1 for i in range(layers)]
+    cells = kv_cells(n_ctx, n_swa, swa_layers, min(n_ubatch, n_ctx))
+    return sum(cells) * kv_heads * (k_len + v_len) * 2
