@@ -231,12 +231,12 @@ def test_qlora_trains_each_arch(arch, tiny_new, tmp_path):
 
     data = _jsonl(tmp_path / "d.jsonl", n=16)
     proc = run_cli("train", "--base", tiny_new[arch], "--data", data, "--out", "run", "--max-steps", "4",
-                   "--batch-size", "4", "--max-seq-len", "64", "--lr", "5e-3", cwd=tmp_path)
+                   "--batch-size", "2", "--max-seq-len", "48", "--lr", "5e-3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert m["quantization"]["quant_type"] == "nf4" and m["train"]["steps"] == 4
     losses = [loss for _, loss in m["loss_curve"]]
-    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert losses and all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     want = {t for t in ARCHS[arch].lora_targets}
     assert set(m["lora"]["target_modules"]) == want, m["lora"]
 
