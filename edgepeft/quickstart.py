@@ -17,6 +17,7 @@ own CLI in a subprocess. Sizes live in two :class:`Plan` records: the full run f
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from edgepeft import atomic
 from edgepeft.errors import EdgepeftError
 from edgepeft.paths import to_record
 from edgepeft.quiet import silence_progress_bars
-from edgepeft.ui import STATE, info
+from edgepeft.ui import STATE, info, show_progress, stage
 
 ADAPTER_NAME = "demo"
 
@@ -38,24 +39,22 @@ class Plan:
     batch_size: int
     lr: float
     rank: int
-    eval_limit: int  # demo eval examples scored with PyTorch, before and after training
-    eval_base: bool  # also score the untrained base (about 0% by design of the demo task)
     prompt_tokens: int
     gen_tokens: int
     repetitions: int
     ppl_tokens: int
-    task_limit: int  # demo eval examples scored on each runtime
+    task_limit: int  # demo eval examples: every row (PyTorch and each artifact) is scored on these
     swap_cycles: int
     verify_exports: bool  # run each exporter's parity check against PyTorch
     merge_into: str  # auto: pick original vs dequantized base by calibration loss (costs two extra builds)
 
 
-FULL = Plan(train_steps=48, batch_size=4, lr=1e-3, rank=16, eval_limit=50, eval_base=True, prompt_tokens=128, gen_tokens=32,
-            repetitions=3, ppl_tokens=256, task_limit=20, swap_cycles=3, verify_exports=True, merge_into="auto")
+FULL = Plan(train_steps=48, batch_size=4, lr=1e-3, rank=16, prompt_tokens=128, gen_tokens=32,
+            repetitions=3, ppl_tokens=256, task_limit=50, swap_cycles=3, verify_exports=True, merge_into="auto")
 # FAST differs from FULL in counts only (steps, examples, tokens, repetitions), so the CI run, and the
 # README test that runs `edgepeft quickstart` as --fast, take every code path the full run takes.
-FAST = Plan(train_steps=3, batch_size=4, lr=1e-3, rank=16, eval_limit=4, eval_base=True, prompt_tokens=32, gen_tokens=8,
-            repetitions=1, ppl_tokens=64, task_limit=2, swap_cycles=1, verify_exports=True, merge_into="auto")
+FAST = Plan(train_steps=3, batch_size=4, lr=1e-3, rank=16, prompt_tokens=32, gen_tokens=8,
+            repetitions=1, ppl_tokens=64, task_limit=4, swap_cycles=1, verify_exports=True, merge_into="auto")
 
 ARTIFACTS = (  # (folder, format, mode, quant)
     ("gguf-merged", "gguf", "merged", "q4_k_m"),
@@ -79,14 +78,16 @@ def run(out: Path, fast: bool = False, base: str = "smollm2-135m") -> dict:
     with _step("train", timings):
         trained = train_demo(base, out / "run", plan)
     adapter = Path(trained["adapter"])
+    cfg = bench_config(base, adapter, plan)
     with _step("evaluate", timings):
-        evals = evaluate_demo(base, adapter, plan)
+        reference = evaluate_demo(cfg)
+    evals = _evals(reference)
     exports = {}
     for folder, fmt, mode, quant in ARTIFACTS:
         with _step(f"export {folder}", timings):
             exports[folder] = export_one(base, adapter, out / folder, fmt, mode, quant, plan)
     with _step("bench", timings):
-        doc = bench_all(out, [out / f for f, *_ in ARTIFACTS], plan)
+        doc = bench_all(out, [out / f for f, *_ in ARTIFACTS], cfg, reference)
     with _step("chart + bundle", timings):
         chart = _chart(doc, out / "quickstart.png")
         bundle_dir = make_bundle(out)
@@ -102,20 +103,15 @@ def run(out: Path, fast: bool = False, base: str = "smollm2-135m") -> dict:
 
 
 # ----------------------------------------------------------------------------- steps
-class _step:
-    """Time a step and say what is happening (progress to stderr)."""
-
-    def __init__(self, name: str, timings: dict):
-        self.name, self.timings = name, timings
-
-    def __enter__(self):
-        info(f"[quickstart] {self.name} ...")
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.timings[self.name] = round(time.perf_counter() - self.t0, 1)
-        if exc[0] is None:
-            info(f"[quickstart] {self.name} done in {self.timings[self.name]:.0f} s")
+@contextlib.contextmanager
+def _step(name: str, timings: dict):
+    """One quickstart step: a ui stage (the progress rule every command uses), timed into ``timings``."""
+    t0 = time.perf_counter()
+    try:
+        with stage(name):
+            yield
+    finally:
+        timings[name] = round(time.perf_counter() - t0, 1)
 
 
 def train_demo(base: str, run_dir: Path, plan: Plan) -> dict:
@@ -127,20 +123,36 @@ def train_demo(base: str, run_dir: Path, plan: Plan) -> dict:
                       max_steps=plan.train_steps, batch_size=plan.batch_size, lr=plan.lr, max_seq_len=128,
                       warmup_ratio=0.05, logging_steps=max(1, plan.train_steps // 8),
                       save_steps=max(plan.train_steps, 1), save_total_limit=1)
-    return train(cfg, say=info, bar=False, log_lines=True)
+    return train(cfg, say=info, bar=show_progress(), log_lines=True)
 
 
-def evaluate_demo(base: str, adapter: Path, plan: Plan) -> dict:
-    """Exact match on the demo eval split with PyTorch: the base alone, then with the adapter."""
-    from edgepeft.evaluate import evaluate_hf
+def bench_config(base: str, adapter: Path, plan: Plan):
+    """The one benchmark configuration: PyTorch (base alone and with the adapter) is the reference
+    every artifact's top-1 agreement is measured against, and every row is scored on the same
+    ``plan.task_limit`` demo examples by the same loop."""
+    from edgepeft import bench
 
-    after = evaluate_hf(base, str(adapter), "demo", "eval", plan.eval_limit)
-    result = {"adapter": _acc(after)}
-    if plan.eval_base:
-        result["base"] = _acc(evaluate_hf(base, None, "demo", "eval", plan.eval_limit))
-    info(f"[quickstart] demo exact match (PyTorch, {after['total']} examples): with adapter "
-         f"{after['accuracy']:.0%}" + (f", base alone {result['base']['accuracy']:.0%}" if "base" in result else ""))
-    return result
+    return bench.BenchConfig(prompt_tokens=plan.prompt_tokens, gen_tokens=plan.gen_tokens,
+                             repetitions=plan.repetitions, ppl_tokens=plan.ppl_tokens,
+                             ppl_ctx=min(256, plan.ppl_tokens), swap_cycles=plan.swap_cycles, task="demo",
+                             task_limit=plan.task_limit, reference=base,
+                             reference_adapters={ADAPTER_NAME: str(adapter)})
+
+
+def evaluate_demo(cfg) -> dict:
+    """Exact match with PyTorch, the base alone and with the adapter: the benchmark's reference rows."""
+    from edgepeft.bench.measure import measure_reference
+
+    ref = measure_reference(cfg)
+    ev = _evals(ref)
+    info(f"demo exact match (PyTorch, {ev['adapter']['total']} examples): with adapter "
+         f"{ev['adapter']['accuracy']:.0%}, base alone {ev['base']['accuracy']:.0%}")
+    return ref
+
+
+def _evals(ref: dict) -> dict:
+    by = {r["adapter"]: r["accuracy"] for r in ref["records"]}
+    return {"adapter": _acc(by[ADAPTER_NAME]), "base": _acc(by["none"])}
 
 
 def _acc(r: dict) -> dict:
@@ -159,17 +171,13 @@ def export_one(base: str, adapter: Path, out: Path, fmt: str, mode: str, quant: 
     return importlib.import_module(WRITERS[fmt]).export(req)
 
 
-def bench_all(out: Path, folders: list[Path], plan: Plan) -> dict:
+def bench_all(out: Path, folders: list[Path], cfg, reference: dict) -> dict:
     """Benchmark every artifact on its runtime (llama.cpp for GGUF, onnxruntime-genai for ONNX)."""
     from edgepeft import bench
     from edgepeft.profiles import load_profile, local_profile_name
 
     profile = load_profile(local_profile_name())
-    cfg = bench.BenchConfig(prompt_tokens=plan.prompt_tokens, gen_tokens=plan.gen_tokens,
-                            repetitions=plan.repetitions, ppl_tokens=plan.ppl_tokens,
-                            ppl_ctx=min(256, plan.ppl_tokens), swap_cycles=plan.swap_cycles, task="demo",
-                            task_limit=plan.task_limit)
-    doc = bench.run([bench.discover(f) for f in folders], [], profile, cfg, say=lambda m: info(f"[quickstart] {m}"))
+    doc = bench.run([bench.discover(f) for f in folders], [], profile, cfg, reference=reference)
     bench.write_document(doc, out / "bench.json")
     return doc
 
@@ -201,8 +209,10 @@ def _train_summary(t: dict) -> dict:
 
 
 def _export_summary(r: dict) -> dict:
-    keep = ("format", "mode", "quant", "seconds", "peak_rss_mb", "verify")
-    return {k: r.get(k) for k in keep if k in r} | {"files": [Path(f).name for f in r.get("files", [])]}
+    # what the verification table needs (edgepeft.verification_view) plus the cost of the step
+    keep = ("format", "mode", "quant", "seconds", "peak_rss_mb", "out", "files", "adapters", "adapter_files",
+            "merge", "verify", "verification", "verifications")
+    return {k: r.get(k) for k in keep if k in r}
 
 
 def print_table(doc: dict) -> None:

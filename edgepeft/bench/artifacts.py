@@ -17,6 +17,33 @@ def discover(path: str | Path, adapters: dict[str, Path] | None = None) -> Artif
     return runtime_artifact(path, adapters)
 
 
+def merged_adapters(artifact: Artifact) -> list[str]:
+    """Names of the adapters merged into the artifact's weights (its export metadata says), else []."""
+    import json
+
+    from edgepeft.errors import IntegrityError
+
+    try:
+        if artifact.format == "gguf":
+            from edgepeft.security import check_gguf_header
+
+            raw = check_gguf_header(artifact.model).metadata.get("edgepeft.adapters")
+            listed = json.loads(raw) if isinstance(raw, str) else []
+        else:
+            from edgepeft.bench.config import ONNX_MANIFEST
+            from edgepeft.readers import read_json
+
+            folder = artifact.model if artifact.model.is_dir() else artifact.model.parent
+            manifest = read_json(folder / ONNX_MANIFEST, "ONNX export manifest") \
+                if (folder / ONNX_MANIFEST).is_file() else {}
+            listed = manifest.get("adapters", []) if manifest.get("mode") == "merged" else []
+    except (OSError, ValueError, IntegrityError, EdgepeftError):
+        return []
+    if not isinstance(listed, list):
+        return []
+    return [a["name"] for a in listed if isinstance(a, dict) and isinstance(a.get("name"), str)]
+
+
 def task_template(artifact: Artifact):
     """The chat template task prompts are rendered with: the artifact's own, never a base alias."""
     from edgepeft.train.chat import ChatTemplate, folder_template

@@ -19,12 +19,13 @@ import statistics
 import time
 from pathlib import Path
 
-from edgepeft.bench.artifacts import bytes_per_token, check_fits, task_template
+from edgepeft.bench.artifacts import bytes_per_token, check_fits, merged_adapters, task_template
 from edgepeft.bench.config import DEFAULT_TEXT, BenchConfig
 from edgepeft.bench.report import document
 from edgepeft.errors import EdgepeftError
 from edgepeft.profiles import DeviceProfile
 from edgepeft.runtimes.base import FORMAT_RUNTIMES, RUNTIMES, Artifact, get_runtime
+from edgepeft.ui import stage, track
 
 
 # ------------------------------------------------------------------ measurements
@@ -164,7 +165,7 @@ def task_accuracy(rt, cfg: BenchConfig, tokenizer) -> dict | None:
     task = get_task(cfg.task)
     examples = task.examples("eval")[: cfg.task_limit]
     preds = []
-    for prompt in evaluate.eval_prompts(examples, tokenizer):
+    for prompt in track(evaluate.eval_prompts(examples, tokenizer), f"{cfg.task} accuracy", "examples"):
         rt.reset()
         rt.prefill(rt.tokenize(prompt, special=True))
         out: list[int] = []
@@ -179,91 +180,131 @@ def task_accuracy(rt, cfg: BenchConfig, tokenizer) -> dict | None:
 
 
 # ------------------------------------------------------------------ PyTorch reference
-def reference_argmax(cfg: BenchConfig, tokens: list[int], names: list[str]) -> dict:
-    """Top-1 token per position from PyTorch (base, and base + each PEFT adapter), keyed by adapter name."""
+def measure_reference(cfg: BenchConfig, device_label: str = "local") -> dict:
+    """The PyTorch fp32 reference, measured once: its own records (the same perplexity and task
+    scoring as every artifact) and its top-1 tokens on the agreement text, per adapter (None = base).
+
+    ``{"tokens": ids, "argmax": {name: ids}, "records": [...]}``; empty without ``cfg.reference``.
+    """
     if not cfg.reference:
         return {}
-    import torch
+    from edgepeft.bench.reference import TorchReference
 
-    from edgepeft.models import resolve_base
+    names = [None, *cfg.reference_adapters]
+    with stage(f"PyTorch reference {cfg.reference} (fp32)", total=len(names), unit="adapters") as st:
+        rt = TorchReference(cfg.reference, cfg.reference_adapters)
+        try:
+            tokens = prompt_tokens(rt, cfg.top1_tokens, cfg.ppl_file)
+            argmax, records = {}, []
+            for name in names:
+                rt.set_adapter(name)
+                rt.prefill(tokens, all_logits=True)
+                argmax[name] = rt.logits().argmax(axis=1).tolist()
+                records.append({
+                    "artifact": f"pytorch:{cfg.reference}", "model_file": None, "format": "pytorch", "quant": "fp32",
+                    "runtime": "pytorch", "providers": ["cpu"], "device": device_label, "profile": None,
+                    "adapter": name or "none", "reference": True, "model_bytes": 0, "adapter_bytes": 0,
+                    "load_ms": None, "check_ms": None, "ttft_ms": None, "pp": None, "tg": None, "swap_ms": None,
+                    "perplexity": perplexity(rt, cfg), "accuracy": task_accuracy(rt, cfg, rt.tokenizer),
+                    "top1_agree": 1.0, "bytes_per_token": None, "bandwidth_gb_s": None, "bw_util": None,
+                    "peak_rss_mb": None})
+                st.advance()
+        finally:
+            rt.close()
+    return {"tokens": tokens, "argmax": argmax, "records": records}
 
-    base = resolve_base(cfg.reference)
-    model = base.load_model(torch.float32).eval()
-    ids = torch.tensor([tokens])
-    out = {}
-    with torch.no_grad():
-        out[None] = model(ids).logits[0].argmax(-1).tolist()
-        for name in names:
-            folder = cfg.reference_adapters.get(name)
-            if folder is None:
-                continue
-            from peft import PeftModel
 
-            peft_model = PeftModel.from_pretrained(model, folder).eval()
-            out[name] = peft_model(ids).logits[0].argmax(-1).tolist()
-            model = peft_model.unload()
-    return out
+def reference_key(artifact: Artifact, adapter: str | None) -> str | None:
+    """Which PyTorch reference a record is compared with: its adapter, or for a merged artifact
+    the one adapter merged into it (several merged adapters have no single reference)."""
+    if adapter is not None:
+        return adapter
+    merged = merged_adapters(artifact)
+    return merged[0] if len(merged) == 1 else None if not merged else "+".join(merged)
 
 
 # ------------------------------------------------------------------ one case
 def run(artifacts: list[Artifact], runtimes: list[str], profile: DeviceProfile, cfg: BenchConfig,
-        say=None, device_label: str = "local") -> dict:
+        device_label: str = "local", reference: dict | None = None) -> dict:
     """The one benchmark loop (``edgepeft bench`` and the quickstart): fit checks for every case first,
-    then bandwidth, then each artifact on each of its runtimes; returns the schema document."""
-    say = say or (lambda _msg: None)
+    then bandwidth, the PyTorch reference (with ``cfg.reference``), then each artifact on each of its
+    runtimes; returns the schema document (reference records first)."""
     plan = [(a, r) for a in artifacts for r in pick_runtimes(a, profile, list(runtimes))]
     for a, r in plan:  # refuse everything that cannot fit before spending minutes on the rest
         check_fits(a, profile, r, cfg.n_ctx)
-    say(f"measuring memory bandwidth on {profile.name} (numpy copy)...")
-    gb_s = measure_bandwidth()
+    with stage(f"measure memory bandwidth on {profile.name} (numpy copy)"):
+        gb_s = measure_bandwidth()
     bandwidth = {"bandwidth_gb_s": gb_s, "bandwidth_source": "measured here: numpy copy of 256 MiB, best of 5, "
                  "read+write bytes", "profile_bandwidth_gb_s": profile.bandwidth.gb_s}
-    records, ref_cache = [], {}
+    # before any case, so its memory is freed before RSS is measured; the quickstart passes its own
+    ref = reference if reference is not None else measure_reference(cfg, device_label)
+    records = list(ref.get("records", []))
     for a, r in plan:
-        say(f"bench {a.path.name} on {r} ({len(a.adapters)} adapters)...")
-        records += run_case(a, r, profile, cfg, gb_s, device_label, ref_cache)
+        records += run_case(a, r, profile, cfg, gb_s, device_label, ref)
     return document(records, profile, cfg, bandwidth)
 
 
 def run_case(artifact: Artifact, runtime: str, profile: DeviceProfile, cfg: BenchConfig,
              bandwidth_gb_s: float, device_label: str, ref_cache: dict | None = None) -> list[dict]:
-    """All records for one artifact on one runtime: the base alone, then each adapter."""
+    """All records for one artifact on one runtime: the base alone, then each adapter.
+
+    ``ref_cache`` holds :func:`reference`'s result (filled here on first use when empty)."""
     check_fits(artifact, profile, runtime, cfg.n_ctx)
     tokenizer = task_template(artifact) if cfg.task else None
     names = list(artifact.adapters)
-    with PeakRSS() as rss:
+    merged = merged_adapters(artifact)
+    if ref_cache is not None and cfg.reference and "argmax" not in ref_cache:
+        ref_cache.update(measure_reference(cfg, device_label))
+    ref = ref_cache or {}
+    steps = ["speed", *(["perplexity"] if cfg.ppl_file else []), *(["accuracy"] if cfg.task else []),
+             *(["top-1"] if ref else [])]
+    with stage(f"bench {artifact.path} on {runtime}", total=(1 + len(names)) * len(steps), unit="steps") as st, \
+            PeakRSS() as rss:
         rt = get_runtime(runtime)
         t = time.perf_counter()
-        rt.load(artifact, profile, n_ctx=cfg.n_ctx)  # fit checks read every file first: the page cache is warm
+        with stage("load"):
+            rt.load(artifact, profile, n_ctx=cfg.n_ctx)  # fit checks read every file first: the page cache is warm
         total_ms = (time.perf_counter() - t) * 1e3
         try:
             prompt = prompt_tokens(rt, cfg.prompt_tokens, cfg.ppl_file)
-            ref_tokens = prompt_tokens(rt, cfg.top1_tokens, cfg.ppl_file)
-            if ref_cache is not None and cfg.reference and "argmax" not in ref_cache:
-                ref_cache["argmax"] = reference_argmax(cfg, ref_tokens, names)
-            ref = (ref_cache or {}).get("argmax", {})
             swap = swap_times(rt, names, cfg.swap_cycles)
             records = []
             for name in [None, *names]:
+                label = name or ("+".join(merged) + " merged" if merged else "base")
                 rt.set_adapter(name)
+                st.update(note=f"{label}: speed")
                 sp = speed(rt, prompt, cfg)
+                st.advance()
                 bpt = bytes_per_token(artifact, name)
+                st.update(note=f"{label}: perplexity")
+                ppl = perplexity(rt, cfg)
+                st.advance(1 if cfg.ppl_file else 0)
+                st.update(note=f"{label}: {cfg.task} accuracy")
+                acc = task_accuracy(rt, cfg, tokenizer)
+                st.advance(1 if cfg.task else 0)
+                top1 = None
+                if ref:
+                    key = reference_key(artifact, name)
+                    top1 = top1_agreement(rt, ref["tokens"], ref["argmax"].get(key)) if key in ref["argmax"] else None
+                    st.advance()
                 rec = {
                     "artifact": str(artifact.path), "model_file": _model_file(artifact), "format": artifact.format,
                     "quant": artifact.quant, "runtime": runtime, "providers": _providers(rt, profile, runtime),
                     "device": device_label, "profile": profile.name, "adapter": name or "none",
+                    "merged_adapters": merged if name is None else [],
                     "model_bytes": artifact.model_bytes,
                     "adapter_bytes": artifact.adapter_bytes.get(name, 0) if name else 0,
                     "load_ms": round(rt.load_ms, 3), "check_ms": round(total_ms - rt.load_ms, 3), **sp,
                     "swap_ms": swap,
-                    "perplexity": perplexity(rt, cfg),
-                    "accuracy": task_accuracy(rt, cfg, tokenizer),
-                    "top1_agree": top1_agreement(rt, ref_tokens, ref.get(name)),
+                    "perplexity": ppl,
+                    "accuracy": acc,
+                    "top1_agree": top1,
                     "bytes_per_token": bpt,
                     "bandwidth_gb_s": bandwidth_gb_s,
                     "bw_util": round(sp["tg"]["mean"] * bpt / (bandwidth_gb_s * 1e9), 4),
                 }
                 records.append(rec)
+            st.update(note="")
         finally:
             rt.close()
     for rec in records:

@@ -89,29 +89,49 @@ def _fmt(m) -> str:
     return f"{m:.0f}" if isinstance(m, float) else f"{m}"
 
 
+def artifact_label(r: dict) -> str:
+    return f"PyTorch {r.get('quant') or 'fp32'} (reference)" if r.get("reference") else Path(r["artifact"]).name
+
+
+def adapter_label(r: dict) -> str:
+    merged = r.get("merged_adapters") or []
+    return f"{'+'.join(merged)} (merged)" if merged and r["adapter"] == "none" else r["adapter"]
+
+
+def _acc(r: dict) -> str:
+    a = r.get("accuracy")
+    return "-" if not a else f"{a['accuracy']:.0%} of {a['total']}"
+
+
 def table(doc: dict):
     from rich.table import Table
 
     t = Table(title=cell(f"edgepeft bench on {doc['device']['profile']} "
-                         f"({doc['device'].get('bandwidth_gb_s')} GB/s, {doc['device'].get('bandwidth_source', '')})"))
+                         f"({doc['device'].get('bandwidth_gb_s')} GB/s, {doc['device'].get('bandwidth_source', '')})"),
+              caption="- = not measured; top1 = top-1 agreement with the PyTorch reference on the same tokens")
     for col in ("artifact", "runtime", "adapter", "MB", "load ms", "ttft ms", "pp t/s", "tg t/s", "swap ms",
                 "RSS MB", "ppl", "acc", "top1", "bw_util"):
         names = col in ("artifact", "runtime", "adapter")  # identifiers fold, never end in "…"
         t.add_column(col, justify="left" if names else "right", overflow="fold" if names else "ellipsis")
     for r in doc["records"]:
-        t.add_row(cell(Path(r["artifact"]).name), cell(r["runtime"]), cell(r["adapter"]),
-                  f"{(r['model_bytes'] + r['adapter_bytes']) / 1e6:.1f}", _fmt(r["load_ms"]),
-                  _fmt(r["ttft_ms"]), _fmt(r["pp"]), _fmt(r["tg"]),
-                  f"{r['swap_ms']['median']:.2f}" if r.get("swap_ms") else "-", _fmt(r["peak_rss_mb"]),
-                  f"{r['perplexity']['ppl']:.2f}" if r.get("perplexity") else "-",
-                  f"{r['accuracy']['accuracy']:.2f}" if r.get("accuracy") else "-",
-                  f"{r['top1_agree']:.3f}" if r.get("top1_agree") is not None else "-",
+        ref = r.get("reference")
+        t.add_row(cell(artifact_label(r)), cell(r["runtime"]), cell(adapter_label(r)),
+                  "-" if ref else f"{(r['model_bytes'] + r['adapter_bytes']) / 1e6:.1f}", _fmt(r.get("load_ms")),
+                  _fmt(r.get("ttft_ms")), _fmt(r.get("pp")), _fmt(r.get("tg")),
+                  f"{r['swap_ms']['median']:.2f}" if r.get("swap_ms") else "-", _fmt(r.get("peak_rss_mb")),
+                  f"{r['perplexity']['ppl']:.2f}" if r.get("perplexity") else "-", _acc(r),
+                  "ref" if ref else f"{r['top1_agree']:.3f}" if r.get("top1_agree") is not None else "-",
                   f"{r['bw_util']:.1%}" if r.get("bw_util") is not None else "-")
     return t
 
 
 def chart(doc: dict, out: Path) -> Path:
-    """PNG: tg tok/s, bytes, perplexity and accuracy per artifact/runtime/adapter."""
+    """PNG: tg tok/s, bytes, perplexity, task accuracy and top-1 agreement per artifact/runtime/adapter.
+
+    The PyTorch reference records are drawn as vertical lines (one per adapter), not bars. A metric
+    that was not measured is written "not measured" where its bar would be; a measured 0 gets its
+    value written beside an empty bar, so the two never look alike.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,20 +139,48 @@ def chart(doc: dict, out: Path) -> Path:
 
     from edgepeft import atomic
 
-    recs = doc["records"]
-    labels = [f"{Path(r['artifact']).name}\n{r['runtime']}/{r['adapter']}" for r in recs]
-    panels = [("tg tok/s", [r["tg"]["mean"] if r.get("tg") else 0 for r in recs],
-               [r["tg"]["std"] if r.get("tg") else 0 for r in recs]),
-              ("MB (model + adapter)", [(r["model_bytes"] + r["adapter_bytes"]) / 1e6 for r in recs], None),
-              ("perplexity", [r["perplexity"]["ppl"] if r.get("perplexity") else 0 for r in recs], None),
-              ("task accuracy", [r["accuracy"]["accuracy"] if r.get("accuracy") else 0 for r in recs], None)]
-    fig, axes = plt.subplots(1, 4, figsize=(4.2 * 4, 1.2 + 0.45 * len(recs)))
-    for ax, (title, vals, err) in zip(axes, panels):
-        ax.barh(range(len(recs)), vals, xerr=err, color="#4c72b0")
-        ax.set_title(title)
+    refs = [r for r in doc["records"] if r.get("reference")]
+    recs = [r for r in doc["records"] if not r.get("reference")]
+    labels = [f"{artifact_label(r)}\n{r['runtime']}/{adapter_label(r)}" for r in recs]
+
+    def ppl(r):
+        return r["perplexity"]["ppl"] if r.get("perplexity") else None
+
+    def acc(r):
+        return r["accuracy"]["accuracy"] if r.get("accuracy") else None
+
+    panels = [("decode tok/s", lambda r: r["tg"]["mean"] if r.get("tg") else None, "{:.1f}", False),
+              ("MB (model + adapter)", lambda r: (r["model_bytes"] + r["adapter_bytes"]) / 1e6, "{:.0f}", False),
+              ("perplexity (lower is better)", ppl, "{:.1f}", True),
+              ("task accuracy", acc, "{:.0%}", True),
+              ("top-1 agreement with PyTorch", lambda r: r.get("top1_agree"), "{:.2f}", False)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 1.6 + 0.5 * max(len(recs), 1)))
+    styles = ["-", "--", ":", "-."]
+    for ax, (title, get, fmt, with_ref) in zip(axes, panels):
+        vals = [get(r) for r in recs]
+        ax.barh(range(len(recs)), [v or 0 for v in vals], color="#4c72b0")
+        fraction = fmt in ("{:.0%}", "{:.2f}")  # accuracy and agreement: always on a 0..1 axis
+        top = 1.0 if fraction else max([v for v in vals if v is not None] + [1e-9])
+        if with_ref:
+            for i, r in enumerate(refs):
+                v = get(r)
+                if v is not None:
+                    ax.axvline(v, color="#c44e52", linestyle=styles[i % len(styles)], linewidth=1.5,
+                               label=f"PyTorch / {r['adapter']}: {fmt.format(v)}")
+                    top = top if fraction else max(top, v)
+            if any(get(r) is not None for r in refs):
+                ax.legend(fontsize=7, loc="lower right")
+        for i, v in enumerate(vals):
+            if v is None:
+                ax.text(top * 0.02, i, "not measured", va="center", fontsize=7, color="#888888", style="italic")
+            else:
+                ax.text(v + top * 0.02, i, fmt.format(v), va="center", fontsize=7)
+        ax.set_xlim(0, top * 1.3)
+        ax.set_title(title, fontsize=9)
         ax.set_yticks(range(len(recs)), labels if ax is axes[0] else [""] * len(recs), fontsize=7)
         ax.invert_yaxis()
-    fig.suptitle(f"edgepeft bench on {doc['device']['profile']}")
+    fig.suptitle(f"edgepeft bench on {doc['device']['profile']}"
+                 + (" (red lines: the PyTorch fp32 reference)" if refs else ""))
     fig.tight_layout()
     with atomic.atomic_path(Path(out)) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

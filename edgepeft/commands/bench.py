@@ -73,7 +73,7 @@ def command(artifacts, runtimes, device, profile, adapters, prompt_tokens, gen_t
     arts = [bench.discover(a, extra) for a in artifacts]
     with native_stdout_to_stderr(json_out == "-"):
         if target.kind == "local":
-            doc = bench.run(arts, list(runtimes), target.profile, cfg, say=info)
+            doc = bench.run(arts, list(runtimes), target.profile, cfg)
         else:
             from edgepeft.bench.remote import run_remote
 

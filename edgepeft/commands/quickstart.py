@@ -28,8 +28,17 @@ def command(out, fast, base, as_json):
         print_json(summary)
         return
     print_table(json.loads(Path(summary["bench"]).read_text()))
+    from rich.console import Console
+
+    from edgepeft.verification_view import render
+
+    console = Console(highlight=False)
+    for record in summary["exports"].values():
+        if record.get("verify") is not None or record.get("verification") or record.get("verifications"):
+            render(record, console)
+    if not summary["plan"]["verify_exports"]:
+        click.echo("exports not verified against PyTorch in --fast (edgepeft export verifies by default)")
     ev = summary["evaluate"]
-    base_acc = f"base {ev['base']['accuracy']:.0%} -> " if "base" in ev else ""
-    click.echo(f"demo exact match (PyTorch): {base_acc}adapter {ev['adapter']['accuracy']:.0%} "
-               f"on {ev['adapter']['total']} examples")
+    click.echo(f"demo exact match (PyTorch, every row above scored on the same {ev['adapter']['total']} examples): "
+               f"base {ev['base']['accuracy']:.0%} -> adapter {ev['adapter']['accuracy']:.0%}")
     info(f"chart {summary['chart']}, bundle {summary['bundle']} (verified), total {summary['seconds']['total']:.0f} s")
