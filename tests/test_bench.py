@@ -29,10 +29,17 @@ def result(gguf_sep, onnx_sep, tiny_llama, peft_adapters, tmp_path_factory):
     return out, json.loads(proc.stdout), proc  # stdout holds only the JSON document
 
 
-def test_records_and_metrics(result, gguf_sep, onnx_sep):
+def test_records_and_metrics(result, gguf_sep, onnx_sep, peft_adapters):
     out, doc, _ = result
     assert doc["schema"] == bench.SCHEMA and doc["device"]["bandwidth_gb_s"] > 0
-    recs = doc["records"]
+    refs = [r for r in doc["records"] if r.get("reference")]
+    recs = [r for r in doc["records"] if not r.get("reference")]
+    # the PyTorch reference: the base and each adapter, scored by the same loop on the same example
+    assert doc["records"][: len(refs)] == refs and [r["adapter"] for r in refs] == ["none", *peft_adapters]
+    for r in refs:
+        assert r["runtime"] == "pytorch" and r["top1_agree"] == 1.0 and r["tg"] is None
+        assert r["accuracy"]["total"] == 1 and r["perplexity"]["tokens"] == 64
+    ref_ppl = {r["adapter"]: r["perplexity"]["ppl"] for r in refs}
     # one record per artifact x runtime x device x adapter
     keys = {(Path(r["artifact"]).name, r["runtime"], r["device"], r["adapter"]) for r in recs}
     assert len(keys) == len(recs) == 6
@@ -60,6 +67,8 @@ def test_records_and_metrics(result, gguf_sep, onnx_sep):
     # f32 exports of the same weights: both runtimes agree with PyTorch on (nearly) every top-1
     for r in recs:
         assert r["top1_agree"] >= 0.9, r
+        # and on perplexity: the same text, the same chunks, the same weights
+        assert r["perplexity"]["ppl"] == pytest.approx(ref_ppl[r["adapter"]], rel=0.02), (r, ref_ppl)
     assert (out / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -68,7 +77,8 @@ def test_table_and_compare(result, gguf_sep, cli):
     a = bench.load_document(out / "a.json")
     a2 = json.loads(json.dumps(a))
     for r in a2["records"]:  # a run twice as fast in tg, same elsewhere
-        r["tg"]["mean"] *= 2
+        if not r.get("reference"):
+            r["tg"]["mean"] *= 2
     (out / "b.json").write_text(json.dumps(a2))
     rows = bench.compare(a, a2)
     assert len(rows) == 6 and all(r["tg"] == pytest.approx(2.0, rel=1e-3) and r["pp"] == 1.0 for r in rows)
@@ -80,6 +90,7 @@ def test_table_and_compare(result, gguf_sep, cli):
     console.print(bench.table(doc))
     text = console.export_text()
     assert "tg t/s" in text and "bw_util" in text and "onnxruntime-genai" in text
+    assert "PyTorch fp32 (reference)" in text
 
 
 def test_too_big_wrong_quant_wrong_format_refused(gguf_sep, onnx_sep, tmp_path, cli):

@@ -204,6 +204,8 @@ def compare(a: dict, b: dict) -> list[dict]:
     index = {(_key(r)[0], r["runtime"], r["adapter"]): r for r in a["records"]}
     rows = []
     for rb in b["records"]:
+        if rb.get("reference"):  # the PyTorch rows have no speed to compare
+            continue
         ra = index.get((_key(rb)[0], rb["runtime"], rb["adapter"]))
         if ra is None:
             continue
