@@ -95,3 +95,33 @@ def test_tty_export_shows_live_progress(tiny_llama, lora, tmp_path):
     assert re.search(r"\d+/\d+ tensors", tty) and "━" in tty, tty[-2000:]
     assert "[export] " not in tty  # plain lines are for pipes only
     assert b"top1_agreement" in stdout
+
+
+@pytest.mark.slow
+def test_train_export_bench_stderr_holds_only_edgepeft_lines(cli, tiny_llama, tmp_path):
+    """No library chatter (bitsandbytes' kernels-community line, transformers' notes, progress bars,
+    llama.cpp/ORT logs): outside a TTY every stderr line is edgepeft's own ``[command]`` line."""
+    from edgepeft.train.tasks import get_task
+
+    rows = [{"prompt": e.prompt, "completion": e.completion} for e in get_task("demo").examples("train")[:8]]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps = [
+        # QLoRA 4-bit (bitsandbytes), the path that printed the kernels-community line
+        ("train", ["train", "--base", tiny_llama, "--data", "d.jsonl", "--out", "run", "--max-steps", "2",
+                   "--batch-size", "2", "--max-seq-len", "96", "--logging-steps", "1"]),
+        # merged Q4_K_M with --merge-into auto (NF4 dequantize, llama.cpp quantizer, verify in llama.cpp)
+        ("export", ["export", "--format", "gguf", "--base", tiny_llama, "--adapter", "run", "--name", "demo",
+                    "--quant", "q4_k_m", "--out", "gguf"]),
+        ("export", ["export", "--format", "onnx", "--base", tiny_llama, "--adapter", "run", "--name", "demo",
+                    "--mode", "separate", "--quant", "int4", "--out", "onnx"]),
+        ("bench", ["bench", "gguf", "onnx", "--prompt-tokens", "16", "--gen-tokens", "4", "-r", "1", "--ppl-tokens",
+                   "32", "--swap-cycles", "1", "--task", "demo", "--task-limit", "1", "--reference", tiny_llama,
+                   "--reference-adapter", "demo=run", "--json", "bench.json"]),
+    ]
+    for command, args in steps:
+        p = cli(*args, cwd=tmp_path, env=SHOW_ALL)
+        assert p.returncode == 0, p.stderr[-3000:]
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert lines, f"{command} said nothing on stderr"  # with every stage shown, each step has lines
+        foreign = [ln for ln in lines if not ln.startswith(f"[{command}] ")]
+        assert not foreign, f"{command}: lines that are not edgepeft's own:\n" + "\n".join(foreign)
