@@ -216,8 +216,7 @@ def _export_summary(r: dict) -> dict:
 
 
 def print_table(doc: dict) -> None:
-    from rich.console import Console
-
     from edgepeft import bench
+    from edgepeft.ui import result_console
 
-    Console(highlight=False, width=200).print(bench.table(doc))
+    result_console().print(bench.table(doc))

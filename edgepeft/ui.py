@@ -59,6 +59,14 @@ def cell(x) -> str:
     return escape(esc(x))
 
 
+def result_console():
+    """The stdout console a command prints its result tables on: the terminal's width, or 200
+    columns in a pipe (cells fold, identifiers are never cut)."""
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
 def info(msg: str) -> None:
     """Status line (suppressed by --quiet), to stderr so stdout stays data. Never parsed as markup; every
     line passes :func:`esc` (a newline in ``msg`` starts a new status line, one inside a name must be escaped

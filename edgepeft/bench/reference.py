@@ -9,6 +9,7 @@ agreement compares each artifact with the argmax this class produces.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 
 class TorchReference:
@@ -24,7 +25,12 @@ class TorchReference:
         base = resolve_base(base_spec)
         self.tokenizer = base.load_tokenizer()
         model = base.load_model(torch.float32).eval()
-        self.adapters = dict(adapters or {})
+        from edgepeft.train.adapter import adapter_dir, check_base
+
+        # RUN_DIR or RUN_DIR/adapter, as everywhere; refused when trained on another base
+        self.adapters = {name: str(adapter_dir(folder)) for name, folder in (adapters or {}).items()}
+        for folder in self.adapters.values():
+            check_base(Path(folder), base)
         if self.adapters:
             from peft import PeftModel
 

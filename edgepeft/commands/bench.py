@@ -101,6 +101,6 @@ def _emit(doc: dict, json_out: str | None, png: str | None) -> None:
 
 
 def _show(renderable) -> None:
-    from rich.console import Console
+    from edgepeft.ui import result_console
 
-    Console(highlight=False, width=200).print(renderable)
+    result_console().print(renderable)

@@ -53,11 +53,9 @@ def command(fmt, base, adapters, names, mode, quant, adapter_type, prune, merge_
     if as_json:
         print_json(result)
     else:
-        from rich.console import Console
-
-        from edgepeft.ui import info
+        from edgepeft.ui import info, result_console
         from edgepeft.verification_view import render
 
         for f in result.get("files", []):
             info(f"wrote {f}")
-        render(result, Console(highlight=False))  # the result, on stdout: every export ends with it
+        render(result, result_console())  # the result, on stdout: every export ends with it

@@ -28,11 +28,10 @@ def command(out, fast, base, as_json):
         print_json(summary)
         return
     print_table(json.loads(Path(summary["bench"]).read_text()))
-    from rich.console import Console
-
+    from edgepeft.ui import result_console
     from edgepeft.verification_view import render
 
-    console = Console(highlight=False)
+    console = result_console()
     for record in summary["exports"].values():
         if record.get("verify") is not None or record.get("verification") or record.get("verifications"):
             render(record, console)
