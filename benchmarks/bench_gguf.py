@@ -293,6 +293,9 @@ def main():
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     update_docs(result)
     print(f"wrote {RESULTS}")
+    from plots import plot_gguf  # benchmarks/plots.py: the README's picture of these numbers
+
+    print(f"wrote {plot_gguf(result)}")
 
 
 if __name__ == "__main__":

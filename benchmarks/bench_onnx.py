@@ -240,6 +240,9 @@ def main():
     rows.append(pytorch_row(args.adapter, args))
     print(json.dumps(rows[-1]), flush=True)
     save(rows, True)
+    from plots import plot_onnx  # benchmarks/plots.py: the README's picture of these numbers
+
+    print(f"wrote {plot_onnx(json.loads(args.out.read_text()), args.out.with_suffix('.png'))}")
     rows += gguf_rows()
     print(table(rows))
 

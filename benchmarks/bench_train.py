@@ -160,6 +160,9 @@ def main() -> None:
 
     write_json(out, result)
     print(markdown(result))
+    from plots import plot_train  # benchmarks/plots.py: the README's picture of these numbers
+
+    print(f"wrote {plot_train(result, out.with_suffix('.png'))}")
 
 
 def markdown(r: dict) -> str:
