@@ -239,8 +239,15 @@ def test_readme_commands_run_verbatim_from_the_installed_wheel(installed, tmp_pa
     assert ("gguf-separate", "llama.cpp", "demo") in seen and ("gguf-separate", "llama.cpp", "none") in seen
     assert ("onnx-merged", "onnxruntime-genai", "none") in seen
     assert ("onnx-separate", "onnxruntime-genai", "demo") in seen
-    for r in doc["records"]:
+    refs = [r for r in doc["records"] if r.get("reference")]
+    arts = [r for r in doc["records"] if not r.get("reference")]
+    # the PyTorch rows, base alone and with the adapter, scored on the same examples as every artifact
+    assert {(r["runtime"], r["adapter"]) for r in refs} == {("pytorch", "none"), ("pytorch", "demo")}
+    totals = {r["accuracy"]["total"] for r in doc["records"]}
+    assert totals == {summary["plan"]["task_limit"]}, totals
+    for r in arts:
         assert r["tg"]["mean"] > 0 and r["model_bytes"] > 0
+        assert r["top1_agree"] is not None, r  # top-1 agreement with PyTorch for every artifact row
     assert (out / "quickstart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     checked = load_checked(out / "bundle")  # hashes, headers, fingerprints, names/shapes
     assert checked.adapter_names == ["demo"] and [o["name"] for o in checked.manifest["onnx"]] == ["onnx-separate"]

@@ -48,7 +48,8 @@ def make_callback(bar: bool, log_lines: bool):
                 control.should_log = True
             if self.progress is not None:
                 tok_s, _ = self._rates(state)
-                self.task.update(completed=state.global_step, note=f"loss {self.loss:.4f}  {tok_s:,.0f} tok/s")
+                loss = "-" if math.isnan(self.loss) else f"{self.loss:.4f}"  # no loss logged yet
+                self.task.update(completed=state.global_step, note=f"loss {loss}  {tok_s:,.0f} tok/s")
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not logs or "loss" not in logs or not state.is_world_process_zero:
