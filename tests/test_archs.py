@@ -23,18 +23,28 @@ import pytest
 from conftest import assert_clean_error, make_tiny, run_cli
 from lora_factory import make_lora
 from peers import llama_cpp_src, run_peer  # noqa: F401  (session fixture)
-from test_gguf import (F32_BOUND, SEPARATE_BOUND, _tensors, agreement, assert_same_tensors, eval_ids, export,
-                       gguf_logits, model_meta, peft_logits)
+from test_gguf import (
+    F32_BOUND,
+    SEPARATE_BOUND,
+    _tensors,
+    agreement,
+    assert_same_tensors,
+    eval_ids,
+    export,
+    gguf_logits,
+    model_meta,
+    peft_logits,
+)
 
 from edgepeft.archs import ARCHS
 
 NEW = ["gemma3_text", "qwen3", "phi3", "smollm3"]
 CONFIGS = {
-    "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=16, num_hidden_layers=6, sliding_window=32,
-                        tie_word_embeddings=True),
-    "qwen3": dict(head_dim=32, tie_word_embeddings=True),
-    "phi3": dict(original_max_position_embeddings=256),  # = max_position_embeddings: no LongRoPE
-    "smollm3": dict(num_hidden_layers=4),
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "num_hidden_layers": 6, "sliding_window": 32,
+                    "tie_word_embeddings": True},
+    "qwen3": {"head_dim": 32, "tie_word_embeddings": True},
+    "phi3": {"original_max_position_embeddings": 256},  # = max_position_embeddings: no LongRoPE
+    "smollm3": {"num_hidden_layers": 4},
 }
 
 
@@ -147,6 +157,7 @@ def _data(t) -> np.ndarray:
 @pytest.mark.parametrize("arch", NEW)
 def test_per_tensor_transforms_on_base_and_lora_b(arch, tiny_new, new_adapters, tmp_path):
     from edgepeft.export.gguf_tensors import permute_qk
+
     from edgepeft.models import resolve_base
 
     base, ad = tiny_new[arch], new_adapters[arch]
@@ -193,7 +204,8 @@ IDS = [[1, 520, 33, 1000, 77, 9, 4021], [1, 17, 300, 4000, 12]]
 
 @pytest.mark.parametrize("arch", [a for a in NEW if not ARCHS[a].onnx_refusal])
 def test_onnx_merged_and_separate_match_peft(arch, tiny_new, new_adapters, tmp_path):
-    from edgepeft.export.onnx import OrtLM, export as onnx_export, load_lora_adapter
+    from edgepeft.export.onnx import OrtLM, load_lora_adapter
+    from edgepeft.export.onnx import export as onnx_export
     from edgepeft.export.request import ExportRequest
 
     base, ad = tiny_new[arch], new_adapters[arch]
