@@ -253,6 +253,19 @@ def test_qlora_trains_each_arch(arch, tiny_new, tmp_path):
     assert set(m["lora"]["target_modules"]) == want, m["lora"]
 
 
+def test_phi3_q_proj_target_is_refused_naming_the_fused_modules(tiny_new, tmp_path):
+    """Phi-3 has no q_proj: its adapters are on qkv_proj / gate_up_proj, and the refusal says so."""
+    from test_train import _jsonl
+
+    data = _jsonl(tmp_path / "d.jsonl", n=4)
+    proc = run_cli("train", "--base", tiny_new["phi3"], "--data", data, "--out", "run", "--max-steps", "1",
+                   "--target", "q_proj,v_proj", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("edgepeft: error: ")]
+    assert len(errors) == 1 and "--target q_proj,v_proj" in errors[0], proc.stderr
+    assert "qkv_proj" in errors[0] and "gate_up_proj" in errors[0], errors
+
+
 def test_unsupported_arch_lists_every_supported_one(tiny_new, tmp_path):
     import shutil
 

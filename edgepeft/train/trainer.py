@@ -116,8 +116,12 @@ def attach_lora(model, cfg: TrainConfig, recipe: Recipe):
         return get_peft_model(model, lora)
     except ValueError as e:
         if "Target modules" in str(e) or "not found" in str(e):
+            from edgepeft.archs import ARCHS
+
+            arch = ARCHS.get(getattr(model.config, "model_type", ""))
+            names = ",".join(arch.lora_targets if arch else ("q_proj", "k_proj", "v_proj", "o_proj"))
             raise EdgepeftError(f"--target {cfg.target} matches no module of this base ({e})",
-                                "Use all-linear or names such as q_proj,k_proj,v_proj,o_proj") from e
+                                f"Use all-linear or names such as {names}") from e
         raise
 
 
