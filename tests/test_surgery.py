@@ -141,8 +141,8 @@ def test_merge_dequantized_matches_qlora_model(tiny_llama, llama_adapter, tmp_pa
     # Bound for the dequantize-fp32 path that edgepeft pins on every CPU, whatever bitsandbytes' feature
     # check says (tests/test_cpu_4bit.py reruns this with the check forced each way): 1e-4; measured 2.4e-6
     # with the check forced either way.
-    # bitsandbytes' own choice on an AVX-512 BF16 CPU (fused bf16 gemv) differs by 0.035 here
-    # (benchmarks/results/cpu_4bit.json), which is why edgepeft does not use it.
+    # bitsandbytes' own choice on an AVX-512 BF16 CPU (fused bf16 gemv) differed by up to 0.035 on this tiny
+    # model (benchmarks/results/cpu_4bit.json has smollm2-135m), which is why edgepeft does not use it.
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert not repacked_for_fused_kernel(qlora)  # the fused bf16 path never ran
     assert (other - want).abs().max() > 1e-3  # the original-base merge really is a different model
