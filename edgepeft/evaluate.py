@@ -85,6 +85,15 @@ def hf_generate_batch(model, tokenizer, max_new_tokens: int, batch_size: int = 1
     """Greedy batched generation with a transformers/PEFT model (left padding)."""
     import torch
 
+    from edgepeft.ui import stage
+
+    def generate(texts: list[str], device) -> list[str]:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        return tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
     def run(texts: list[str]) -> list[str]:
         side = tokenizer.padding_side
         tokenizer.padding_side = "left"
@@ -93,14 +102,10 @@ def hf_generate_batch(model, tokenizer, max_new_tokens: int, batch_size: int = 1
         outs: list[str] = []
         device = next(model.parameters()).device
         try:
-            for i in range(0, len(texts), batch_size):
-                enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(device)
-                with torch.no_grad():
-                    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-                new = gen[:, enc["input_ids"].shape[1]:]
-                outs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            with stage("generate with PyTorch", total=len(texts), unit="examples") as st:
+                for i in range(0, len(texts), batch_size):
+                    outs.extend(generate(texts[i:i + batch_size], device))
+                    st.update(completed=len(outs))
         finally:
             tokenizer.padding_side = side
         return outs
