@@ -429,7 +429,8 @@ def _gguf_loss_evaluator(out: Path, quant: str, pairs):
         merged = resolve_base(str(folder))
         with scratch_file(out, ".auto-candidate.gguf") as tmp:
             write_model(merged, [], tmp, quant)
-            loss = gguf_completion_loss(tmp, merged.load_tokenizer(), pairs)
+            with stage(f"held-out loss in llama.cpp ({len(pairs)} calibration pairs)"):
+                loss = gguf_completion_loss(tmp, merged.load_tokenizer(), pairs)
         return loss
 
     return evaluate

@@ -209,7 +209,8 @@ def choose_merge_target(base: ResolvedBase, plans: Iterable[AdapterPlan], evalua
         candidates = ("original",) if nf4_mismatch(plans) else ("dequantized", "original")
         for target in candidates:
             with stage(f"merge-into auto: build and score the {target} base") as st:
-                folder = merge_into_folder(base, plans, work / target, target=target)
+                with stage(f"merge into the {target} base"):
+                    folder = merge_into_folder(base, plans, work / target, target=target)
                 losses[target] = float(evaluate_loss(folder))
                 st.update(note=f"held-out loss {losses[target]:.4f}")
         chosen = min(candidates, key=lambda t: (losses[t], t != "dequantized"))

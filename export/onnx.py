@@ -151,7 +151,8 @@ def _merge_auto(req, base, plans, work: Path, build) -> tuple[Path, dict]:
     def evaluate(folder: Path) -> float:
         built = work / "built" / folder.name  # choose_merge_target names the folders by target
         build(folder, built)
-        return ort_completion_loss(OrtLM(built), tok, pairs)
+        with stage(f"held-out loss in onnxruntime ({len(pairs)} calibration pairs)"):
+            return ort_completion_loss(OrtLM(built), tok, pairs)
 
     hf = work / "merged"
     chosen, losses = choose_merge_target(base, plans, evaluate, keep=hf)
