@@ -39,7 +39,8 @@ from edgepeft.ui import esc
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 MAX_FILES = 512  # a bundle is a base, its adapters and a few ONNX folders; each stays open while loaded
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: `$` would accept a trailing newline
+from edgepeft.readers import NAME as _NAME
+
 _CHUNK = 1 << 22
 
 

@@ -13,7 +13,7 @@ We parse the safetensors header ourselves (8-byte length + JSON) because
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,32 +52,71 @@ class TensorEntry:
         return buf
 
 
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+             "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1, "F6_E2M3": 1,
+             "F6_E3M2": 1, "C64": 8}
+
+
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """Return (header dict, data offset). Raises IntegrityError on a bad file."""
+    """Return (header dict, data offset). Every entry is typed and bounded, else IntegrityError naming it.
+
+    The one safetensors header reader (fingerprint, base shapes, adapter load): a plain bounded read,
+    strict UTF-8 JSON without NaN or duplicate keys, each tensor ``{dtype: known, shape: [ints >= 0],
+    data_offsets: [start, end]}`` with ``end - start`` = numel x itemsize and the data inside the file.
+    """
+    from edgepeft.readers import loads_json
+
     path = Path(path)
-    size = path.stat().st_size
+    fix = "Re-download or re-save the file"
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) < 8:
             raise IntegrityError(f"{path} is not a safetensors file ({size} bytes, no header)",
                                  "Re-save the weights with save_pretrained(safe_serialization=True)")
         (n,) = struct.unpack("<Q", raw)
         if n > min(_MAX_HEADER, size - 8):
-            raise IntegrityError(f"{path} has a corrupt safetensors header (length {n}, file {size} bytes)",
-                                 "Re-download or re-save the file")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise IntegrityError(f"{path} has a corrupt safetensors header ({e})", "Re-download or re-save the file")
+            raise IntegrityError(f"{path} has a corrupt safetensors header (length {n}, file {size} bytes)", fix)
+        body = f.read(n)
+    if len(body) != n:
+        raise IntegrityError(f"{path} shrank while its header was read", fix)
+    header = loads_json(body, f"safetensors header of {path}")
+    if not isinstance(header, dict):
+        raise IntegrityError(f"{path}: safetensors header is a JSON {type(header).__name__}, allowed: an object", fix)
     base = 8 + n
     for name, meta in header.items():
         if name == "__metadata__":
+            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                raise IntegrityError(f"{path}: safetensors __metadata__ is not allowed",
+                                     "Allowed: an object of strings; " + fix)
             continue
-        start, end = meta["data_offsets"]
-        if not (0 <= start <= end and base + end <= size):
-            raise IntegrityError(f"{path}: tensor {name} lies past the end of the file ({size} bytes)",
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(meta, dict):
+            raise IntegrityError(f"{where} header entry is a {type(meta).__name__}",
+                                 "Allowed: {dtype, shape, data_offsets}; " + fix)
+        dtype, shape, offs = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+        if dtype not in _ITEMSIZE:
+            raise IntegrityError(f"{where} dtype={dtype!r} is not allowed", f"Allowed: {', '.join(_ITEMSIZE)}; {fix}")
+        if not isinstance(shape, list) or len(shape) > 8 or not all(_uint(d) for d in shape):
+            raise IntegrityError(f"{where} shape={shape!r} is not allowed",
+                                 f"Allowed: a list of at most 8 integers >= 0; {fix}")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_uint(o) for o in offs):
+            raise IntegrityError(f"{where} data_offsets={offs!r} is not allowed",
+                                 f"Allowed: [start, end], integers >= 0; {fix}")
+        start, end = offs
+        if not (start <= end and base + end <= size):
+            raise IntegrityError(f"{where} lies past the end of the file ({size} bytes)",
                                  "The file is truncated; re-download or re-save it")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if dtype not in ("F4", "F6_E2M3", "F6_E3M2") and numel * _ITEMSIZE[dtype] != end - start:
+            raise IntegrityError(f"{where} has shape {shape} ({dtype}) but {end - start} data bytes", fix)
     return header, base
+
+
+def _uint(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62
 
 
 def tensor_entries(files: list[Path]) -> list[TensorEntry]:

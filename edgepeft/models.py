@@ -65,7 +65,7 @@ ALIASES: dict[str, Alias] = {
     ),
 }
 DEFAULT_BASE = "smollm2-135m"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
 _FINGERPRINT_FILE = ".edgepeft-fingerprint.json"
 
 
@@ -153,7 +153,7 @@ def resolve_base(spec: str | os.PathLike) -> ResolvedBase:
             return _resolve_gguf(spec, p, "gguf")
         raise EdgepeftError(f"--base {spec} is a file but not a .gguf",
                             "Pass a Hugging Face model folder, a .gguf file, or an alias: " + ", ".join(ALIASES))
-    if _HUB_ID.match(spec) and not spec.endswith(".gguf"):
+    if _HUB_ID.fullmatch(spec) and not spec.endswith(".gguf"):
         return _resolve_hub(spec)
     if spec.endswith(".gguf") or os.sep in spec or spec.startswith("."):
         raise EdgepeftError(f"--base {spec} does not exist", "Check the path")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from edgepeft.errors import IntegrityError
@@ -23,6 +24,13 @@ from edgepeft.errors import IntegrityError
 MAX_DEPTH = 64
 MAX_JSON_BYTES = 64 << 20  # manifests, sidecars, configs and records are KBs
 MAX_YAML_BYTES = 1 << 20
+# Artifact/adapter names users and files give: always fullmatch (`$` would accept a trailing newline).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit (at most 128 characters)"
+
+
+def is_name(x) -> bool:
+    return isinstance(x, str) and NAME.fullmatch(x) is not None
 
 
 def read_bytes(path: Path, what: str, limit: int) -> bytes:

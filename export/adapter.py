@@ -8,14 +8,13 @@ load), and the base fingerprint recorded by ``edgepeft train`` in ``RUN_DIR/mani
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 
 from edgepeft.export.plan import AdapterPlan, LoraModule
 
-from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
+from edgepeft.errors import ConfigError, EdgepeftError, IntegrityError, MismatchError
 from edgepeft.fingerprint import read_safetensors_header, sha256_file, short
 from edgepeft.models import ResolvedBase
 
@@ -65,7 +64,13 @@ def load_adapter(path, base: ResolvedBase, *, name: str | None = None, force: bo
         raise MismatchError(
             f"adapter {folder} was trained on base {short(recorded)} but --base {base.spec} is {short(base.fingerprint)}",
             "Pass the base it was trained on, or --force if you know the weights are equivalent")
-    return AdapterPlan(name=name or _default_name(folder), modules=modules, adapter_sha256=sha256_file(weights_file),
+    from edgepeft.readers import NAME_RULE, is_name
+
+    name = name or _default_name(folder)
+    if not is_name(name):
+        raise EdgepeftError(f"adapter name {name!r} (from --name or the folder name) is not allowed",
+                            f"Allowed: {NAME_RULE}; pass --name")
+    return AdapterPlan(name=name, modules=modules, adapter_sha256=sha256_file(weights_file),
                        base_fingerprint=recorded or None, source=folder.resolve(), base_path=base.path,
                        train_summary={k: v for k, v in manifest.items() if k != "base_fingerprint"})
 
@@ -107,21 +112,113 @@ def _default_name(folder: Path) -> str:
 
 
 def _read_config(folder: Path) -> dict:
+    from edgepeft.readers import read_json
+
     if not folder.is_dir():
         raise EdgepeftError(f"adapter {folder} is not a directory", "Pass the folder written by PeftModel.save_pretrained")
     cfg_path = folder / "adapter_config.json"
     if not cfg_path.is_file():
         raise EdgepeftError(f"{folder} is not a PEFT adapter (no adapter_config.json)",
                             "Pass the folder written by PeftModel.save_pretrained")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise IntegrityError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno})", "Fix or re-save it") from e
+    config = read_json(cfg_path, "adapter config", expect=dict, limit=1 << 20)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
-        raise EdgepeftError(f"adapter {folder} is a {peft_type or 'unknown'} adapter, edgepeft exports LoRA only",
+        raise EdgepeftError(f"adapter {folder} is a {peft_type[:40] or 'unknown'} adapter, edgepeft exports LoRA only",
                             "Train a LoRA adapter (peft_type LORA)")
+    _check_config_types(config, cfg_path)
     return config
+
+
+MAX_RANK = 1 << 16
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_config_types(cfg: dict, where: Path) -> None:
+    """adapter_config.json's fields the exporters use, typed: one line naming the field and what is allowed."""
+    rank_ok = lambda v: _is_int(v) and 1 <= v <= MAX_RANK
+    checks = {
+        "r": (rank_ok, f"an integer in [1, {MAX_RANK}]"),
+        "lora_alpha": (_is_finite, "a finite number"),
+        "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+        "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+        "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+        "target_modules": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                           "a string or a list of strings"),
+        "modules_to_save": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+        "rank_pattern": (lambda v: isinstance(v, dict), "an object {module pattern: rank}"),
+        "alpha_pattern": (lambda v: isinstance(v, dict), "an object {module pattern: alpha}"),
+    }
+    for key, (ok, allowed) in checks.items():
+        if cfg.get(key) is not None and not ok(cfg[key]):
+            raise ConfigError(key, cfg[key], allowed, source=str(where))
+    for key, ok, allowed in (("rank_pattern", rank_ok, f"an integer rank in [1, {MAX_RANK}]"),
+                             ("alpha_pattern", _is_finite, "a finite number")):
+        for pattern, value in (cfg.get(key) or {}).items():
+            check_module_pattern(pattern, f"{key} key", where)
+            if not ok(value):
+                raise ConfigError(f"{key}[{pattern!r}]", value, allowed, source=str(where))
+
+
+MAX_PATTERN = 256
+MAX_TARGET = 512
+MAX_UNBOUNDED = 2
+
+
+def check_module_pattern(pattern: str, what: str, where) -> None:
+    """A rank/alpha pattern is PEFT's module regex, restricted so matching stays polynomial and small.
+
+    Allowed: at most ``MAX_PATTERN`` characters; literals, ``.``, classes, groups and alternation;
+    repeats only of a single character, class or ``.`` (so no ``(a+)+`` and no ``(a|aa)*``: the
+    nested or ambiguous repeats that make a backtracking engine exponential), at most
+    ``MAX_UNBOUNDED`` of them unbounded; no backreferences or lookarounds. Every pattern PEFT's
+    docs and real adapters use (module names, ``layers.\\d+``, ``.*q_proj``) fits.
+    """
+    import re._constants as sc
+    import re._parser as sp
+
+    allowed = ("a module-name regex of at most 256 characters: literals, '.', classes, groups, '|', and repeats "
+               "of a single character or class (at most 2 unbounded); no nested repeats, backreferences or lookarounds")
+    if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_PATTERN:
+        raise ConfigError(what, pattern, allowed, source=str(where))
+    try:
+        parsed = sp.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        raise ConfigError(what, pattern, allowed, source=str(where)) from None
+    simple = {sc.LITERAL, sc.NOT_LITERAL, sc.ANY, sc.IN}
+    forbidden = {sc.GROUPREF, sc.GROUPREF_EXISTS, sc.ASSERT, sc.ASSERT_NOT, getattr(sc, "ATOMIC_GROUP", sc.GROUPREF)}
+    unbounded = 0
+
+    def walk(items, depth=0):
+        nonlocal unbounded
+        if depth > 16:
+            raise ConfigError(what, pattern, allowed, source=str(where))
+        for op, av in items:
+            if op in (sc.MAX_REPEAT, sc.MIN_REPEAT, getattr(sc, "POSSESSIVE_REPEAT", None)):
+                _lo, hi, body = av
+                if len(body) != 1 or body[0][0] not in simple:
+                    if hi == sc.MAXREPEAT or hi > 1:  # `(x)?` is fine; a repeated group is not
+                        raise ConfigError(what, pattern, allowed, source=str(where))
+                    walk(body, depth + 1)
+                if hi == sc.MAXREPEAT:
+                    unbounded += 1
+            elif op == sc.SUBPATTERN:
+                walk(av[3], depth + 1)
+            elif op == sc.BRANCH:
+                for b in av[1]:
+                    walk(b, depth + 1)
+            elif op in forbidden:
+                raise ConfigError(what, pattern, allowed, source=str(where))
+
+    walk(list(parsed))
+    if unbounded > MAX_UNBOUNDED:
+        raise ConfigError(what, pattern, allowed, source=str(where))
 
 
 def _refuse_unsupported_config(folder: Path, cfg: dict) -> None:
@@ -150,10 +247,7 @@ def _read_tensors(folder: Path, allow_pickle: bool):
 
     safe, pickled = folder / SAFE_NAME, folder / PICKLE_NAME
     if safe.is_file():
-        read_safetensors_header(safe)  # named IntegrityError on a truncated/corrupt file
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(safe))
+        tensors = _load_safetensors(safe)
         weights_file = safe
     elif pickled.is_file():
         if not allow_pickle:
@@ -166,6 +260,25 @@ def _read_tensors(folder: Path, allow_pickle: bool):
         raise EdgepeftError(f"adapter {folder} has no weights ({SAFE_NAME} missing)",
                             "Pass the folder written by PeftModel.save_pretrained")
     return weights_file, {k: v.float() for k, v in tensors.items()}
+
+
+MAX_ADAPTER_FILE = 4 << 30
+
+
+def _load_safetensors(path: Path) -> dict:
+    """The adapter's tensors from ONE bounded read (safetensors' load_file mmaps the file, so a file that
+    shrinks meanwhile would SIGBUS); the header is checked by our own reader first."""
+    from safetensors.torch import load
+
+    from edgepeft.readers import read_bytes
+
+    read_safetensors_header(path)  # named IntegrityError on a truncated/corrupt header
+    raw = read_bytes(path, "adapter weights", MAX_ADAPTER_FILE)
+    try:
+        return load(raw)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError/ValueError
+        raise IntegrityError(f"{path} is not a readable safetensors file ({type(e).__name__})",
+                             "Re-save the adapter with save_pretrained") from None
 
 
 def _group(folder: Path, tensors: dict, base: ResolvedBase, to_save: list[str]) -> dict[str, tuple]:
@@ -238,10 +351,21 @@ def _check_shapes(folder, target, a, b, base, base_shapes) -> None:
 
 
 def _rank_alpha(cfg: dict, target: str) -> tuple[int, float]:
-    """PEFT's own rule (peft.utils.other.get_pattern_key): first pattern whose regex matches the key's tail."""
+    """PEFT's own rule (peft.utils.other.get_pattern_key): the first pattern matching the key's tail.
+
+    PEFT tests ``re.match(rf"(.*\\.)?({key})$", target)``; here the same thing is ``fullmatch`` of the
+    pattern against ``target`` or one of its suffixes after a '.', on a bounded name with a pattern
+    that :func:`check_module_pattern` accepted (no ``$``-before-newline quirk, no backtracking blow-up).
+    """
+    if len(target) > MAX_TARGET:
+        raise EdgepeftError(f"module name {target[:60]!r}... is {len(target)} characters long",
+                            f"Allowed: at most {MAX_TARGET}; this is not a model module")
+    tails = [target] + [target[i + 1:] for i, c in enumerate(target) if c == "."]
+
     def lookup(patterns: dict, default):
         for key, value in (patterns or {}).items():
-            if re.match(rf"(.*\.)?({key})$", target):
+            rx = re.compile(key)
+            if any(rx.fullmatch(t) for t in tails):
                 return value
         return default
 
@@ -251,11 +375,10 @@ def _rank_alpha(cfg: dict, target: str) -> tuple[int, float]:
 
 def _read_manifest(folder: Path) -> dict:
     """The training run's manifest (RUN_DIR/manifest.json, RUN_DIR being the adapter's parent), if any."""
+    from edgepeft.readers import read_json
+
     for candidate in (folder / MANIFEST, folder.resolve().parent / MANIFEST):
         if candidate.is_file():
-            try:
-                data = json.loads(candidate.read_text())
-            except json.JSONDecodeError as e:
-                raise IntegrityError(f"{candidate} is not valid JSON ({e.msg})", "Fix or delete the manifest") from e
+            data = read_json(candidate, "training manifest", expect=None)
             return data if isinstance(data, dict) else {}
     return {}

@@ -69,6 +69,11 @@ class ExportRequest:
             raise ConfigError("--accuracy-level", self.accuracy_level, "0-4")
         if self.names and len(self.names) != len(self.adapters):
             raise ConfigError("--name", self.names, f"one --name per --adapter ({len(self.adapters)} given)")
+        from edgepeft.readers import NAME_RULE, is_name
+
+        for n in self.names:
+            if not is_name(n):
+                raise ConfigError("--name", n, NAME_RULE)
         if self.mode == "separate" and not self.adapters:
             raise ConfigError("--mode", self.mode, "separate needs at least one --adapter")
         self.out = Path(self.out)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import platform
 import time
@@ -53,12 +53,12 @@ def write_document(doc: dict, path: str | Path) -> None:
 
 
 def load_document(path: str | Path) -> dict:
+    from edgepeft.readers import read_json
+
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise EdgepeftError(f"cannot read bench results {path} ({e})", "Pass a JSON file written by edgepeft bench")
-    doc = load_document_obj(doc, str(path))
+    if not path.is_file():
+        raise EdgepeftError(f"bench results {path} do not exist", "Pass a JSON file written by edgepeft bench --json")
+    doc = load_document_obj(read_json(path, "bench results", expect=None), str(path))
     for r in doc["records"]:
         for k in ("artifact", "model_file"):
             if isinstance(r.get(k), str) and (k == "artifact" or from_record(r[k], path).exists()):
@@ -66,14 +66,47 @@ def load_document(path: str | Path) -> dict:
     return doc
 
 
+_RECORD_STRINGS = ("artifact", "runtime", "adapter", "device")
+_RECORD_NUMBERS = ("model_bytes", "adapter_bytes")
+_RECORD_METRICS = ("pp", "tg", "ttft_ms", "load_ms", "peak_rss_mb", "swap_ms", "perplexity", "bw_util", "top1_agree",
+                   "accuracy", "bandwidth_gb_s", "bytes_per_token")
+_SCALAR_METRICS = ("bw_util", "top1_agree", "bandwidth_gb_s", "bytes_per_token")
+_METRIC_KEYS = ("mean", "std", "median", "ppl", "accuracy", "n", "tokens")
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def load_document_obj(doc, source: str) -> dict:
+    """A bench result (file or a device's stdout), with every record's fields typed before anything uses them."""
     schema = doc.get("schema") if isinstance(doc, dict) else None
     if not str(schema or "").startswith("edgepeft.bench/") or not isinstance(doc.get("records"), list):
         raise EdgepeftError(f"{source} is not an edgepeft bench result (schema {schema!r})",
                             "Pass a JSON file written by edgepeft bench --json")
     if schema != SCHEMA:
-        raise EdgepeftError(f"{source} has schema {schema}, this edgepeft reads {SCHEMA}",
+        raise EdgepeftError(f"{source} has schema {schema!r}, this edgepeft reads {SCHEMA}",
                             "Re-run the benchmark with this version")
+    if not isinstance(doc.get("device"), dict) or not isinstance(doc["device"].get("profile"), str):
+        raise EdgepeftError(f"{source}: field 'device' needs a string 'profile'", "Pass a file written by edgepeft bench")
+    fix = "Pass a file written by edgepeft bench --json"
+    for i, r in enumerate(doc["records"]):
+        if not isinstance(r, dict):
+            raise EdgepeftError(f"{source}: records[{i}] is a {type(r).__name__}, allowed: an object", fix)
+        for k in _RECORD_STRINGS:
+            if not isinstance(r.get(k), str):
+                raise EdgepeftError(f"{source}: records[{i}].{k}={r.get(k)!r} is not allowed", f"Allowed: a string; {fix}")
+        for k in _RECORD_NUMBERS:
+            if r.get(k) is not None and not _num(r.get(k)):
+                raise EdgepeftError(f"{source}: records[{i}].{k}={r.get(k)!r} is not allowed",
+                                    f"Allowed: a finite number; {fix}")
+        for k in _RECORD_METRICS:
+            v = r.get(k)
+            ok = v is None or _num(v) or (k not in _SCALAR_METRICS and isinstance(v, dict) and all(
+                v.get(m) is None or _num(v.get(m)) for m in _METRIC_KEYS))
+            if not ok:
+                raise EdgepeftError(f"{source}: records[{i}].{k}={v!r} is not allowed",
+                                    f"Allowed: null, a finite number, or an object of finite numbers; {fix}")
     return doc
 
 
@@ -81,10 +114,17 @@ def _key(r: dict) -> tuple:
     return (Path(r["artifact"]).name, r["runtime"], r["device"], r["adapter"])
 
 
+def _sub(r: dict, key: str, sub: str):
+    v = r.get(key)
+    return v.get(sub) if isinstance(v, dict) else None
+
+
 def _fmt(m) -> str:
     if m is None:
         return "-"
     if isinstance(m, dict):
+        if m.get("mean") is None:
+            return "-"
         return f"{m['mean']:.1f} ± {m['std']:.1f}" if m.get("std") is not None else f"{m['mean']:.1f}"
     return f"{m:.0f}" if isinstance(m, float) else f"{m}"
 
@@ -100,7 +140,9 @@ def adapter_label(r: dict) -> str:
 
 def _acc(r: dict) -> str:
     a = r.get("accuracy")
-    return "-" if not a else f"{a['accuracy']:.0%} of {a['total']}"
+    if not isinstance(a, dict) or a.get("accuracy") is None:
+        return "-"
+    return f"{a['accuracy']:.0%} of {a.get('total')}"
 
 
 def table(doc: dict):
@@ -116,10 +158,10 @@ def table(doc: dict):
     for r in doc["records"]:
         ref = r.get("reference")
         t.add_row(cell(artifact_label(r)), cell(r["runtime"]), cell(adapter_label(r)),
-                  "-" if ref else f"{(r['model_bytes'] + r['adapter_bytes']) / 1e6:.1f}", _fmt(r.get("load_ms")),
+                  "-" if ref else f"{((r.get('model_bytes') or 0) + (r.get('adapter_bytes') or 0)) / 1e6:.1f}", _fmt(r.get("load_ms")),
                   _fmt(r.get("ttft_ms")), _fmt(r.get("pp")), _fmt(r.get("tg")),
-                  f"{r['swap_ms']['median']:.2f}" if r.get("swap_ms") else "-", _fmt(r.get("peak_rss_mb")),
-                  f"{r['perplexity']['ppl']:.2f}" if r.get("perplexity") else "-", _acc(r),
+                  f"{r['swap_ms']['median']:.2f}" if _sub(r, "swap_ms", "median") is not None else "-", _fmt(r.get("peak_rss_mb")),
+                  f"{r['perplexity']['ppl']:.2f}" if _sub(r, "perplexity", "ppl") is not None else "-", _acc(r),
                   "ref" if ref else f"{r['top1_agree']:.3f}" if r.get("top1_agree") is not None else "-",
                   f"{r['bw_util']:.1%}" if r.get("bw_util") is not None else "-")
     return t

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from edgepeft.ui import edgepeft_command, info
@@ -69,6 +71,10 @@ def command(artifacts, runtimes, device, profile, adapters, prompt_tokens, gen_t
     from edgepeft.bench.remote import resolve_device
     from edgepeft.ui import native_stdout_to_stderr
 
+    if timeout is not None and not (math.isfinite(timeout) and 0 < timeout <= 86400):
+        from edgepeft.errors import ConfigError
+
+        raise ConfigError("--timeout", timeout, "a number of seconds in (0, 86400]")
     target = resolve_device(device, profile)
     arts = [bench.discover(a, extra) for a in artifacts]
     with native_stdout_to_stderr(json_out == "-"):

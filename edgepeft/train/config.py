@@ -17,7 +17,7 @@ from edgepeft.errors import ConfigError, EdgepeftError
 BITS = (4, 8, 16, 32)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-_MODULE_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,255}")
 
 
 @dataclass
@@ -90,7 +90,7 @@ class TrainConfig:
             self._bad("device", " | ".join(DEVICES))
         if self.scheduler not in SCHEDULERS:
             self._bad("scheduler", " | ".join(SCHEDULERS))
-        if self.target != "all-linear" and not all(_MODULE_NAME.match(t) for t in self.target_modules):
+        if self.target != "all-linear" and not all(_MODULE_NAME.fullmatch(t) for t in self.target_modules):
             self._bad("target", "all-linear, or comma-separated module names such as q_proj,v_proj")
 
     # -- derived ----------------------------------------------------------------------------
@@ -162,17 +162,12 @@ def _coerce(name: str, value, source: str):
 
 
 def load_yaml(path: str) -> dict:
-    import yaml
+    from edgepeft.readers import MAX_YAML_BYTES, loads_yaml, read_text
 
     p = Path(path)
     if not p.is_file():
         raise EdgepeftError(f"--config {path} does not exist", "Pass a YAML file with TrainConfig fields")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
-        raise EdgepeftError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})", "Fix the YAML syntax") from e
+    data = loads_yaml(read_text(p, "--config", MAX_YAML_BYTES), str(path)) or {}
     if not isinstance(data, dict):
         raise EdgepeftError(f"{path}: top level is {type(data).__name__}, expected a mapping",
                             "Write one 'field: value' per line")
