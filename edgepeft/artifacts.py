@@ -209,7 +209,14 @@ def runtime_artifact(path: str | Path, adapters: dict | None = None):
     if found is None:
         raise EdgepeftError(f"{p} is not a benchmarkable artifact",
                             "Pass a .gguf file, a GGUF/ONNX export folder, a bundle, or an .onnx file")
-    return found.artifact(extra)
+    art = found.artifact(extra)
+    if not isinstance(found, Bundle):  # a bundle's files were checked, through their descriptors, by verify
+        from edgepeft.security import check_artifact
+
+        files = [art.model] if art.model.is_file() else [art.model / "model.onnx"] if (art.model / "model.onnx").is_file() else []
+        for f in [*files, *art.adapters.values()]:
+            check_artifact(f)  # bounded header walk before any file reaches native code
+    return art
 
 
 def gguf_quant(path: Path, label: str | None = None) -> str | None:

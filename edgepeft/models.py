@@ -98,7 +98,9 @@ class ResolvedBase:
 
     @cached_property
     def config(self) -> dict:
-        return json.loads((self.path / "config.json").read_text())
+        from edgepeft.readers import read_json
+
+        return read_json(self.path / "config.json", "model config", expect=dict)
 
     @property
     def model_type(self) -> str:
@@ -165,10 +167,9 @@ def _validate_folder(spec: str, p: Path, source: str, origin: Path | None = None
     if not (p / "config.json").is_file():
         raise EdgepeftError(f"{p} is not a model folder (no config.json)",
                             "Pass a folder written by save_pretrained, a .gguf file, or an alias")
-    try:
-        cfg = json.loads((p / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise EdgepeftError(f"{p}/config.json is not valid JSON ({e.msg} at line {e.lineno})", "Fix or re-save it") from e
+    from edgepeft.readers import read_json
+
+    cfg = read_json(p / "config.json", "model config", expect=dict)
     get_arch(cfg.get("model_type"), str(p / "config.json"))
     if not list(p.glob("*.safetensors")):
         if list(p.glob("*.bin")) or list(p.glob("*.pt")):

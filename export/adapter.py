@@ -243,8 +243,6 @@ def _refuse_unsupported_config(folder: Path, cfg: dict) -> None:
 
 def _read_tensors(folder: Path, allow_pickle: bool):
     """Return (weights file, {key: fp32 tensor}). Pickle only when explicitly allowed."""
-    import torch
-
     safe, pickled = folder / SAFE_NAME, folder / PICKLE_NAME
     if safe.is_file():
         tensors = _load_safetensors(safe)
@@ -254,6 +252,8 @@ def _read_tensors(folder: Path, allow_pickle: bool):
             raise EdgepeftError(f"adapter {folder} is a pickle file ({PICKLE_NAME}); edgepeft never unpickles by default",
                                 "Re-save with save_pretrained(safe_serialization=True), or pass --allow-pickle if you "
                                 "trust the file")
+        import torch
+
         tensors = torch.load(pickled, map_location="cpu", weights_only=True)
         weights_file = pickled
     else:

@@ -76,12 +76,12 @@ def export(req) -> dict:
                             "Save the fast tokenizer next to the weights: tokenizer.save_pretrained(folder)")
     from edgepeft.export.gguf_tokenizer import tokenizer_job
 
+    plans = _load_plans(req, base)  # before --out is created or a child starts: a bad adapter is one quick error
     with tokenizer_job(base.path):  # resolving the tokenizer starts now; write_model picks it up
-        return _export_checked(req, base, arch, quant, t0)
+        return _export_checked(req, base, arch, quant, t0, plans)
 
 
-def _export_checked(req, base, arch, quant, t0: float) -> dict:
-    plans = _load_plans(req, base)  # before --out is created: a bad adapter leaves no empty folder behind
+def _export_checked(req, base, arch, quant, t0: float, plans) -> dict:
     out = atomic.ensure_writable_dir(req.out)
     _check_free_space(out, base, quant.name, req.mode)
     # Every file of the set is written and verified in a staging dir inside --out, then renamed
