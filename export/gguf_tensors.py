@@ -146,9 +146,9 @@ def add_hparams(writer, cfg: dict, arch: Arch, file_type) -> None:
     theta = rope.get("rope_theta", cfg.get("rope_theta"))
     if theta is not None:
         writer.add_rope_freq_base(float(theta))
-    swa_theta = (rope_params(cfg, "sliding_attention") or {}).get("rope_theta")
-    if swa_theta is not None and rope_params(cfg, "sliding_attention") is not rope:
-        writer.add_rope_freq_base_swa(float(swa_theta))
+    swa_rope = rope_params(cfg, "sliding_attention")
+    if swa_rope is not rope and swa_rope.get("rope_theta") is not None:  # a separate base for sliding layers
+        writer.add_rope_freq_base_swa(float(swa_rope["rope_theta"]))
     if rope_type in ("linear", "yarn") and rope.get("factor"):
         import gguf
 

@@ -109,7 +109,7 @@ def test_gemma3_sliding_window_is_followed(tiny_new, tokenizer_dir, tmp_path):
 
 @pytest.mark.parametrize("arch", NEW)
 def test_gguf_matches_llama_cpp_converters(arch, tiny_new, new_adapters, llama_cpp_src, tmp_path):  # noqa: F811
-    from edgepeft.gguf_meta import read_metadata
+    from edgepeft.security import read_metadata
 
     base, ad = tiny_new[arch], new_adapters[arch]
     rec = export(base, tmp_path / "ours", [ad], mode="separate", quant="f16")
