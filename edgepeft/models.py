@@ -96,6 +96,17 @@ class ResolvedBase:
 
         return to_record(self.spec, record_file)
 
+    def record_origin(self, record_file: Path) -> str | None:
+        """Where the weights came from, as a record names it: an alias's file as ``package:filename`` (the
+        same on every machine), any other source file relative to ``record_file`` (edgepeft.paths)."""
+        if self.origin is None:
+            return None
+        if self.source == "alias" and self.spec in ALIASES:
+            return f"{ALIASES[self.spec].package}:{ALIASES[self.spec].filename}"
+        from edgepeft.paths import to_record
+
+        return to_record(self.origin, record_file)
+
     @cached_property
     def config(self) -> dict:
         from edgepeft.readers import read_json

@@ -47,7 +47,7 @@ def build_manifest(*, cfg, base, recipe, data: dict, adapter_dir: Path, lora_tar
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "task": task,
         "base": {"spec": base.record_spec(where), "fingerprint": base.fingerprint, "model_type": base.model_type,
-                 "source": base.source, "origin": to_record(base.origin, where) if base.origin else None},
+                 "source": base.source, "origin": base.record_origin(where)},
         "quantization": recipe.quantization(),
         "recipe": {"device": recipe.device, "optimizer": recipe.optimizer,
                    "gradient_checkpointing": recipe.gradient_checkpointing},
