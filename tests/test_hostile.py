@@ -798,3 +798,22 @@ def test_there_are_at_least_60_cases_across_every_class_and_command():
         inspect.getsource(_bench_profile)
     commands = {c for c in ("inspect", "verify", "pack", "bench", "export", "train") if f'["{c}"' in src or f'(["{c}"' in src}
     assert commands == {"inspect", "verify", "pack", "bench", "export", "train"}, commands
+
+
+def test_valid_bundle_with_hostile_unlisted_names_prints_escaped_lines(tmp_path):
+    """Class 6 on a bundle that verifies: names with a newline, ANSI escapes and rich markup can neither
+    forge a second OK line nor crash the output; each is printed escaped, on its own one line."""
+    b = _packed(tmp_path)
+    for name in ("x\nOK forged: 9 files hashed", "\x1b[31mred\x1b[0m", "[x] [bold red]markup"):
+        (b / name).write_bytes(b"unlisted")
+    for argv in (["verify", "bundle"], ["inspect", "bundle"]):
+        r = run_measured(argv, tmp_path)
+        assert r.rc == 0, r.stderr
+        assert "Traceback" not in r.stderr and not any(c in r.stdout + r.stderr for c in "\x1b\r")
+        if argv[0] == "verify":
+            assert len([ln for ln in r.stdout.splitlines() if ln.startswith("OK")]) == 1, r.stdout
+            warnings = [ln for ln in r.stderr.splitlines() if ln.strip()]
+            assert len(warnings) == 3 and all("unlisted file" in w for w in warnings), warnings
+            assert any("\\nOK forged" in w for w in warnings) and any("[x] [bold red]markup" in w for w in warnings)
+        else:
+            assert "[x] [bold red]markup" in r.stdout and "\\x1b[31mred" in r.stdout
