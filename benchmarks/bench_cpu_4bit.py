@@ -67,9 +67,9 @@ def train_run(base: str, out: Path, steps: int, pinned: bool):
 def qlora_model(base, adapter: Path, path: str):
     from peft import PeftModel
 
+    from edgepeft.train.config import TrainConfig
     from edgepeft.train.kernels import pin_cpu_4bit_path
     from edgepeft.train.trainer import load_model, pick_recipe
-    from edgepeft.train.config import TrainConfig
 
     recipe = pick_recipe(TrainConfig(out="unused", base=base.spec, task="demo", bits=4, device="cpu"))
     model = load_model(base, recipe)  # pinned, as edgepeft trains

@@ -165,10 +165,10 @@ def accuracy(llm, tok, examples, max_tokens: int) -> float:
 
 
 def quality(base, adapter: Path | None, work: Path, quants, n_eval: int, wiki_tokens: int) -> list[dict]:
-    from edgepeft.export.gguf import export
-    from edgepeft.export.request import ExportRequest
     from llama_cpp import Llama
 
+    from edgepeft.export.gguf import export
+    from edgepeft.export.request import ExportRequest
     from edgepeft.train.tasks import get_task
 
     tok = base.load_tokenizer()
@@ -266,7 +266,6 @@ def main():
     args = ap.parse_args()
 
     from edgepeft.export.adapter import load_adapters
-
     from edgepeft.models import resolve_base
 
     base = resolve_base("smollm2-135m")

@@ -104,7 +104,6 @@ def demo_accuracy(gen_fn, tok, n: int) -> dict:
 def bench_artifact(quant: str, mode: str, adapter: Path, work: Path, args) -> dict:
     from edgepeft.export.onnx import OrtLM, export, load_lora_adapter
     from edgepeft.export.request import ExportRequest
-
     from edgepeft.models import resolve_base
 
     out = work / f"{mode}-{quant}"

@@ -144,7 +144,8 @@ def load_merged(model, sd: dict) -> None:
 
 
 def prune_sweep(base, plan, model, tok, examples, max_new, ppl_ids, levels, pairs, rows: list, save) -> list[dict]:
-    from edgepeft.export.merge import completion_loss, merged_state_dict
+    from edgepeft.calib import completion_nll, torch_logits
+    from edgepeft.export.merge import merged_state_dict
     from edgepeft.export.prune import prune
 
     original = {k: v.clone() for k, v in model.state_dict().items()}
@@ -152,7 +153,7 @@ def prune_sweep(base, plan, model, tok, examples, max_new, ppl_ids, levels, pair
     model.load_state_dict(original)
     rows.append({"level": "base (no adapter)", "adapter_bytes": 0, "ranks": [], "modules": 0,
                  "accuracy": torch_accuracy(model, tok, examples, max_new), "ppl": torch_ppl(model, ppl_ids),
-                 "demo_loss": completion_loss(model, tok, pairs)})
+                 "demo_loss": completion_nll(torch_logits(model), tok, pairs)})
     print(rows[-1], f"{time.perf_counter() - t0:.0f}s", flush=True)
     save()
     for level in levels:
@@ -164,7 +165,7 @@ def prune_sweep(base, plan, model, tok, examples, max_new, ppl_ids, levels, pair
                      "ranks": sorted(set(p.ranks.values())), "mean_rank": float(np.mean(list(p.ranks.values()))),
                      "total_rel_error": rep.get("total_rel_error", 0.0), "max_rel_error": rep.get("max_rel_error", 0.0),
                      "accuracy": torch_accuracy(model, tok, examples, max_new), "ppl": torch_ppl(model, ppl_ids),
-                     "demo_loss": completion_loss(model, tok, pairs)})
+                     "demo_loss": completion_nll(torch_logits(model), tok, pairs)})
         print(rows[-1], f"{time.perf_counter() - t0:.0f}s", flush=True)
         save()
     model.load_state_dict(original)
@@ -173,7 +174,8 @@ def prune_sweep(base, plan, model, tok, examples, max_new, ppl_ids, levels, pair
 
 def merge_targets(base, plan, adapter: Path, tok, examples, max_new, ppl_ids, pairs, quants, work: Path,
                   skip_gguf: bool, rows: list, save) -> list[dict]:
-    from edgepeft.export.merge import completion_loss, merged_state_dict
+    from edgepeft.calib import completion_nll, torch_logits
+    from edgepeft.export.merge import merged_state_dict
 
     model = base.load_model(torch.float32).eval()
     for target in ("dequantized", "original"):
@@ -181,7 +183,7 @@ def merge_targets(base, plan, adapter: Path, tok, examples, max_new, ppl_ids, pa
         load_merged(model, merged_state_dict(base, [plan], target))
         rows.append({"target": target, "format": "pytorch-fp32", "file_bytes": None,
                      "accuracy": torch_accuracy(model, tok, examples, max_new), "ppl": torch_ppl(model, ppl_ids),
-                     "calib_loss": completion_loss(model, tok, pairs)})
+                     "calib_loss": completion_nll(torch_logits(model), tok, pairs)})
         print(rows[-1], f"{time.perf_counter() - t0:.0f}s", flush=True)
         save()
     del model
@@ -297,10 +299,9 @@ def main(argv=None):
     if args.combine:
         return combine(args.combine, args.out)
 
-    from edgepeft.export.adapter import load_adapter
-    from edgepeft.export.merge import demo_calibration
-
     from edgepeft import atomic
+    from edgepeft.calib import demo_calibration
+    from edgepeft.export.adapter import load_adapter
     from edgepeft.models import resolve_base
     from edgepeft.train.tasks import get_task
 

@@ -55,9 +55,9 @@ def main():
 
     import llama_cpp
     from bench_gguf import WIKI, perplexity
+
     from edgepeft.export.gguf import export
     from edgepeft.export.request import ExportRequest
-
     from edgepeft.models import resolve_base
 
     base = resolve_base("smollm2-135m")

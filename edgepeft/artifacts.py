@@ -19,12 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgepeft.errors import EdgepeftError, IntegrityError
+from edgepeft.keys import (
+    ADAPTER_SUFFIX_GGUF,
+    BUNDLE_MANIFEST,
+    GGUF_RECORD,
+    ONNX_SIDECAR,
+    QNN_DECODE_GRAPH,
+    QNN_PREFILL_GRAPH,
+)
+from edgepeft.keys import ADAPTER_SUFFIX_ONNX as ADAPTER_SUFFIX
 
-GGUF_RECORD = "gguf-export.json"  # written by export/gguf.py
-ONNX_SIDECAR = "edgepeft-onnx.json"  # written by export/onnx.py
-BUNDLE_MANIFEST = "manifest.json"  # written by edgepeft pack
-ADAPTER_SUFFIX = ".onnx_adapter"
-QNN_GRAPHS = ("prefill_ctx.onnx", "decode_ctx.onnx")
+QNN_GRAPHS = (QNN_PREFILL_GRAPH, QNN_DECODE_GRAPH)
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2")
 
 
@@ -142,7 +147,7 @@ def discover(path: str | Path) -> Discovered | None:
     ggufs = sorted(p.glob("*.gguf"))
     if ggufs:
         record = read_sidecar(p / GGUF_RECORD)
-        found = {a.name[: -len(".lora.gguf")]: a for a in ggufs if a.name.endswith(".lora.gguf")}
+        found = {a.name[: -len(ADAPTER_SUFFIX_GGUF)]: a for a in ggufs if a.name.endswith(ADAPTER_SUFFIX_GGUF)}
         entries = record.get("adapter_files", [])
         if not isinstance(entries, list):
             raise IntegrityError(f"{p / GGUF_RECORD}: field 'adapter_files' is a {type(entries).__name__}",

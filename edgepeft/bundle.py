@@ -34,9 +34,11 @@ from edgepeft.fit import (  # noqa: F401 - re-exported: the bundle API in one pl
     check_adapter_fits,
     read_gguf,
 )
+from edgepeft.keys import ADAPTER_SUFFIX_ONNX, ONNX_SIDECAR, QNN_DECODE_GRAPH, local
+from edgepeft.keys import BUNDLE_MANIFEST as MANIFEST
+from edgepeft.keys import EdgepeftKeys as K
 from edgepeft.ui import esc
 
-MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 MAX_FILES = 512  # a bundle is a base, its adapters and a few ONNX folders; each stays open while loaded
 from edgepeft.readers import NAME as _NAME
@@ -88,7 +90,7 @@ def _suits(fmt: str, quant: str, nbytes: int, runtimes: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------- ONNX facts
-ONNX_SIDECARS = ("edgepeft-onnx.json",)  # written by export/onnx.py
+ONNX_SIDECARS = (ONNX_SIDECAR,)  # written by export/onnx.py and export/qnn.py
 
 
 def _onnx_dir_record(src: Path, name: str) -> dict:
@@ -113,9 +115,9 @@ def _onnx_dir_record(src: Path, name: str) -> dict:
             raise IntegrityError(f"{esc(sidecar)}: field {key!r} is a {type(val).__name__}",
                                  f"Allowed: a {kinds.__name__}; re-export the ONNX folder")
     for f in files:
-        if f.suffix in (".onnx", ".onnx_adapter"):
+        if f.suffix in (".onnx", ADAPTER_SUFFIX_ONNX):
             check_artifact(f)
-    adapters = sorted(f.relative_to(src).as_posix() for f in files if f.suffix == ".onnx_adapter")
+    adapters = sorted(f.relative_to(src).as_posix() for f in files if f.suffix == ADAPTER_SUFFIX_ONNX)
     if adapters and not (src / "model.onnx").is_file():
         raise EdgepeftError(f"--onnx {esc(src)} has adapters but no model.onnx", "Pass the folder export wrote")
     _check_onnx_fits(src.parent, {"path": src.name, "adapters": adapters})
@@ -123,9 +125,9 @@ def _onnx_dir_record(src: Path, name: str) -> dict:
         if isinstance(a, dict) and a.get("base_fingerprint") not in (None, base_rec.get("fingerprint")):
             raise MismatchError(f"--onnx {esc(src)}: adapter {a.get('name')!r} was trained on another base "
                                 f"({short(str(a['base_fingerprint']))})", "Re-export it with the base it was trained on")
-    quant = side.get("quant") or side.get("precision") or "int4"
-    runtimes = ["onnxruntime"] if any(f.name.endswith("_ctx.onnx") for f in files) else ["onnxruntime-genai"]
-    fp = side.get("base_fingerprint") or base_rec.get("fingerprint")
+    quant = side.get("quant") or "int4"
+    runtimes = ["onnxruntime"] if any(f.name == QNN_DECODE_GRAPH for f in files) else ["onnxruntime-genai"]
+    fp = base_rec.get("fingerprint")
     return {"name": name, "format": "onnx", "mode": side.get("mode") or ("separate" if adapters else "merged"),
             "quant": quant, "base_fingerprint": fp, "adapters": adapters, "sidecar": sidecar.name,
             "_src": src, "_files": files, "_bytes": sum(f.stat().st_size for f in files), "_runtimes": runtimes}
@@ -225,7 +227,7 @@ class PackInput:
 
 
 def _adapter_name(art: GGUFArtifact, given: str | None) -> str:
-    name = given or art.meta.get("adapter.name") or art.meta.get("adapter_name") or art.path.stem
+    name = given or art.meta.get(local(K.ADAPTER_NAME)) or art.path.stem
     return _check_name(str(name), "adapter")
 
 
@@ -236,8 +238,8 @@ def _base_record(art: GGUFArtifact) -> dict:
     if fp is None:
         raise EdgepeftError(f"--base {art.path} records no base fingerprint (edgepeft.base_fingerprint)",
                             "Export the base with edgepeft export --format gguf --mode separate")
-    quant = str(art.meta.get("quant") or art.ggml_type_name())
-    return {"format": "gguf", "mode": art.meta.get("mode"), "architecture": art.header.metadata.get("general.architecture"),
+    quant = str(art.meta.get(local(K.QUANT)) or art.ggml_type_name())
+    return {"format": "gguf", "mode": art.meta.get(local(K.MODE)), "architecture": art.header.metadata.get("general.architecture"),
             "quant": quant, "fingerprint": fp}
 
 
@@ -578,7 +580,7 @@ def _check_manifest(mpath, m: dict) -> None:
         if not isinstance(ads, list):
             _bad(mpath, f"onnx[{i}].adapters", "a list of folder-relative .onnx_adapter paths")
         for j, a in enumerate(ads):
-            listed(f"{o['path']}/{a}" if isinstance(a, str) else a, f"onnx[{i}].adapters[{j}]", ".onnx_adapter")
+            listed(f"{o['path']}/{a}" if isinstance(a, str) else a, f"onnx[{i}].adapters[{j}]", ADAPTER_SUFFIX_ONNX)
         if ads:
             listed(f"{o['path']}/model.onnx", f"onnx[{i}] (its model.onnx)", ".onnx")
 
@@ -608,7 +610,7 @@ def verify(root: Path) -> CheckedBundle:
         for rel, rec in m["files"].items():
             opened.add(rel, rec)
         for rel in m["files"]:
-            if rel.endswith((".gguf", ".onnx_adapter", ".onnx")):
+            if rel.endswith((".gguf", ADAPTER_SUFFIX_ONNX, ".onnx")):
                 folder = rel.rsplit("/", 1)[0]
                 check_artifact(opened.path(rel), label=rel, resolve=lambda loc, folder=folder: opened.get(f"{folder}/{loc}"))
         base = read_gguf(opened.path(m["base"]["path"]), m["base"]["path"])

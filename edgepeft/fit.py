@@ -16,9 +16,8 @@ from pathlib import Path
 
 from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
 from edgepeft.fingerprint import short
-
-# GGUF metadata keys that carry the base fingerprint (written by export/gguf.py); first hit wins.
-FINGERPRINT_KEYS = ("edgepeft.base_fingerprint", "edgepeft.fingerprint")
+from edgepeft.keys import PREFIX, local
+from edgepeft.keys import EdgepeftKeys as K
 
 
 @dataclass
@@ -33,11 +32,8 @@ class GGUFArtifact:
 
     @property
     def fingerprint(self) -> str | None:
-        for k in FINGERPRINT_KEYS:
-            v = self.meta.get(k[len("edgepeft."):])
-            if isinstance(v, str) and v:
-                return v
-        return None
+        v = self.meta.get(local(K.BASE_FINGERPRINT))
+        return v if isinstance(v, str) and v else None
 
     def ggml_type_name(self) -> str:
         from gguf import LlamaFileType
@@ -57,7 +53,7 @@ def read_gguf(path: Path, label: str | None = None) -> GGUFArtifact:
     hdr = check_gguf_header(path, label)
     meta = {}
     for k, v in hdr.metadata.items():
-        if not k.startswith("edgepeft."):
+        if not k.startswith(PREFIX):
             continue
         if isinstance(v, str) and v[:1] in "{[":
             try:
@@ -66,12 +62,12 @@ def read_gguf(path: Path, label: str | None = None) -> GGUFArtifact:
                 pass  # a string that merely looks like JSON stays a string
         elif not isinstance(v, (str, int, float, bool)):
             v = list(v)
-        meta[k[len("edgepeft."):]] = v
+        meta[local(k)] = v
     for k in ("adapter.lora.alpha",):
         v = hdr.metadata.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
             raise IntegrityError(f"{hdr.path}: metadata {k}={v!r} is not allowed", "Allowed: a finite number")
-    for k in FINGERPRINT_KEYS:
+    for k in (K.BASE_FINGERPRINT,):
         if k in hdr.metadata and not isinstance(hdr.metadata[k], str):
             raise IntegrityError(f"{hdr.path}: metadata {k} is a {type(hdr.metadata[k]).__name__}",
                                  "Allowed: a 64-character hex string")
@@ -119,7 +115,7 @@ def check_adapter_fits(base: GGUFArtifact, adapter: GGUFArtifact, base_fingerpri
     """
     if base.kind == "adapter":
         raise MismatchError(f"{base.path.name} is an adapter, not a base model", "Pass the base GGUF first")
-    if base.meta.get("mode") == "merged":
+    if base.meta.get(local(K.MODE)) == "merged":
         raise MismatchError(f"base {base.path.name} already has adapters merged into it",
                             "Use the base GGUF from --mode separate with its adapters")
     expected = base_fingerprint or base.fingerprint
@@ -128,7 +124,7 @@ def check_adapter_fits(base: GGUFArtifact, adapter: GGUFArtifact, base_fingerpri
         raise MismatchError(f"adapter {adapter.path.name} records no base fingerprint (edgepeft.base_fingerprint)",
                             "Export it with edgepeft export --format gguf so its base is known")
     if fp and expected and fp != expected:
-        name = adapter.meta.get("adapter.name") or adapter.path.name
+        name = adapter.meta.get(local(K.ADAPTER_NAME)) or adapter.path.name
         raise MismatchError(f"adapter {name} was made for base {short(fp)}, but base {base.path.name} is "
                             f"{short(expected)}", "Pair it with the base GGUF it was exported with")
     problem = adapter_fit_problem(base, adapter)
@@ -146,19 +142,6 @@ def check_gguf_pair(base_path, adapter_path, *, require_fingerprint: bool = Fals
                               require_fingerprint=require_fingerprint)
 
 
-def _training_summary(t) -> dict:
-    """Task and data hash from a training manifest (or the summary the exporter stored)."""
-    if not isinstance(t, dict):
-        return {"summary": t}
-    data = t.get("data") if isinstance(t.get("data"), dict) else {}
-    out = {"task": t.get("task"), "data_sha256": t.get("data_sha256") or data.get("sha256")}
-    train = t.get("train") if isinstance(t.get("train"), dict) else t
-    for k in ("steps", "final_loss"):
-        if train.get(k) is not None:
-            out[k] = train[k]
-    return {k: v for k, v in out.items() if v is not None}
-
-
 def _adapter_record(art: GGUFArtifact, name: str) -> dict:
     ranks: dict[str, list[int]] = {}
     for n, t in art.header.tensors.items():
@@ -166,19 +149,19 @@ def _adapter_record(art: GGUFArtifact, name: str) -> dict:
             kind = n[:-7].split(".")[-2] if n.startswith("blk.") else n[:-7]  # blk.3.attn_q.weight -> attn_q
             ranks.setdefault(kind, set()).add(t.ne[1])
     m = art.meta
-    train = _training_summary(m.get("train") or m.get("train_summary") or m.get("training") or {})
+    train = m.get(local(K.TRAIN))  # edgepeft.train.manifest.training_summary, stored by the GGUF writer
     return {
         "name": name,
         "format": "gguf",
         "base_fingerprint": art.fingerprint,
-        "adapter_sha256": m.get("adapter.sha256") or m.get("adapter_sha256"),
-        "type": m.get("quant"),
+        "adapter_sha256": m.get(local(K.ADAPTER_SHA256)),
+        "type": m.get(local(K.QUANT)),
         "alpha": art.header.metadata.get("adapter.lora.alpha"),
         "ranks": {k: sorted(v) for k, v in sorted(ranks.items())},
-        "target_modules": m.get("target_modules") or sorted(ranks),
-        "prune": m.get("prune") or m.get("prune_settings"),
-        "merge": m.get("merge"),
-        "training": train,
+        "target_modules": sorted(ranks),
+        "prune": m.get(local(K.PRUNE)),
+        "merge": m.get(local(K.MERGE)),
+        "training": train if isinstance(train, dict) else {},
     }
 
 

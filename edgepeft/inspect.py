@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edgepeft.errors import EdgepeftError
 from edgepeft.fingerprint import short
+from edgepeft.keys import PREFIX
 
 
 def describe_gguf(p: Path) -> dict:
@@ -19,7 +20,7 @@ def describe_gguf(p: Path) -> dict:
 
     hdr = check_gguf_header(p)
     meta = hdr.metadata
-    art = read_gguf(p) if any(k.startswith("edgepeft.") for k in meta) else None
+    art = read_gguf(p) if any(k.startswith(PREFIX) for k in meta) else None
     arch = meta.get("general.architecture")
     kind = meta.get("general.type") or "model"
     types: dict[str, int] = {}

@@ -19,6 +19,7 @@ from edgepeft import atomic
 from edgepeft.archs import Arch, get_arch
 from edgepeft.errors import EdgepeftError, IntegrityError
 from edgepeft.fingerprint import fingerprint_files, sha256_file, tensor_entries
+from edgepeft.keys import FINGERPRINT_MEMO, SOURCE_RECORD
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,6 @@ ALIASES: dict[str, Alias] = {
 }
 DEFAULT_BASE = "smollm2-135m"
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
-_FINGERPRINT_FILE = ".edgepeft-fingerprint.json"
 
 
 def cache_dir() -> Path:
@@ -333,13 +333,13 @@ def _dequantize_gguf(gguf_path: Path, out: Path) -> None:
     with atomic.atomic_dir(out) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "edgepeft-source.json").write_text(json.dumps({"gguf": str(gguf_path)}, indent=2))
+        (tmp / SOURCE_RECORD).write_text(json.dumps({"gguf": str(gguf_path)}, indent=2))
 
 
 def _cached_fingerprint(folder: Path, files: list[Path]) -> str:
     """Fingerprint, memoised in the folder when it is ours (cache) and keyed by file stats."""
     stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    memo = folder / _FINGERPRINT_FILE
+    memo = folder / FINGERPRINT_MEMO
     if memo.is_file():
         try:
             data = json.loads(memo.read_text())

@@ -161,14 +161,12 @@ def _acc(r: dict) -> dict:
 
 def export_one(base: str, adapter: Path, out: Path, fmt: str, mode: str, quant: str, plan: Plan) -> dict:
     """One artifact through the same writer ``edgepeft export`` dispatches to."""
-    import importlib
-
-    from edgepeft.commands.export import WRITERS
+    from edgepeft.export import export
     from edgepeft.export.request import ExportRequest
 
     req = ExportRequest(format=fmt, base=base, adapters=[adapter], names=[ADAPTER_NAME], out=out, mode=mode,
                         quant=quant, verify=plan.verify_exports, merge_into=plan.merge_into)
-    return importlib.import_module(WRITERS[fmt]).export(req)
+    return export(req).record
 
 
 def bench_all(out: Path, folders: list[Path], cfg, reference: dict) -> dict:

@@ -12,15 +12,14 @@ import math
 import re
 from pathlib import Path
 
-from edgepeft.export.plan import AdapterPlan, LoraModule
-
 from edgepeft.errors import ConfigError, EdgepeftError, IntegrityError, MismatchError
+from edgepeft.export.plan import AdapterPlan, LoraModule
 from edgepeft.fingerprint import read_safetensors_header, sha256_file, short
 from edgepeft.models import ResolvedBase
+from edgepeft.train.manifest import read_manifest, recorded_fingerprint
 
 SAFE_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-MANIFEST = "manifest.json"
 
 # "base_model.model.<target>.lora_A[.<adapter>].weight" / "...lora_embedding_A[.<adapter>]"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<target>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
@@ -58,7 +57,7 @@ def load_adapter(path, base: ResolvedBase, *, name: str | None = None, force: bo
     if not modules:
         raise EdgepeftError(f"adapter {folder} holds no LoRA tensors (no lora_A/lora_B weights)",
                             "Pass the folder written by PeftModel.save_pretrained")
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     recorded = recorded_fingerprint(manifest)
     if recorded and recorded != base.fingerprint and not force:
         raise MismatchError(
@@ -73,13 +72,6 @@ def load_adapter(path, base: ResolvedBase, *, name: str | None = None, force: bo
     return AdapterPlan(name=name, modules=modules, adapter_sha256=sha256_file(weights_file),
                        base_fingerprint=recorded or None, source=folder.resolve(), base_path=base.path,
                        train_summary={k: v for k, v in manifest.items() if k != "base_fingerprint"})
-
-
-def recorded_fingerprint(manifest: dict) -> str | None:
-    """The base fingerprint a training manifest records: ``base.fingerprint`` (edgepeft train) or ``base_fingerprint``."""
-    base = manifest.get("base")
-    fp = base.get("fingerprint") if isinstance(base, dict) else None
-    return fp or manifest.get("base_fingerprint") or None
 
 
 def load_adapters(paths, base: ResolvedBase, names=None, *, force: bool = False,
@@ -372,13 +364,3 @@ def _rank_alpha(cfg: dict, target: str) -> tuple[int, float]:
     return int(lookup(cfg.get("rank_pattern"), cfg.get("r", 8))), float(lookup(cfg.get("alpha_pattern"),
                                                                               cfg.get("lora_alpha", 8)))
 
-
-def _read_manifest(folder: Path) -> dict:
-    """The training run's manifest (RUN_DIR/manifest.json, RUN_DIR being the adapter's parent), if any."""
-    from edgepeft.readers import read_json
-
-    for candidate in (folder / MANIFEST, folder.resolve().parent / MANIFEST):
-        if candidate.is_file():
-            data = read_json(candidate, "training manifest", expect=None)
-            return data if isinstance(data, dict) else {}
-    return {}

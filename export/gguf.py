@@ -26,41 +26,25 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from edgepeft.export import gguf_tensors as gt
-from edgepeft.export.plan import AdapterPlan
-from edgepeft.export.quantize import get_quant, quantize
-
 from edgepeft import __version__, atomic
 from edgepeft.archs import Arch
 from edgepeft.errors import EdgepeftError
+from edgepeft.export import ExportResult
+from edgepeft.export import gguf_tensors as gt
+from edgepeft.export.plan import AdapterPlan
+from edgepeft.export.quantize import get_quant, quantize
+from edgepeft.keys import ADAPTER_SUFFIX_GGUF, GGUF_RECORD, EdgepeftKeys
 from edgepeft.paths import to_record
+from edgepeft.train.manifest import training_summary
 from edgepeft.ui import info, stage
 
-RECORD_NAME = "gguf-export.json"
 ADAPTER_TYPES = ("f16", "q8_0", "f32")
-
-
-class EdgepeftKeys:
-    """Our metadata keys (gguf-py's ``Keys`` style), all under the ``edgepeft.`` prefix."""
-
-    VERSION = "edgepeft.version"
-    MODE = "edgepeft.mode"  # base | merged | adapter
-    BASE_FINGERPRINT = "edgepeft.base_fingerprint"  # sha256 over the ORIGINAL base weights
-    BASE_SPEC = "edgepeft.base"
-    QUANT = "edgepeft.quant"
-    ADAPTER_NAME = "edgepeft.adapter.name"
-    ADAPTER_SHA256 = "edgepeft.adapter.sha256"
-    ADAPTER_SCALE_FOLDED = "edgepeft.adapter.scale_folded"  # true when per-module scales were folded into B
-    ADAPTERS = "edgepeft.adapters"  # JSON list (merged files): name, sha256, ranks
-    MERGE = "edgepeft.merge"  # JSON: target, auto choice and losses
-    PRUNE = "edgepeft.prune"  # JSON: settings and report summary
-    TRAIN = "edgepeft.train"  # JSON: task, data sha256, steps, final loss (from the training manifest)
 
 
 # --- entry point -----------------------------------------------------------------------------
 
-def export(req) -> dict:
-    """Run one GGUF export described by an ``ExportRequest``; return the result record."""
+def export(req) -> ExportResult:
+    """Run one GGUF export described by an ``ExportRequest``; return what it wrote."""
     from edgepeft.models import resolve_base
 
     t0 = time.perf_counter()
@@ -78,7 +62,7 @@ def export(req) -> dict:
 
     plans = _load_plans(req, base)  # before --out is created or a child starts: a bad adapter is one quick error
     with tokenizer_job(base.path):  # resolving the tokenizer starts now; write_model picks it up
-        return _export_checked(req, base, arch, quant, t0, plans)
+        return ExportResult.of(_export_checked(req, base, arch, quant, t0, plans))
 
 
 def _export_checked(req, base, arch, quant, t0: float, plans) -> dict:
@@ -101,7 +85,7 @@ def _export_checked(req, base, arch, quant, t0: float, plans) -> dict:
         shutil.rmtree(stage, ignore_errors=True)
     record["seconds"] = round(time.perf_counter() - t0, 2)
     record["peak_rss_mb"] = _peak_rss_mb()
-    atomic.write_json(out / RECORD_NAME, stored_record(record, out / RECORD_NAME, base))
+    atomic.write_json(out / GGUF_RECORD, stored_record(record, out / GGUF_RECORD, base))
     return record
 
 
@@ -150,7 +134,7 @@ def _export_into(req, base, plans, quant, arch, out: Path) -> dict:
 
 
 def adapter_filename(name: str) -> str:
-    return f"{name}.lora.gguf"
+    return f"{name}{ADAPTER_SUFFIX_GGUF}"
 
 
 # --- adapters in, plans out --------------------------------------------------------------------
@@ -184,7 +168,6 @@ def write_merged(base, plans, out: Path, quant: str, merge_into: str, calib) -> 
     if merge["target"] != "auto":
         return write_model(base, plans, final, quant, merge_target=merge["target"], merge=merge), merge
     from edgepeft.export.merge import choose_merge_target
-
     from edgepeft.models import resolve_base
 
     keep = Path(atomic.TMP_PREFIX + "merge")
@@ -253,6 +236,7 @@ def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: st
                       fingerprint_of, adapters, quant: str | None = None, tokenizer=None) -> None:
     """Stream the float GGUF; with ``tokenizer`` (a TokenizerJob) its keys are embedded, else left out."""
     import gguf
+
     from edgepeft.export.gguf_tokenizer import add_tokenizer
 
     arch: Arch = base.arch
@@ -323,15 +307,6 @@ def _add_common_meta(writer, mode: str, base, quant: str) -> None:
 
 
 # --- adapter files -------------------------------------------------------------------------------
-
-def training_summary(manifest: dict) -> dict:
-    """The few training facts a bundle manifest shows (task, data hash, steps, loss), not the loss curve."""
-    data = manifest.get("data") if isinstance(manifest.get("data"), dict) else {}
-    train = manifest.get("train") if isinstance(manifest.get("train"), dict) else {}
-    out = {"task": manifest.get("task"), "data_sha256": data.get("sha256"), "steps": train.get("steps"),
-           "final_loss": train.get("final_loss")}
-    return {k: v for k, v in out.items() if v is not None}
-
 
 def file_alpha(plan: AdapterPlan) -> float:
     """One alpha per file (llama.cpp's rule): the most common configured module alpha."""
@@ -412,10 +387,9 @@ def _check_free_space(out: Path, base, quant: str, mode: str) -> None:
 
 def _calibration_pairs(base, calib) -> list[tuple[str, str]]:
     """Held-out (prompt, completion) pairs, chat-rendered as training and eval render them (same as ONNX)."""
-    from edgepeft.export.merge import demo_calibration, load_calibration
+    from edgepeft.calib import calibration_pairs
 
-    tok = base.load_tokenizer()
-    return load_calibration(calib, limit=32, tokenizer=tok) if calib else demo_calibration(tok)
+    return calibration_pairs(base.load_tokenizer(), calib)
 
 
 def _gguf_loss_evaluator(out: Path, quant: str, pairs):
@@ -423,7 +397,6 @@ def _gguf_loss_evaluator(out: Path, quant: str, pairs):
 
     def evaluate(folder: Path) -> float:
         from edgepeft.export.gguf_verify import gguf_completion_loss
-
         from edgepeft.models import resolve_base
 
         merged = resolve_base(str(folder))

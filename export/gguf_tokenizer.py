@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Self
 
 from edgepeft.errors import EdgepeftError
+from edgepeft.keys import PREFIX
 
 _LLAMA3_RE = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
               "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
@@ -277,7 +278,7 @@ def copy_with_tokenizer(src: Path, dst: Path, folder: Path, vocab_size: int, job
     for field in reader.fields.values():
         if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
             continue  # GGUFWriter writes these itself
-        if written is None and field.name.startswith("edgepeft."):
+        if written is None and field.name.startswith(PREFIX):
             written = add_tokenizer(writer, folder, vocab_size, data)
         vtype = field.types[0]
         writer.add_key_value(field.name, field.contents(), vtype,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepeft.keys import MERGE_RECORD
+
 PROMPTS = (
     "The capital of France is Paris. The capital of Italy is Rome, and the capital of Spain is",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
@@ -30,8 +32,9 @@ def prompt_ids(tokenizer, prompts=PROMPTS) -> list[list[int]]:
 
 def open_llama(path: Path, n_ctx: int = 256, lora_path: Path | None = None):
     import llama_cpp
-    from edgepeft.runtimes.llamacpp import quiet_logs
     from llama_cpp import Llama
+
+    from edgepeft.runtimes.llamacpp import quiet_logs
 
     quiet_logs(llama_cpp)  # llama.cpp logs a line per tensor for adapters; keep stderr to our one-liners
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
@@ -65,9 +68,9 @@ def compare(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
 def reference_model(folder: Path, plans=(), target: str = "original"):
     """fp32 PyTorch model of ``folder`` with ``plans`` merged into ``target`` (the surgery's merge)."""
     import torch
-    from edgepeft.export.merge import merged_state_dict
     from transformers import AutoModelForCausalLM
 
+    from edgepeft.export.merge import merged_state_dict
     from edgepeft.models import resolve_base
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -98,7 +101,7 @@ def verify_merged(path: Path, folder: Path, plans, target: str, quant: str) -> d
 
     tok = AutoTokenizer.from_pretrained(folder)
     ids = prompt_ids(tok)
-    plans = [] if (Path(folder) / "edgepeft-merge.json").is_file() else plans  # a merged folder already has them
+    plans = [] if (Path(folder) / MERGE_RECORD).is_file() else plans  # a merged folder already has them
     model = reference_model(Path(folder), plans, target)
     ref = [torch_logits(model, i) for i in ids]
     del model
@@ -148,9 +151,8 @@ class LoraSwitcher:
         for p in self.adapter_paths:
             handle = llama_cpp.llama_adapter_lora_init(self.llm.model, str(p).encode())
             if not handle:
-                from edgepeft.runtimes.llamacpp import last_error
-
                 from edgepeft.errors import IntegrityError
+                from edgepeft.runtimes.llamacpp import last_error
 
                 raise IntegrityError(f"llama.cpp refused adapter {p} ({last_error()})", "Re-export it against this base")
             self.adapters[p] = handle
@@ -182,23 +184,11 @@ class LoraSwitcher:
 
 
 def gguf_completion_loss(path: Path, tokenizer, pairs, max_len: int = 256) -> float:
-    """Mean NLL per completion token in llama.cpp (prompt tokens are context only)."""
+    """Mean NLL per completion token in llama.cpp (edgepeft.calib.completion_nll)."""
+    from edgepeft.calib import completion_nll
+
     llm = open_llama(path, n_ctx=max_len)
-    total, count = 0.0, 0
     try:
-        for prompt, completion in pairs:
-            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-            c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-            ids = (p_ids + c_ids)[:max_len]
-            n_ctx = max(len(p_ids), 1)
-            if len(ids) <= n_ctx:
-                continue
-            logits = llama_logits(llm, ids)[:-1].astype(np.float64)
-            logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-                - logits.max(-1, keepdims=True)
-            nll = -logp[np.arange(len(ids) - 1), ids[1:]][n_ctx - 1:]
-            total += float(nll.sum())
-            count += nll.size
+        return completion_nll(lambda ids: llama_logits(llm, ids), tokenizer, pairs, max_len)
     finally:
         llm.close()
-    return total / max(count, 1)

@@ -20,18 +20,17 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from edgepeft.export.plan import AdapterPlan
-
 from edgepeft import atomic
 from edgepeft.errors import EdgepeftError, MismatchError
+from edgepeft.export.plan import AdapterPlan
+from edgepeft.keys import FINGERPRINT_MEMO, MERGE_RECORD, SOURCE_RECORD
 from edgepeft.models import ResolvedBase
 from edgepeft.ui import stage
 
 MERGE_TARGETS = ("original", "dequantized")
 NF4_BLOCKSIZE = 64  # bitsandbytes Params4bit default, what BitsAndBytesConfig(load_in_4bit=True) trains against
-MERGE_RECORD = "edgepeft-merge.json"
 # Files of ours in a cached base folder that must not travel into a merged copy.
-_SKIP_FILES = {".edgepeft-fingerprint.json", "edgepeft-source.json", MERGE_RECORD}
+_SKIP_FILES = {FINGERPRINT_MEMO, SOURCE_RECORD, MERGE_RECORD}
 
 
 def is_nf4_quantized(name: str, shape: tuple) -> bool:
@@ -229,83 +228,6 @@ def choose_merge_target(base: ResolvedBase, plans: Iterable[AdapterPlan], evalua
         shutil.rmtree(work, ignore_errors=True)
 
 
-def load_calibration(path=None, limit: int = 64, tokenizer=None) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs from a JSONL file: keys prompt/completion, input/output, or text.
-
-    Pairs are the exact text a model scores. Prompts are user turns: pass ``tokenizer`` to
-    render them with its chat template, as training and evaluation do (``text`` lines are raw).
-    """
-    from edgepeft.train.chat import render_prompt
-
-    path = Path(path)
-    if not path.is_file():
-        raise EdgepeftError(f"--calib {path} does not exist", "Pass a JSONL file with prompt/completion lines")
-    pairs = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EdgepeftError(f"--calib {path} line {i} is not JSON ({e.msg})", "One JSON object per line") from e
-        pair = _pair(row)
-        if pair is None:
-            raise EdgepeftError(f"--calib {path} line {i} has keys {sorted(row) if isinstance(row, dict) else row!r}",
-                                "Each line needs prompt+completion, input+output, or text")
-        prompt, completion = pair
-        if tokenizer is not None and prompt:
-            prompt = render_prompt(tokenizer, prompt)
-        pairs.append((prompt, completion))
-        if len(pairs) >= limit:
-            break
-    if not pairs:
-        raise EdgepeftError(f"--calib {path} is empty", "Pass a JSONL file with prompt/completion lines")
-    return pairs
-
-
-def demo_calibration(tokenizer, n: int = 24) -> list[tuple[str, str]]:
-    """The default calibration set: the demo task's eval split, prompts chat-rendered."""
-    from edgepeft.train.chat import render_prompt
-    from edgepeft.train.tasks import get_task
-
-    return [(render_prompt(tokenizer, ex.prompt), ex.completion) for ex in get_task("demo").examples("eval")[:n]]
-
-
-def _pair(row) -> tuple[str, str] | None:
-    if not isinstance(row, dict):
-        return None
-    for p, c in (("prompt", "completion"), ("input", "output"), ("prompt", "response")):
-        if isinstance(row.get(p), str) and isinstance(row.get(c), str):
-            return row[p], row[c]
-    if isinstance(row.get("text"), str):
-        return "", row["text"]
-    return None
-
-
-def completion_loss(model, tokenizer, pairs: list[tuple[str, str]], max_len: int = 256) -> float:
-    """Mean NLL per completion token, PyTorch fp32. Prompts (already rendered) are context only."""
-    import torch
-
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for prompt, completion in pairs:
-            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-            c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-            ids = (p_ids + c_ids)[:max_len]
-            n_ctx = max(len(p_ids), 1)  # the first token has no prediction
-            if len(ids) <= n_ctx:
-                continue
-            x = torch.tensor([ids])
-            logits = model(input_ids=x).logits[0, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none")[n_ctx - 1:]
-            total += float(nll.sum())
-            count += nll.numel()
-    if count == 0:
-        raise EdgepeftError("the calibration set has no completion tokens to score", "Pass non-empty completions")
-    return total / count
-
-
 def torch_loss_evaluator(pairs: list[tuple[str, str]] | None = None, max_len: int = 256) -> Callable[[Path], float]:
     """A default ``evaluate_loss`` for choose_merge_target: fp32 PyTorch, no second quantization.
     Writers wrap their own (quantize, then score in their runtime); ``pairs`` defaults to the demo eval split."""
@@ -314,8 +236,10 @@ def torch_loss_evaluator(pairs: list[tuple[str, str]] | None = None, max_len: in
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from edgepeft.calib import completion_nll, demo_calibration, torch_logits
+
         tok = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
-        return completion_loss(model, tok, pairs if pairs is not None else demo_calibration(tok), max_len)
+        return completion_nll(torch_logits(model), tok, pairs if pairs is not None else demo_calibration(tok), max_len)
 
     return evaluate

@@ -28,9 +28,11 @@ from pathlib import Path
 
 from edgepeft import atomic
 from edgepeft.errors import ConfigError, EdgepeftError, IntegrityError
+from edgepeft.export import ExportResult
+from edgepeft.keys import ADAPTER_SUFFIX_ONNX
+from edgepeft.keys import ONNX_SIDECAR as MANIFEST
 from edgepeft.ui import stage
 
-MANIFEST = "edgepeft-onnx.json"
 ADAPTER_DIR = "adapters"
 
 # which --quant each --target can run: the builder's precision per execution provider.
@@ -64,7 +66,7 @@ def check_request(req) -> None:
         raise EdgepeftError(f"--device {req.device} is only used with --target qnn-htp", "Drop --device")
 
 
-def export(req) -> dict:
+def export(req) -> ExportResult:
     check_request(req)
     if req.target == "qnn-htp":
         from edgepeft.export import qnn
@@ -89,7 +91,7 @@ def export(req) -> dict:
         record["bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         atomic.write_json(tmp / MANIFEST, record)
     record["files"] = [str(req.out / f) for f in record["files"]] + [str(req.out / MANIFEST)]
-    return record
+    return ExportResult.of(record)
 
 
 def load_plans(req, base) -> list:
@@ -143,37 +145,22 @@ def _skip_reason(req) -> dict | None:
 
 def _merge_auto(req, base, plans, work: Path, build) -> tuple[Path, dict]:
     """--merge-into auto: build both merge targets at the requested quant, keep the lower held-out loss in ORT."""
-    from edgepeft.export.merge import choose_merge_target, demo_calibration, load_calibration
+    from edgepeft.calib import calibration_pairs, completion_nll
+    from edgepeft.export.merge import choose_merge_target
 
     tok = base.load_tokenizer()
-    pairs = load_calibration(req.calib, limit=32, tokenizer=tok) if req.calib else demo_calibration(tok)
+    pairs = calibration_pairs(tok, req.calib)
 
     def evaluate(folder: Path) -> float:
         built = work / "built" / folder.name  # choose_merge_target names the folders by target
         build(folder, built)
         with stage(f"held-out loss in onnxruntime ({len(pairs)} calibration pairs)"):
-            return ort_completion_loss(OrtLM(built), tok, pairs)
+            return completion_nll(OrtLM(built).logits, tok, pairs)
 
     hf = work / "merged"
     chosen, losses = choose_merge_target(base, plans, evaluate, keep=hf)
     return hf, {"target": chosen, "auto": {"chosen": chosen, "losses": losses, "calib_pairs": len(pairs),
                                            "scored_in": f"onnxruntime {req.quant}"}}
-
-
-def ort_completion_loss(lm, tok, pairs) -> float:
-    """Mean next-token NLL of each completion given its (rendered) prompt, from ORT logits."""
-    import numpy as np
-
-    total, count = 0.0, 0
-    for prompt, completion in pairs:
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        c_ids = tok(completion, add_special_tokens=False)["input_ids"]
-        logits = lm.logits(p_ids + c_ids)[len(p_ids) - 1: -1]
-        logits = logits - logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        total -= float(logp[np.arange(len(c_ids)), c_ids].sum())
-        count += len(c_ids)
-    return total / max(count, 1)
 
 
 # ------------------------------------------------------------------ separate
@@ -192,7 +179,7 @@ def _export_separate(req, base, plans, out: Path, work: Path) -> dict:
     (out / ADAPTER_DIR).mkdir()
     record = _record(req, base, plans, out)
     for plan, entry in zip(plans, record["adapters"]):
-        rel = f"{ADAPTER_DIR}/{plan.name}{oa.ADAPTER_SUFFIX}"
+        rel = f"{ADAPTER_DIR}/{plan.name}{ADAPTER_SUFFIX_ONNX}"
         with stage(f"write adapter {rel}"):
             params = oa.plan_parameters(plan, slots)
             with atomic.atomic_path(out / rel) as tmp:

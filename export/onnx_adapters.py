@@ -25,7 +25,6 @@ from edgepeft.fit import check_onnx_adapter_fits, check_parameters, model_slots 
 
 RANK_DIM = "lora_r"
 MODEL_FILE = "model.onnx"
-ADAPTER_SUFFIX = ".onnx_adapter"
 
 # builder sub-block name -> Hugging Face module name (names as data, not string replaces)
 BUILDER_BLOCKS = {"attn": "self_attn", "mlp": "mlp"}

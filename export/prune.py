@@ -20,9 +20,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edgepeft.export.plan import AdapterPlan, LoraModule
-
 from edgepeft.errors import ConfigError, EdgepeftError
+from edgepeft.export.plan import AdapterPlan, LoraModule
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _ALLOWED = "energy=0<E<=1 | rank=N | size=N[KB|MB|KiB|MiB], optionally ,drop=T (0<=T<1), e.g. energy=0.99,drop=1e-4"

@@ -24,45 +24,16 @@ LoRA tooling (Qualcomm AI Hub / QAIRT LoRA), which is not available in this envi
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from edgepeft import atomic
 from edgepeft.errors import EdgepeftError, IntegrityError
+from edgepeft.export import ExportResult
+from edgepeft.keys import ONNX_SIDECAR as MANIFEST
+from edgepeft.keys import QNN_CACHE_LEN, QNN_DECODE_GRAPH, QNN_MASK_NEG, QNN_PREFILL_GRAPH, QNN_PREFILL_LEN
+from edgepeft.runtimes.qnn_htp import HtpTarget, htp_session, resolve_target
 
-PREFILL_LEN = 64
-CACHE_LEN = 128
-MASK_NEG = -100.0  # additive mask: exp(-100) is 0 in fp32, and it keeps the uint16 range of the scores usable
-MANIFEST = "edgepeft-onnx.json"
-
-
-@dataclass(frozen=True)
-class HtpTarget:
-    soc_model: str
-    htp_arch: str
-    profile: str | None = None
-
-
-def resolve_target(device: str | None) -> HtpTarget:
-    """SoC from a device profile (name or YAML) or ``soc=57,htp=75``; default: a generic v73 target."""
-    if device is None:
-        return HtpTarget("60", "73")
-    if "=" in device:
-        kv = dict(part.split("=", 1) for part in device.split(",") if "=" in part)
-        soc, htp = kv.get("soc") or kv.get("soc_model"), kv.get("htp") or kv.get("htp_arch")
-        if not (soc and htp and soc.isdigit() and htp.isdigit()):
-            raise EdgepeftError(f"--device {device!r} does not name a SoC", "Use soc=<number>,htp=<arch>, e.g. soc=57,htp=75")
-        return HtpTarget(soc, htp)
-    from edgepeft.profiles import load_profile
-
-    prof = load_profile(device)
-    opts = {}
-    for spec in prof.runtimes.values():
-        opts.update(spec.provider_options.get("QNNExecutionProvider", {}))
-    if "soc_model" not in opts or "htp_arch" not in opts:
-        raise EdgepeftError(f"device {prof.name} has no QNN HTP (no QNNExecutionProvider soc_model/htp_arch in "
-                            f"{prof.source})", "Pick a Snapdragon profile, e.g. --device snapdragon-8-gen-3")
-    return HtpTarget(str(opts["soc_model"]), str(opts["htp_arch"]), prof.name)
+PREFILL_LEN, CACHE_LEN, MASK_NEG = QNN_PREFILL_LEN, QNN_CACHE_LEN, QNN_MASK_NEG  # the contract, from core
 
 
 def check(req) -> HtpTarget:
@@ -76,10 +47,9 @@ def check(req) -> HtpTarget:
     return resolve_target(req.device)
 
 
-def export(req) -> dict:
+def export(req) -> ExportResult:
     target = check(req)
     from edgepeft.export.onnx import _record, load_plans
-
     from edgepeft.models import resolve_base
 
     base = resolve_base(req.base)
@@ -94,11 +64,12 @@ def export(req) -> dict:
         record = {**base_record, **record, "files": base_record["files"]}
         atomic.write_json(tmp / MANIFEST, record)
     record["files"] = [str(req.out / f) for f in record["files"]] + [str(req.out / MANIFEST)]
-    return record
+    return ExportResult.of(record)
 
 
 def build(base, plans, out: Path, target: HtpTarget, req) -> dict:
     import torch
+
     from edgepeft.export.merge import merged_state_dict
 
     model = base.load_model().eval()
@@ -116,7 +87,7 @@ def build(base, plans, out: Path, target: HtpTarget, req) -> dict:
         qdq_path = out / f"{kind}.qdq.onnx"
         quantize_qdq(float_path, qdq_path, calib[kind])
         float_path.unlink()
-        ctx = compile_htp(qdq_path, out / f"{kind}_ctx.onnx", target)
+        ctx = compile_htp(qdq_path, out / {"prefill": QNN_PREFILL_GRAPH, "decode": QNN_DECODE_GRAPH}[kind], target)
         report["graphs"][kind] = {"qdq": qdq_path.name, "ctx": ctx.name, **verify_htp(qdq_path, ctx, calib[kind][:2],
                                                                                      target)}
         graphs[kind] = ctx
@@ -234,6 +205,7 @@ def calibration_feeds(model, tok, n: int = 4) -> dict[str, list[dict]]:
     """Real activations for QDQ calibration: prefill on fixed prompts, then the decode step after each."""
     import numpy as np
     import torch
+
     from edgepeft.export.onnx import PROMPTS
 
     prompts = list(PROMPTS) + ["Send 3 small red mugs to Pia in Riga."]
@@ -276,41 +248,6 @@ def quantize_qdq(float_path: Path, qdq_path: Path, feeds: list[dict]) -> None:
     cfg = get_qnn_qdq_config(str(float_path), Reader(), activation_type=QuantType.QUInt16,
                              weight_type=QuantType.QUInt8)
     quantize(str(float_path), str(qdq_path), cfg)
-
-
-# ------------------------------------------------------------------ QNN EP
-def _qnn_device():
-    import onnxruntime as ort
-
-    try:
-        import onnxruntime_qnn as oq
-    except ImportError as e:
-        raise EdgepeftError("--target qnn-htp needs onnxruntime-qnn", "pip install onnxruntime-qnn") from e
-    name = oq.get_ep_names()[0]
-    if not any(d.ep_name == name for d in ort.get_ep_devices()):
-        ort.register_execution_provider_library(name, oq.get_library_path())
-    dev = [d for d in ort.get_ep_devices() if d.ep_name == name]
-    if not dev:
-        raise EdgepeftError("onnxruntime-qnn registered no QNN device", "Check the onnxruntime-qnn install")
-    return dev[0], oq.get_qnn_htp_path()
-
-
-def htp_session(model_path: Path, target: HtpTarget, ctx_out: Path | None = None, fallback: bool = False):
-    import onnxruntime as ort
-
-    dev, htp = _qnn_device()
-    ort.set_default_logger_severity(4)  # errors reach the user as one EdgepeftError line, not ORT log spew
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
-    if not fallback:
-        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    if ctx_out is not None:
-        so.add_session_config_entry("ep.context_enable", "1")
-        so.add_session_config_entry("ep.context_file_path", str(ctx_out))
-        so.add_session_config_entry("ep.context_embed_mode", "0")  # separate .bin: the context binary ships as is
-    so.add_provider_for_devices([dev], {"backend_path": htp, "soc_model": target.soc_model,
-                                        "htp_arch": target.htp_arch})
-    return ort.InferenceSession(str(model_path), so)
 
 
 def compile_htp(qdq: Path, ctx: Path, target: HtpTarget) -> Path:

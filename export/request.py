@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepeft.errors import ConfigError
+from edgepeft.export import WRITERS
 
 GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 ONNX_QUANTS = ("int4", "int8", "fp16", "fp32")
-FORMATS = ("gguf", "onnx")
+FORMATS = tuple(WRITERS)
 MODES = ("merged", "separate")
 MERGE_INTO = ("auto", "dequantized", "original")
 ONNX_TARGETS = ("cpu", "cuda", "qnn-htp")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from edgepeft.errors import EdgepeftError
+from edgepeft.keys import ADAPTER_SUFFIX_ONNX
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,7 +55,7 @@ class Artifact:
     @property
     def model_files(self) -> list[Path]:
         if self.model.is_dir():
-            return sorted(p for p in self.model.rglob("*") if p.is_file() and p.suffix != ".onnx_adapter")
+            return sorted(p for p in self.model.rglob("*") if p.is_file() and p.suffix != ADAPTER_SUFFIX_ONNX)
         files = [self.model]
         data = self.model.with_name(self.model.name + ".data")  # ONNX external data
         return files + ([data] if data.exists() else [])

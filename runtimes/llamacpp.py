@@ -13,9 +13,9 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-from edgepeft.runtimes.base import Artifact, check_adapter_name
 
 from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
+from edgepeft.runtimes.base import Artifact, check_adapter_name
 
 _LOG: list[str] = []
 _LOG_CB = None  # keep the ctypes callback alive for the process lifetime

@@ -17,10 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from edgepeft.runtimes.base import Artifact, check_adapter_name
 
 from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
 from edgepeft.fit import check_onnx_adapter_fits
+from edgepeft.keys import QNN_CACHE_LEN, QNN_DECODE_GRAPH, QNN_MASK_NEG, QNN_PREFILL_GRAPH, QNN_PREFILL_LEN
+from edgepeft.runtimes.base import Artifact, check_adapter_name
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -210,24 +211,23 @@ def _tokenizer(folder: Path):
 class StaticGraphs:
     """The QNN export's two static EPContext graphs (prefill_ctx.onnx, decode_ctx.onnx) driven as one decoder.
 
-    Shapes are fixed (see export/qnn.py, whose constants we read): prefill takes PREFILL_LEN
+    Shapes are fixed (the contract in edgepeft.keys, which export/qnn.py writes): prefill takes PREFILL_LEN
     right-padded tokens; decode takes one token, its position and an additive mask over a
     CACHE_LEN KV cache, and returns that token's K/V, which we write into its cache slot.
     """
 
     def __init__(self, artifact: Artifact, device, n_ctx: int):
-        from edgepeft.export import qnn
+        from edgepeft.runtimes.qnn_htp import htp_session, resolve_target
 
-        self.q = qnn
-        if n_ctx > qnn.CACHE_LEN:
-            raise EdgepeftError(f"the QNN static graphs hold {qnn.CACHE_LEN} tokens (prefill {qnn.PREFILL_LEN}), "
+        if n_ctx > QNN_CACHE_LEN:
+            raise EdgepeftError(f"the QNN static graphs hold {QNN_CACHE_LEN} tokens (prefill {QNN_PREFILL_LEN}), "
                                 f"the benchmark needs {n_ctx}",
-                                f"Use --prompt-tokens <= {qnn.PREFILL_LEN} and --gen-tokens/--ppl-tokens that fit")
-        target = qnn.resolve_target(device.source if device is not None and device.source else None)
+                                f"Use --prompt-tokens <= {QNN_PREFILL_LEN} and --gen-tokens/--ppl-tokens that fit")
+        target = resolve_target(device.source if device is not None and device.source else None)
         t0 = time.perf_counter()
         try:
-            self.pre = qnn.htp_session(artifact.model / "prefill_ctx.onnx", target)
-            self.dec = qnn.htp_session(artifact.model / "decode_ctx.onnx", target)
+            self.pre = htp_session(artifact.model / QNN_PREFILL_GRAPH, target)
+            self.dec = htp_session(artifact.model / QNN_DECODE_GRAPH, target)
         except Exception as e:
             raise IntegrityError(f"QNN could not load the EPContext graphs in {artifact.model}: {e}",
                                  "Re-export with --target qnn-htp for this device's soc_model/htp_arch") from e
@@ -241,11 +241,10 @@ class StaticGraphs:
         self.pos = 0
 
     def run(self, tokens: list[int], all_logits: bool) -> np.ndarray:
-        q = self.q
         rows = []
         if self.pos == 0 and len(tokens) > 1:
-            n = min(len(tokens), q.PREFILL_LEN)
-            ids = np.zeros((1, q.PREFILL_LEN), np.int32)
+            n = min(len(tokens), QNN_PREFILL_LEN)
+            ids = np.zeros((1, QNN_PREFILL_LEN), np.int32)
             ids[0, :n] = tokens[:n]
             outs = self.pre.run(None, {"input_ids": ids})
             names = [o.name for o in self.pre.get_outputs()]
@@ -254,10 +253,10 @@ class StaticGraphs:
             rows.append(outs[0][0, :n])
             self.pos, tokens = n, tokens[n:]
         for t in tokens:
-            if self.pos >= q.CACHE_LEN:
-                raise EdgepeftError(f"the QNN static KV cache is full ({q.CACHE_LEN} tokens)",
+            if self.pos >= QNN_CACHE_LEN:
+                raise EdgepeftError(f"the QNN static KV cache is full ({QNN_CACHE_LEN} tokens)",
                                     "Use fewer prompt/generated tokens")
-            mask = np.full((1, 1, 1, q.CACHE_LEN + 1), q.MASK_NEG, np.float32)
+            mask = np.full((1, 1, 1, QNN_CACHE_LEN + 1), QNN_MASK_NEG, np.float32)
             mask[..., : self.pos] = 0
             mask[..., -1] = 0
             feed = {"input_ids": np.array([[t]], np.int32), "position": np.array([[self.pos]], np.int32),

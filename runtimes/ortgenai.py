@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from edgepeft.runtimes.base import Artifact, check_adapter_name
 
 from edgepeft.errors import EdgepeftError, IntegrityError, MismatchError
 from edgepeft.fit import check_onnx_adapter_fits
+from edgepeft.runtimes.base import Artifact, check_adapter_name
 
 # profile provider names -> og provider names (og calls the CPU "cpu" and appends nothing for it)
 _OG_PROVIDERS = {"cpu": None, "cuda": "cuda", "qnn": "qnn", "dml": "dml", "webgpu": "webgpu",

@@ -18,13 +18,12 @@ def make_peft(base_dir: Path, out: Path, seed: int, r: int = 4) -> Path:
 
 
 def export(fmt: str, base: Path, adapters: dict, out: Path, **kw) -> dict:
-    import importlib
-
+    from edgepeft.export import export as run
     from edgepeft.export.request import ExportRequest
 
     req = ExportRequest(format=fmt, base=str(base), adapters=[str(p) for p in adapters.values()],
                         names=list(adapters), out=out, verify=False, **kw)
-    return importlib.import_module(f"edgepeft.export.{fmt}").export(req)
+    return run(req)
 
 
 @pytest.fixture(scope="session")

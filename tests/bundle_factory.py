@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepeft.keys import EdgepeftKeys as K
+
 FP_A = "a" * 64
 FP_B = "b" * 64
 HIDDEN, KV = 64, 32
@@ -34,9 +36,9 @@ def write_base(path: Path, fingerprint: str = FP_A, arch: str = "llama", seed: i
     w.add_name("tiny-test")
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_block_count(2)
-    w.add_string("edgepeft.base_fingerprint", fingerprint)
-    w.add_string("edgepeft.mode", mode)
-    w.add_string("edgepeft.quant", "f32")
+    w.add_string(K.BASE_FINGERPRINT, fingerprint)
+    w.add_string(K.MODE, mode)
+    w.add_string(K.QUANT, "f32")
     for name, shape in BASE_TENSORS.items():
         w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
     _finish(w)
@@ -53,13 +55,13 @@ def write_adapter(path: Path, fingerprint: str = FP_A, rank: int = 4, name: str 
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 8.0)
-    w.add_string("edgepeft.base_fingerprint", fingerprint)
-    w.add_string("edgepeft.mode", "adapter")
-    w.add_string("edgepeft.quant", "f32")
-    w.add_string("edgepeft.adapter.name", name or Path(path).stem)
-    w.add_string("edgepeft.adapter.sha256", "c" * 64)
-    w.add_string("edgepeft.prune", json.dumps({"energy": 0.99}))
-    w.add_string("edgepeft.train", json.dumps({"task": "demo-sort", "data_sha256": "d" * 64}))
+    w.add_string(K.BASE_FINGERPRINT, fingerprint)
+    w.add_string(K.MODE, "adapter")
+    w.add_string(K.QUANT, "f32")
+    w.add_string(K.ADAPTER_NAME, name or Path(path).stem)
+    w.add_string(K.ADAPTER_SHA256, "c" * 64)
+    w.add_string(K.PRUNE, json.dumps({"energy": 0.99}))
+    w.add_string(K.TRAIN, json.dumps({"task": "demo-sort", "data_sha256": "d" * 64}))
     for k, v in (extra or {}).items():
         w.add_string(k, v)
     for i in range(2):

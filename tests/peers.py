@@ -4,8 +4,9 @@
 with ``pip download --no-binary :all: --no-deps`` (pip's cache makes repeats cheap), extracts
 it once into a cache dir, and returns its ``vendor/llama.cpp`` folder. Tests and benchmarks
 RUN the peer tools from there (``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``, ...);
-their code is never copied into edgepeft. Tests that need a peer skip when it cannot be had
-(no network and no cache).
+their code is never copied into edgepeft. A test that needs a peer FAILS when it cannot be had:
+the peer-identity checks are the point of those tests, so they never skip. ``.ci/run`` fetches the
+sdist right after installing (``python tests/peers.py``), where pip still reaches the registry.
 
 Use as a fixture: ``from tests.peers import llama_cpp_src`` (session fixture) or call
 ``peer_dir()`` directly from a benchmark.
@@ -76,4 +77,11 @@ def llama_cpp_src() -> Path:
     try:
         return peer_dir()
     except (subprocess.SubprocessError, OSError) as e:
-        pytest.skip(f"llama-cpp-python sdist not available (offline, no pip cache): {e}")
+        ver = version("llama_cpp_python")
+        pytest.fail(f"the llama.cpp peer tools are not available: the llama-cpp-python {ver} sdist could not be "
+                    f"fetched into {cache_root()} ({e}). Fetch it once where the registry is reachable: "
+                    f"`python tests/peers.py` (pip download --no-deps --no-binary :all: llama-cpp-python=={ver})")
+
+
+if __name__ == "__main__":  # .ci/run: make the peers available before the suite runs offline
+    print(peer_dir())

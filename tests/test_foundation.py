@@ -182,12 +182,15 @@ def test_debug_shows_traceback(cli, tmp_path):
 
 # --- install layout (the built wheel: tests/test_wheel.py) ------------------------------------------
 
-def test_runtimes_and_fit_checks_import_without_torch():
-    """`edgepeft bench` on a device: the runtime modules and the fit checks they call stay torch-free."""
+def test_runtimes_and_fit_checks_import_without_torch_or_the_exporter():
+    """`edgepeft bench` on a device: the runtime modules and the fit checks they call stay torch-free, and
+    runtimes import core only (data flows export -> runtimes, never back)."""
     _, heavy = heavy_modules_after(
-        "from edgepeft.fit import check_gguf_pair\n"
-        "from edgepeft.fit import check_onnx_adapter_fits\n"
-        "import edgepeft.runtimes.llamacpp, edgepeft.runtimes.ort, edgepeft.runtimes.ortgenai, edgepeft.bundle",
+        "import sys\nfrom edgepeft.fit import check_gguf_pair, check_onnx_adapter_fits\n"
+        "import edgepeft.runtimes.llamacpp, edgepeft.runtimes.ort, edgepeft.runtimes.ortgenai\n"
+        "import edgepeft.runtimes.qnn_htp, edgepeft.bundle, edgepeft.bench\n"
+        "exported = sorted(m for m in sys.modules if m.startswith('edgepeft.export'))\n"
+        "assert not exported, exported",
         heavy=("torch",))
     assert heavy == []
 

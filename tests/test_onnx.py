@@ -83,6 +83,7 @@ def test_merged_fp32_matches_peft(model_type, adapters, tiny_llama, tiny_qwen2, 
 def test_separate_swaps_match_peft_and_merged(adapters, tiny_llama, tmp_path):
     """A (r=4, all projections) -> B (r=8 rsLoRA, 3 projections) -> none -> A, one session, no reload."""
     import onnxruntime_genai as og
+
     from edgepeft.export.onnx import OrtLM, load_lora_adapter
     from edgepeft.export.onnx_adapters import check_onnx_adapter_fits
 
@@ -149,13 +150,12 @@ def test_int4_separate_keeps_lora_float_and_passes_options(adapters, tiny_qwen2,
 
 
 def test_adapter_that_does_not_fit_is_refused(adapters, tiny_llama, tmp_path, tokenizer_dir):
+    from edgepeft.errors import MismatchError
     from edgepeft.export.onnx_adapters import (
         check_onnx_adapter_fits,
         read_onnx_adapter,
         write_onnx_adapter,
     )
-
-    from edgepeft.errors import MismatchError
 
     run_export(base=str(tiny_llama), adapters=[adapters["llama"]["b"]], out=tmp_path / "s", mode="separate",
                quant="fp32", verify=False)
@@ -175,7 +175,6 @@ def test_adapter_that_does_not_fit_is_refused(adapters, tiny_llama, tmp_path, to
     with pytest.raises(MismatchError, match="no LoRA slot"):
         from edgepeft.export.adapter import load_adapter
         from edgepeft.export.onnx_adapters import model_slots, plan_parameters
-
         from edgepeft.models import resolve_base
 
         plan = load_adapter(adapters["llama"]["a"], resolve_base(str(tiny_llama)))
@@ -201,10 +200,11 @@ def test_bad_input_one_line_no_output(cli, adapters, tiny_llama, tmp_path):
 def test_pruned_adapter_with_per_module_ranks_runs_separate(adapters, tiny_llama, tmp_path):
     """Pruning leaves different ranks per module; each module's rank is its own symbolic dim in ORT."""
     import torch
-    from edgepeft.export.onnx import OrtLM, load_lora_adapter
-    from edgepeft.export.onnx_adapters import check_onnx_adapter_fits
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from edgepeft.export.onnx import OrtLM, load_lora_adapter
+    from edgepeft.export.onnx_adapters import check_onnx_adapter_fits
 
     a = tmp_path / "ranked"
     torch.manual_seed(3)
@@ -220,3 +220,17 @@ def test_pruned_adapter_with_per_module_ranks_runs_separate(adapters, tiny_llama
     sep, merged = OrtLM(tmp_path / "s"), OrtLM(tmp_path / "m")
     for ids in IDS:  # tolerance: fp32 graphs, low-rank vs merged summation order only
         np.testing.assert_allclose(sep.logits(ids, load_lora_adapter(file)), merged.logits(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_merge_into_auto_with_text_only_calib(cli, adapters, tiny_llama, tmp_path):
+    """--calib lines with only ``text`` (no prompt) are scored from their second token on (was an IndexError)."""
+    calib = tmp_path / "text.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": f"{i} red lamps were shipped to Oslo today."}) for i in range(3)))
+    proc = cli("export", "--format", "onnx", "--base", tiny_llama, "--adapter", adapters["llama"]["a"],
+               "--quant", "fp32", "--merge-into", "auto", "--calib", "text.jsonl", "--no-verify", "--json",
+               "--out", "auto", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    auto = json.loads(proc.stdout)["merge"]["auto"]
+    losses = auto["losses"]
+    assert set(losses) == {"dequantized", "original"} and all(0 < v < 50 for v in losses.values()), auto
+    assert auto["chosen"] == min(losses, key=losses.get) and auto["calib_pairs"] == 3

@@ -14,8 +14,9 @@ from edgepeft.errors import EdgepeftError
 
 def test_static_prefill_and_decode_match_hf(tiny_qwen2):
     """The fixed-shape re-statement (prefill, then one decode step into the fixed KV cache) == HF forward."""
-    from edgepeft.export.qnn import CACHE_LEN, MASK_NEG, PREFILL_LEN, StaticLM
     from transformers import AutoModelForCausalLM
+
+    from edgepeft.export.qnn import CACHE_LEN, MASK_NEG, PREFILL_LEN, StaticLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32).eval()
     ids = [1, 520, 33, 1000, 77, 9, 4021]
@@ -61,8 +62,9 @@ def test_qnn_htp_simulator_matches_cpu_ep(tiny_llama, tmp_path):
 
 def test_unmapped_nodes_are_named_with_fallback_disabled(tmp_path):
     import onnx
-    from edgepeft.export.qnn import HtpTarget, compile_htp
     from onnx import TensorProto, helper
+
+    from edgepeft.export.qnn import HtpTarget, compile_htp
 
     g = helper.make_graph([helper.make_node("Det", ["x"], ["y"], name="det0")], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],

@@ -68,9 +68,10 @@ def test_load_plan_shapes_and_scales(tiny_llama, llama_adapter):
 ], ids=["rslora", "rank_alpha_pattern"])
 def test_scales_match_peft_forward(tiny_llama, tmp_path, lora_kwargs):
     """Scale per module = PEFT's own: compare the merged model's logits with PEFT's forward."""
+    from transformers import AutoModelForCausalLM
+
     from edgepeft.export.adapter import load_adapter
     from edgepeft.export.merge import merged_state_dict
-    from transformers import AutoModelForCausalLM
 
     pm, path = make_adapter(tiny_llama, tmp_path / "a", **lora_kwargs)
     base = resolved(tiny_llama)
@@ -96,9 +97,10 @@ def test_scales_match_peft_forward(tiny_llama, tmp_path, lora_kwargs):
 
 def test_merged_folder_logits_equal_peft(tiny_model, tmp_path):
     """Merged HF folder (written to disk, read back) == PEFT forward, fp32, atol 1e-5; llama and tied qwen2."""
+    from transformers import AutoModelForCausalLM
+
     from edgepeft.export.adapter import load_adapter
     from edgepeft.export.merge import MERGE_RECORD, merge_into_folder
-    from transformers import AutoModelForCausalLM
 
     pm, path = make_adapter(tiny_model, tmp_path / "a")
     base = resolved(tiny_model)
@@ -116,11 +118,11 @@ def test_merged_folder_logits_equal_peft(tiny_model, tmp_path):
 
 def test_merge_dequantized_matches_qlora_model(tiny_llama, llama_adapter, tmp_path):
     """'dequantized' target == the NF4 base + adapter that QLoRA training runs (bitsandbytes on CPU, fp32 compute)."""
-    from edgepeft.export.adapter import load_adapter
-    from edgepeft.export.merge import merge_into_folder
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from edgepeft.export.adapter import load_adapter
+    from edgepeft.export.merge import merge_into_folder
     from edgepeft.train.kernels import pin_cpu_4bit_path, repacked_for_fused_kernel
 
     _, path = llama_adapter
@@ -163,8 +165,9 @@ def test_merge_nan_names_module(tiny_llama, llama_adapter, tmp_path):
 # --- refusals ----------------------------------------------------------------------------------
 
 def test_pickle_adapter_refused_unless_allowed(tiny_llama, llama_adapter, tmp_path):
-    from edgepeft.export.adapter import load_adapter
     from safetensors.torch import load_file
+
+    from edgepeft.export.adapter import load_adapter
 
     src = llama_adapter[1]
     pk = tmp_path / "pickled"
@@ -204,9 +207,10 @@ def test_embedding_lora_on_tied_base_refused(tiny_qwen2, tmp_path):
 
 def test_embedding_lora_on_untied_base_merges(tiny_llama, tmp_path):
     """Untied llama: embedding LoRA is normalised to ΔW = s·b@a on embed_tokens.weight (vocab, hidden)."""
+    from transformers import AutoModelForCausalLM
+
     from edgepeft.export.adapter import load_adapter
     from edgepeft.export.merge import merged_state_dict
-    from transformers import AutoModelForCausalLM
 
     pm, path = make_adapter(tiny_llama, tmp_path / "emb", target_modules=["q_proj", "embed_tokens"])
     base = resolved(tiny_llama)
@@ -222,6 +226,7 @@ def test_embedding_lora_on_untied_base_merges(tiny_llama, tmp_path):
 
 def test_shape_mismatch_names_tensor(tiny_llama, tiny_qwen2, llama_adapter, tmp_path, tokenizer_dir):
     from conftest import TINY, make_tiny
+
     from edgepeft.export.adapter import load_adapter
 
     # same architecture, wider MLP: the first mismatching tensor is layer 0's down_proj A
@@ -237,16 +242,15 @@ def test_shape_mismatch_names_tensor(tiny_llama, tiny_qwen2, llama_adapter, tmp_
         load_adapter(llama_adapter[1], resolved(wide), force=True)  # --force never overrides shapes
 
 
-@pytest.mark.parametrize("layout", ["train", "flat"])
-def test_fingerprint_mismatch_refused_and_forced(tiny_llama, tmp_path, tokenizer_dir, layout):
+def test_fingerprint_mismatch_refused_and_forced(tiny_llama, tmp_path, tokenizer_dir):
     from conftest import make_tiny
+
     from edgepeft.export.adapter import load_adapter
 
     run = tmp_path / "run"
     _, path = make_adapter(tiny_llama, run / "adapter")
     trained_on = resolved(tiny_llama)
-    manifest = ({"base": {"fingerprint": trained_on.fingerprint, "spec": "tiny"}, "task": "demo"} if layout == "train"
-                else {"base_fingerprint": trained_on.fingerprint, "task": "demo"})
+    manifest = {"base": {"fingerprint": trained_on.fingerprint, "spec": "tiny"}, "task": "demo"}  # as train writes it
     (run / "manifest.json").write_text(json.dumps(manifest))
     assert load_adapter(path, trained_on).base_fingerprint == trained_on.fingerprint
     other = resolved(make_tiny("llama", tmp_path / "other", tokenizer_dir, seed=7))  # same shapes, other weights

@@ -151,8 +151,9 @@ def test_merge_auto_picks_lower_loss(tiny_llama, tmp_path):
 
 
 def test_load_calibration(tmp_path, tokenizer_dir):
-    from edgepeft.export.merge import demo_calibration, load_calibration
     from transformers import AutoTokenizer
+
+    from edgepeft.calib import demo_calibration, load_calibration
 
     f = tmp_path / "calib.jsonl"
     f.write_text('{"prompt": "Hi", "completion": "Hello"}\n\n{"text": "raw line"}\n')

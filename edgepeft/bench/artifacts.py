@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgepeft.errors import EdgepeftError
+from edgepeft.keys import QNN_DECODE_GRAPH
 from edgepeft.profiles import DeviceProfile
 from edgepeft.runtimes.base import FORMAT_RUNTIMES, Artifact
 
@@ -75,7 +76,7 @@ def bytes_per_token(artifact: Artifact, adapter: str | None) -> int:
         tied = "output.weight" not in tensors
         return sum(b for n, b in tensors.items() if tied or n != "token_embd.weight") + extra
     if artifact.format == "onnx-static":  # the decode graph's QNN context binary holds its weights
-        return sum(p.stat().st_size for p in artifact.model.glob("decode_ctx*.bin")) + extra
+        return sum(p.stat().st_size for p in artifact.model.glob(QNN_DECODE_GRAPH.replace(".onnx", "*.bin"))) + extra
     model_file = artifact.model / "model.onnx" if artifact.model.is_dir() else artifact.model
     from edgepeft.security import load_onnx_graph
 

@@ -9,8 +9,6 @@ from edgepeft.errors import ConfigError, EdgepeftError
 
 SCHEMA = "edgepeft.bench/1"
 DEFAULT_TEXT = Path(__file__).parent.parent / "data" / "wikitext2-valid-slice.txt"
-GGUF_RECORD = "gguf-export.json"
-ONNX_MANIFEST = "edgepeft-onnx.json"
 
 
 @dataclass

@@ -111,7 +111,7 @@ def speed(rt, prompt: list[int], cfg: BenchConfig) -> dict:
 
 
 def perplexity(rt, cfg: BenchConfig) -> dict | None:
-    import numpy as np
+    from edgepeft.calib import token_nll
 
     if cfg.ppl_file is None:
         return None
@@ -123,10 +123,7 @@ def perplexity(rt, cfg: BenchConfig) -> dict | None:
             break
         rt.reset()
         rt.prefill(chunk[:-1], all_logits=True)
-        logits = rt.logits().astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        nll -= float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
+        nll += float(token_nll(rt.logits(), chunk[1:]).sum())
         count += len(chunk) - 1
     return {"ppl": round(math.exp(nll / count), 4), "tokens": count, "file": cfg.ppl_file.name}
 

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-
 import click
 
 from edgepeft.ui import edgepeft_command, print_json
-
-# format -> module under edgepeft.export exposing ``export(request) -> dict`` (the result record).
-WRITERS = {"gguf": "edgepeft.export.gguf", "onnx": "edgepeft.export.onnx"}
 
 
 @edgepeft_command("export", json_option=True)
@@ -38,6 +33,7 @@ WRITERS = {"gguf": "edgepeft.export.gguf", "onnx": "edgepeft.export.onnx"}
 def command(fmt, base, adapters, names, mode, quant, adapter_type, prune, merge_into, calib, force, allow_pickle,
             no_verify, block_size, accuracy_level, quant_algo, target, device, dynamic_shapes, out, as_json):
     """Prune/merge an adapter and write GGUF or ONNX artifacts, verified against PyTorch."""
+    from edgepeft.export import export
     from edgepeft.export.request import ExportRequest
 
     req = ExportRequest(format=fmt, base=base, adapters=list(adapters), names=list(names), out=out, mode=mode,
@@ -45,17 +41,16 @@ def command(fmt, base, adapters, names, mode, quant, adapter_type, prune, merge_
                         force=force, allow_pickle=allow_pickle, verify=not no_verify, block_size=block_size,
                         accuracy_level=accuracy_level, quant_algo=quant_algo, target=target, device=device,
                         static_shapes=not dynamic_shapes)
-    writer = importlib.import_module(WRITERS[req.format])
     from edgepeft.ui import native_stdout_to_stderr
 
     with native_stdout_to_stderr(as_json):  # the QNN simulator and runtimes print from C++ to fd 1
-        result = writer.export(req)
+        result = export(req)
     if as_json:
-        print_json(result)
+        print_json(result.record)
     else:
         from edgepeft.ui import info, result_console
         from edgepeft.verification_view import render
 
-        for f in result.get("files", []):
+        for f in result.files:
             info(f"wrote {f}")
-        render(result, result_console())  # the result, on stdout: every export ends with it
+        render(result.record, result_console())  # the result, on stdout: every export ends with it

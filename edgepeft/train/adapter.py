@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from edgepeft.errors import EdgepeftError, MismatchError
@@ -24,19 +23,11 @@ def adapter_dir(path: str | Path) -> Path:
     return p
 
 
-def read_manifest(adapter: Path) -> dict | None:
-    for cand in (adapter / "manifest.json", adapter.parent / "manifest.json"):
-        if cand.is_file():
-            try:
-                return json.loads(cand.read_text())
-            except json.JSONDecodeError as e:
-                raise EdgepeftError(f"{cand} is not valid JSON ({e.msg} at line {e.lineno})", "Re-run training") from e
-    return None
-
-
 def check_base(adapter: Path, base) -> None:
+    from edgepeft.train.manifest import read_manifest, recorded_fingerprint
+
     manifest = read_manifest(adapter)
-    want = (manifest or {}).get("base", {}).get("fingerprint")
+    want = recorded_fingerprint(manifest)
     if want and want != base.fingerprint:
         raise MismatchError(f"adapter {adapter} was trained on base fingerprint {want[:12]}, "
                             f"but --base {base.spec} is {base.fingerprint[:12]}",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from edgepeft import __version__, atomic
 from edgepeft.fingerprint import sha256_file
+from edgepeft.keys import TRAIN_MANIFEST
 from edgepeft.paths import to_record
 from edgepeft.train.kernels import kernel_record
 
@@ -36,7 +37,7 @@ def loss_curve(log_history: list[dict]) -> list[list[float]]:
 def build_manifest(*, cfg, base, recipe, data: dict, adapter_dir: Path, lora_targets: list[str],
                    log_history: list[dict], train: dict, task: str | None) -> dict:
     adapter_file = adapter_dir / "adapter_model.safetensors"
-    where = adapter_dir.parent / "manifest.json"  # every path below is relative to this file
+    where = adapter_dir.parent / TRAIN_MANIFEST  # every path below is relative to this file
     hyper = {**cfg.hyperparams(), "out": to_record(cfg.run_dir, where), "base": base.record_spec(where)}
     if not str(data.get("source", "")).startswith("task:"):  # a JSONL file, not a bundled task
         data = {**data, "source": to_record(data["source"], where)}
@@ -63,6 +64,34 @@ def build_manifest(*, cfg, base, recipe, data: dict, adapter_dir: Path, lora_tar
         "adapter": {"path": to_record(adapter_dir, where), "sha256": sha256_file(adapter_file),
                     "bytes": adapter_file.stat().st_size},
     }
+
+
+def read_manifest(adapter: str | Path) -> dict:
+    """The training manifest of an adapter folder: ADAPTER/manifest.json, or RUN_DIR/manifest.json with
+    RUN_DIR the adapter's parent (what ``edgepeft train`` writes). ``{}`` when there is none."""
+    from edgepeft.readers import read_json
+
+    adapter = Path(adapter)
+    for cand in (adapter / TRAIN_MANIFEST, adapter.resolve().parent / TRAIN_MANIFEST):
+        if cand.is_file():
+            return read_json(cand, "training manifest")  # bounded; a non-object is an IntegrityError
+    return {}
+
+
+def recorded_fingerprint(manifest: dict) -> str | None:
+    """The base fingerprint the manifest records (``base.fingerprint``, written by build_manifest)."""
+    base = manifest.get("base")
+    fp = base.get("fingerprint") if isinstance(base, dict) else None
+    return fp if isinstance(fp, str) and fp else None
+
+
+def training_summary(manifest: dict) -> dict:
+    """The few training facts an artifact carries (task, data hash, steps, final loss), not the loss curve."""
+    data = manifest.get("data") if isinstance(manifest.get("data"), dict) else {}
+    train = manifest.get("train") if isinstance(manifest.get("train"), dict) else {}
+    out = {"task": manifest.get("task"), "data_sha256": data.get("sha256"), "steps": train.get("steps"),
+           "final_loss": train.get("final_loss")}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def plot_loss(curve: list[list[float]], out: Path, title: str) -> None:

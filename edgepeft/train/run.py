@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from edgepeft import atomic
+from edgepeft.keys import TRAIN_MANIFEST
 from edgepeft.train import trainer as T
 from edgepeft.train.config import TrainConfig
 
@@ -145,7 +146,7 @@ def finish(cfg, base, recipe, trainer, data_info: dict, train_info: dict) -> dic
                               task=cfg.task or (cfg.data if data_info["source"].startswith("task:") else None))
     plot_loss(manifest["loss_curve"], run_dir / "loss.png",
               f"{base.spec} {cfg.bits}-bit LoRA r={cfg.rank} on {data_info['source']}")
-    atomic.write_json(run_dir / "manifest.json", manifest)
-    return {"run_dir": str(run_dir), "adapter": str(run_dir / "adapter"), "manifest": str(run_dir / "manifest.json"),
+    atomic.write_json(run_dir / TRAIN_MANIFEST, manifest)
+    return {"run_dir": str(run_dir), "adapter": str(run_dir / "adapter"), "manifest": str(run_dir / TRAIN_MANIFEST),
             "loss_png": str(run_dir / "loss.png"), **train_info, "data": data_info,
             "quantization": manifest["quantization"]}

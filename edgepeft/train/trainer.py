@@ -16,10 +16,10 @@ from pathlib import Path
 
 from edgepeft import atomic
 from edgepeft.errors import EdgepeftError, MismatchError
+from edgepeft.keys import TRAIN_RUN_STATE as RUN_STATE  # what a --resume must agree with
 from edgepeft.train.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
-RUN_STATE = "run.json"  # what a --resume must agree with
 
 
 @dataclass
