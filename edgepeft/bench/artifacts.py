@@ -31,7 +31,7 @@ def merged_adapters(artifact: Artifact) -> list[str]:
             raw = check_gguf_header(artifact.model).metadata.get("edgepeft.adapters")
             listed = json.loads(raw) if isinstance(raw, str) else []
         else:
-            from edgepeft.bench.config import ONNX_MANIFEST
+            from edgepeft.keys import ONNX_SIDECAR as ONNX_MANIFEST
             from edgepeft.readers import read_json
 
             folder = artifact.model if artifact.model.is_dir() else artifact.model.parent
