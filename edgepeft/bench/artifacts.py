@@ -26,9 +26,10 @@ def merged_adapters(artifact: Artifact) -> list[str]:
 
     try:
         if artifact.format == "gguf":
+            from edgepeft.keys import EdgepeftKeys
             from edgepeft.security import check_gguf_header
 
-            raw = check_gguf_header(artifact.model).metadata.get("edgepeft.adapters")
+            raw = check_gguf_header(artifact.model).metadata.get(EdgepeftKeys.ADAPTERS)
             listed = json.loads(raw) if isinstance(raw, str) else []
         else:
             from edgepeft.keys import ONNX_SIDECAR as ONNX_MANIFEST
