@@ -157,7 +157,6 @@ def _data(t) -> np.ndarray:
 @pytest.mark.parametrize("arch", NEW)
 def test_per_tensor_transforms_on_base_and_lora_b(arch, tiny_new, new_adapters, tmp_path):
     from edgepeft.export.gguf_tensors import permute_qk
-
     from edgepeft.models import resolve_base
 
     base, ad = tiny_new[arch], new_adapters[arch]
