@@ -136,9 +136,13 @@ def speed(base, plans, adapter: Path | None, work: Path, reps: int) -> dict:
                                               / best["peft_merge_then_llama.cpp"]["peak_rss_mb"], 3)} if adapter else {})}
 
 
-def perplexity(llm, ids: list[int], window: int = 256) -> float:
-    from edgepeft.export.gguf_verify import llama_logits
+def llama_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
+
+def perplexity(llm, ids: list[int], window: int = 256) -> float:
     nll, n = 0.0, 0
     for s in range(0, len(ids) - 1, window):
         chunk = ids[s:s + window]

@@ -102,9 +102,11 @@ def demo_accuracy(gen_fn, tok, n: int) -> dict:
 
 
 def bench_artifact(quant: str, mode: str, adapter: Path, work: Path, args) -> dict:
-    from edgepeft.export.onnx import OrtLM, export, load_lora_adapter
+    from edgepeft.calib import runtime_logits
+    from edgepeft.export.onnx import export
     from edgepeft.export.request import ExportRequest
     from edgepeft.models import resolve_base
+    from edgepeft.runtimes.base import Artifact, get_runtime
 
     out = work / f"{mode}-{quant}"
     req = ExportRequest(format="onnx", base=args.base, adapters=[adapter], names=["demo"], out=out, mode=mode,
@@ -114,9 +116,11 @@ def bench_artifact(quant: str, mode: str, adapter: Path, work: Path, args) -> di
     build_s = time.perf_counter() - t0
     tok = resolve_base(args.base).load_tokenizer()
     ad_file = out / "adapters" / "demo.onnx_adapter" if mode == "separate" else None
-    lm = OrtLM(out)
-    ort_adapter = load_lora_adapter(ad_file) if ad_file else None
-    ppl = perplexity(lambda ids, a: lm.logits(ids, a), tok, ort_adapter, args.ppl_tokens)
+    rt = get_runtime("onnxruntime")
+    rt.load(Artifact(out, "onnx-genai", out, {"demo": ad_file} if ad_file else {}, quant), None, n_ctx=300)
+    rt.set_adapter("demo" if ad_file else None)
+    ppl = perplexity(lambda ids, a: runtime_logits(rt)(ids), tok, None, args.ppl_tokens)
+    rt.close()
     g = Genai(out, ad_file)
     tps = decode_tok_s(g, tok)
 
@@ -129,7 +133,7 @@ def bench_artifact(quant: str, mode: str, adapter: Path, work: Path, args) -> di
            "build_s": round(build_s, 1), "bytes": rec["bytes"],
            "adapter_bytes": (ad_file.stat().st_size if ad_file else None), "decode_tok_s": round(tps, 1),
            "perplexity": round(ppl, 3), "demo_accuracy": acc["accuracy"], "demo_n": acc["total"],
-           "verify": {k: rec["verify"][k] for k in ("max_abs_diff", "top1_agreement", "logit_cosine")},
+           "verification": rec.get("verification") or rec.get("verifications"),
            "merge": rec.get("merge")}
     print(json.dumps(row), flush=True)
     if not args.keep:

@@ -37,3 +37,15 @@ class MismatchError(EdgepeftError):
 
 class IntegrityError(EdgepeftError):
     """A file is truncated, corrupt, or fails its hash check."""
+
+
+class VerificationError(EdgepeftError):
+    """An artifact missed its tolerance against the PyTorch reference; ``records`` holds every check."""
+
+    EXPORT_FIX = ("Nothing was written under a final name. The writer or its input is wrong; rerun with --debug and "
+                  "report it, or pass --no-verify to keep an unverified artifact")
+
+    def __init__(self, what: str, records: list, failed: str, fix: str | None = None):
+        super().__init__(f"{what} failed verification against the PyTorch fp32 reference: {failed}",
+                         fix or self.EXPORT_FIX)
+        self.records = records

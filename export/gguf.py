@@ -12,7 +12,8 @@ temp file in ``--out``. The tokenizer (read through transformers) resolves in a 
 meanwhile and its keys are added after quantizing (``gguf_tokenizer.TokenizerJob``). Every file carries ``edgepeft.*`` metadata (base fingerprint,
 adapter hash and name, settings) so ``edgepeft.fit.check_gguf_pair`` can refuse an adapter made for
 another base of the same shape, which llama.cpp itself would load silently. Every export ends
-by running the artifact in llama.cpp against the PyTorch reference (``export/gguf_verify.py``).
+by running the artifact in llama.cpp against the PyTorch reference (``export/verify.py``); a miss of
+its bound (``export/tolerances.py``) raises ``VerificationError`` and no file lands under a final name.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from edgepeft.export import ExportResult
 from edgepeft.export import gguf_tensors as gt
 from edgepeft.export.plan import AdapterPlan
 from edgepeft.export.quantize import get_quant, quantize
+from edgepeft.export.verify import Reference
 from edgepeft.keys import ADAPTER_SUFFIX_GGUF, GGUF_RECORD, EdgepeftKeys
 from edgepeft.paths import to_record
 from edgepeft.train.manifest import training_summary
@@ -66,7 +68,17 @@ def export(req) -> ExportResult:
 
 
 def _export_checked(req, base, arch, quant, t0: float, plans) -> dict:
+    created = not Path(req.out).exists()
     out = atomic.ensure_writable_dir(req.out)
+    try:
+        return _export_staged(req, base, plans, quant, arch, out, t0)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed export (its check included) does not leave the folder it created
+        raise
+
+
+def _export_staged(req, base, plans, quant, arch, out: Path, t0: float) -> dict:
     _check_free_space(out, base, quant.name, req.mode)
     # Every file of the set is written and verified in a staging dir inside --out, then renamed
     # into place: a kill or a failed parity check leaves no file under a final name.
@@ -79,7 +91,7 @@ def _export_checked(req, base, arch, quant, t0: float, plans) -> dict:
             atomic.publish(Path(f), final)
             finals.append(str(final))
         for a in record.get("adapter_files", []):
-            a["path"] = str(out / Path(a["path"]).name)
+            a["path"] = Path(a["path"]).name  # relative to the export folder (where bench/verify look)
         record["files"] = finals
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -108,13 +120,11 @@ def _export_into(req, base, plans, quant, arch, out: Path) -> dict:
         path, merge = write_merged(base, plans, out, quant.name, req.merge_into, req.calib)
         record["files"].append(str(path))
         record["merge"] = merge
-        if req.verify:
-            from edgepeft.export.gguf_verify import verify_merged
+        _cleanup_reference(merge)  # the reference is rebuilt from base + plans, not from the writer's merge
+        from edgepeft.runtimes.base import Artifact
 
-            with stage("verify in llama.cpp against PyTorch"):
-                record["verify"] = verify_merged(path, merge["reference_folder"] or base.path, plans,
-                                                 merge["target"], quant.name)
-        _cleanup_reference(merge)
+        _verify(req, record, Artifact(path, "gguf", path, {}, quant.name),
+                Reference(base, merged=plans, merge_target=merge["target"]))
     else:
         base_path = write_model(base, [], out / f"base-{quant.name}.gguf", quant.name)
         record["files"].append(str(base_path))
@@ -124,13 +134,28 @@ def _export_into(req, base, plans, quant, arch, out: Path) -> dict:
                 apath, note = write_adapter(plan, base, out / adapter_filename(plan.name), req.adapter_type)
             record["files"].append(str(apath))
             record["adapter_files"].append({"name": plan.name, "path": str(apath), **note})
-        if req.verify:
-            from edgepeft.export.gguf_verify import verify_separate
+        from edgepeft.runtimes.base import Artifact
 
-            with stage("verify in llama.cpp against PyTorch (base, then each adapter)"):
-                record["verify"] = verify_separate(base_path, [Path(a["path"]) for a in record["adapter_files"]],
-                                                   base.path, plans, quant.name)
+        art = Artifact(base_path, "gguf", base_path, {a["name"]: Path(a["path"]) for a in record["adapter_files"]},
+                       quant.name)
+        _verify(req, record, art, Reference(base, adapters={p.name: p for p in plans}))
     return record
+
+
+def _verify(req, record: dict, artifact, reference) -> None:
+    """Run the one verifier on the staged files; a miss raises before anything is renamed into place."""
+    from edgepeft.export import verify as V
+
+    names = [None, *artifact.adapters]
+    label = artifact.model.name
+    if not req.verify:
+        V.attach(record, [V.skipped("--no-verify", "llama.cpp", label, n) for n in names])
+        return
+    what = "verify in llama.cpp against PyTorch" + (" (base, then each adapter)" if artifact.adapters else "")
+    with stage(what):
+        records = V.verify(artifact, reference, fmt="gguf", quant=record["quant"], label=label)
+    V.attach(record, records)
+    V.require_passed(records, f"gguf {record['quant']} {req.mode} export")
 
 
 def adapter_filename(name: str) -> str:
@@ -396,15 +421,20 @@ def _gguf_loss_evaluator(out: Path, quant: str, pairs):
     """``evaluate_loss`` for choose_merge_target: quantize the merged folder as asked, score it in llama.cpp."""
 
     def evaluate(folder: Path) -> float:
-        from edgepeft.export.gguf_verify import gguf_completion_loss
+        from edgepeft.calib import completion_nll, runtime_logits
         from edgepeft.models import resolve_base
+        from edgepeft.runtimes.base import Artifact, get_runtime
 
         merged = resolve_base(str(folder))
         with scratch_file(out, ".auto-candidate.gguf") as tmp:
             write_model(merged, [], tmp, quant)
             with stage(f"held-out loss in llama.cpp ({len(pairs)} calibration pairs)"):
-                loss = gguf_completion_loss(tmp, merged.load_tokenizer(), pairs)
-        return loss
+                rt = get_runtime("llama.cpp")
+                rt.load(Artifact(tmp, "gguf", tmp, {}, quant), None, n_ctx=264)
+                try:
+                    return completion_nll(runtime_logits(rt), merged.load_tokenizer(), pairs)
+                finally:
+                    rt.close()
 
     return evaluate
 

@@ -9,9 +9,10 @@
   rank-0 default, and each adapter becomes one ``adapters/<name>.onnx_adapter``.
 - ``--target qnn-htp``: see :mod:`qnn`.
 
-Every export ends by running the artifact under ONNX Runtime and the PyTorch reference on
-the same fixed prompts; the max |Δlogit| and top-1 agreement go into the result record and
-the sidecar manifest ``edgepeft-onnx.json``.
+Every export ends with the one verifier (``export/verify.py``): the folder in onnxruntime-genai
+against the PyTorch fp32 reference, judged by the tolerance table (``export/tolerances.py``);
+each metric, its bound and the verdict go into the result record and the sidecar manifest
+``edgepeft-onnx.json``, and a miss raises ``VerificationError`` before the folder is renamed into place.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from edgepeft import atomic
 from edgepeft.errors import ConfigError, EdgepeftError, IntegrityError
 from edgepeft.export import ExportResult
+from edgepeft.export.verify import Reference
 from edgepeft.keys import ADAPTER_SUFFIX_ONNX
 from edgepeft.keys import ONNX_SIDECAR as MANIFEST
 from edgepeft.ui import stage
@@ -44,17 +46,7 @@ QUANT_TARGETS = {
 }
 BUILDER_EP = {"cpu": "cpu", "cuda": "cuda"}
 
-# verification: what "the artifact matches PyTorch" means per quant: (max |Δlogit|, min top-1 agreement,
-# min mean cosine of centred logit rows). Quantized builds are judged on the cosine: top-1 flips on
-# near-ties of tiny random models, while a broken graph (wrong transpose, lost adapter) drops it near 0.
-TOLERANCE = {"fp32": (1e-3, 0.99, 0.999), "fp16": (5e-2, 0.95, 0.99), "int8": (None, 0.0, 0.98),
-             "int4": (None, 0.0, 0.85)}
-
-PROMPTS = (
-    "Parse this order: Ines wants 7 large green lamps shipped to Oslo.",
-    "The tower is 324 metres tall, about the same height as an 81-storey building.",
-    "def fibonacci(n):\n    if n < 2:\n        return n",
-)
+MODEL_FILE = "model.onnx"
 
 
 def check_request(req) -> None:
@@ -127,35 +119,57 @@ def _export_merged(req, base, plans, out: Path, work: Path) -> dict:
         build(hf, out)
     record = _record(req, base, plans, out)
     record["merge"] = merge_info
-    if req.verify:
-        with stage("verify in onnxruntime against PyTorch"):
-            record["verify"] = _skip_reason(req) or verify_merged(out, hf, req.quant)
+    target = (merge_info or {}).get("target", "original")
+    _verify(req, record, out, {}, Reference(base, merged=plans, merge_target=target))
     return record
 
 
-def _skip_reason(req) -> dict | None:
+def _verify(req, record: dict, out: Path, adapters: dict, reference) -> None:
+    """The one verifier on the staged folder (onnxruntime-genai, as bench runs it); a miss raises."""
+    from edgepeft.export import verify as V
+    from edgepeft.runtimes.base import Artifact
+
+    names = [None, *adapters]
+    reason = "--no-verify" if not req.verify else _skip_reason(req)
+    if reason:
+        V.attach(record, [V.skipped(reason, "onnxruntime-genai", MODEL_FILE, n) for n in names])
+        return
+    with stage("verify in onnxruntime-genai against PyTorch" + (" (base, then each adapter)" if adapters else "")):
+        records = V.verify(Artifact(out, "onnx-genai", out, adapters, req.quant), reference, fmt="onnx",
+                           quant=req.quant, label=MODEL_FILE)
+    V.attach(record, records)
+    V.require_passed(records, f"onnx {req.quant} {req.mode} export")
+
+
+def _skip_reason(req) -> str | None:
     # a cuda build runs fp16/GQA kernels the CPU EP lacks; check it where it can run, not here
     import onnxruntime as ort
 
     if req.target == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        return {"skipped": "no CUDA execution provider on this machine; run `edgepeft bench` on the target",
-                "passed": None}
+        return "no CUDA execution provider on this machine; run `edgepeft verify` or `edgepeft bench` on the target"
     return None
 
 
 def _merge_auto(req, base, plans, work: Path, build) -> tuple[Path, dict]:
     """--merge-into auto: build both merge targets at the requested quant, keep the lower held-out loss in ORT."""
-    from edgepeft.calib import calibration_pairs, completion_nll
+    from edgepeft.calib import calibration_pairs, completion_nll, runtime_logits
     from edgepeft.export.merge import choose_merge_target
 
     tok = base.load_tokenizer()
     pairs = calibration_pairs(tok, req.calib)
 
     def evaluate(folder: Path) -> float:
+        from edgepeft.runtimes.base import Artifact, get_runtime
+
         built = work / "built" / folder.name  # choose_merge_target names the folders by target
         build(folder, built)
         with stage(f"held-out loss in onnxruntime ({len(pairs)} calibration pairs)"):
-            return completion_nll(OrtLM(built).logits, tok, pairs)
+            rt = get_runtime("onnxruntime")
+            rt.load(Artifact(built, "onnx-genai", built, {}, req.quant), None, n_ctx=264)
+            try:
+                return completion_nll(runtime_logits(rt), tok, pairs)
+            finally:
+                rt.close()
 
     hf = work / "merged"
     chosen, losses = choose_merge_target(base, plans, evaluate, keep=hf)
@@ -188,9 +202,8 @@ def _export_separate(req, base, plans, out: Path, work: Path) -> dict:
         entry["file"] = rel
         record["files"].append(rel)
     record["slots"] = len(slots) // 2
-    if req.verify:
-        with stage("verify in onnxruntime against PyTorch (each adapter, then none)"):
-            record["verify"] = _skip_reason(req) or verify_separate(out, base, plans, req.quant)
+    _verify(req, record, out, {p.name: out / e["file"] for p, e in zip(plans, record["adapters"])},
+            Reference(base, adapters={p.name: p for p in plans}))
     return record
 
 
@@ -279,135 +292,25 @@ def _record(req, base, plans, out: Path) -> dict:
     }
 
 
-# ------------------------------------------------------------------ verification
-class OrtLM:
-    """model.onnx from the builder under plain ONNX Runtime: full-sequence logits from an empty KV cache."""
-
-    def __init__(self, model_dir: Path, providers=("CPUExecutionProvider",)):
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        self.session = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), so, providers=list(providers))
-        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values")]
-        dec = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["decoder"]
-        self.kv_shape = (1, dec["num_key_value_heads"], 0, dec["head_size"])  # empty cache: prefill from scratch
-
-    def logits(self, ids, adapter=None):
-        import numpy as np
-        import onnxruntime as ort
-
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        for p in self.past:
-            dtype = np.float16 if "float16" in p.type else np.float32
-            feeds[p.name] = np.zeros(self.kv_shape, dtype)
-        ro = ort.RunOptions()
-        if adapter is not None:
-            ro.add_active_adapter(adapter)
-        return self.session.run(["logits"], feeds, ro)[0][0].astype(np.float32)
+# ------------------------------------------------------------------ inspect
+def is_onnx_export(p: Path) -> bool:
+    return p.is_dir() and ((p / MANIFEST).is_file() or (p / "genai_config.json").is_file())
 
 
-def load_lora_adapter(path: Path):
-    """An ``ort.LoraAdapter`` for RunOptions.add_active_adapter (one load, swapped per run)."""
-    import onnxruntime as ort
+def describe_onnx(p: Path) -> dict:
+    """What an ONNX export folder holds: the manifest, adapter slots, and each adapter's fit."""
+    from edgepeft.export import onnx_adapters as oa
 
-    from edgepeft.security import check_onnx_adapter
-
-    check_onnx_adapter(Path(path))
-    a = ort.LoraAdapter()
-    a.Load(str(path))
-    return a
-
-
-def prompt_ids(tokenizer, prompts=PROMPTS) -> list[list[int]]:
-    return [tokenizer(p)["input_ids"] for p in prompts]
-
-
-def compare(ort_logits: list, ref_logits: list) -> dict:
-    import numpy as np
-
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(ort_logits, ref_logits))
-    agree = np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(ort_logits, ref_logits)])
-    cos = np.concatenate([_row_cosine(a, b) for a, b in zip(ort_logits, ref_logits)])
-    return {"max_abs_diff": diff, "top1_agreement": float(agree.mean()), "logit_cosine": float(cos.mean()),
-            "positions": int(agree.size)}
-
-
-def _row_cosine(a, b):
-    import numpy as np
-
-    a = a - a.mean(-1, keepdims=True)
-    b = b - b.mean(-1, keepdims=True)
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
-
-
-def _judge(stats: dict, quant: str, what: str) -> dict:
-    atol, top1, cos = TOLERANCE[quant]
-    ok = ((atol is None or stats["max_abs_diff"] <= atol) and stats["top1_agreement"] >= top1
-          and stats["logit_cosine"] >= cos)
-    stats.update({"tolerance": {"max_abs_diff": atol, "top1_agreement": top1, "logit_cosine": cos}, "passed": ok})
-    if not ok:
-        raise IntegrityError(f"ONNX export failed its check against PyTorch ({what}): max |Δlogit| "
-                             f"{stats['max_abs_diff']:.3g}, top-1 agreement {stats['top1_agreement']:.2f}, "
-                             f"logit cosine {stats['logit_cosine']:.3f}",
-                             "Rerun with --debug and report it; --no-verify skips the check")
-    return stats
-
-
-def torch_logits(model, ids_list) -> list:
-    import torch
-
-    with torch.no_grad():
-        return [model(torch.tensor([ids])).logits[0].float().numpy() for ids in ids_list]
-
-
-def verify_merged(out: Path, hf_dir: Path, quant: str) -> dict:
-    """ORT (the written folder) vs PyTorch fp32 (the HF folder it was built from)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    ids = prompt_ids(AutoTokenizer.from_pretrained(hf_dir))
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    ref = torch_logits(model, ids)
-    del model
-    lm = OrtLM(out)
-    stats = compare([lm.logits(i) for i in ids], ref)
-    return _judge(stats, quant, "merged")
-
-
-def verify_separate(out: Path, base, plans, quant: str) -> dict:
-    """Per adapter, ORT with the adapter active vs PyTorch base + ΔW; then no adapter vs the base."""
-    model = base.load_model().eval()
-    ids = prompt_ids(base.load_tokenizer())
-    lm = OrtLM(out)
-    results = {}
-    for plan in plans:
-        with applied(model, plan):
-            ref = torch_logits(model, ids)
-        adapter = load_lora_adapter(out / ADAPTER_DIR / f"{plan.name}.onnx_adapter")
-        results[plan.name] = _judge(compare([lm.logits(i, adapter) for i in ids], ref), quant, plan.name)
-    results["(none)"] = _judge(compare([lm.logits(i) for i in ids], torch_logits(model, ids)), quant, "no adapter")
-    worst = max(results.values(), key=lambda s: s["max_abs_diff"])
-    return {"max_abs_diff": worst["max_abs_diff"], "top1_agreement": min(s["top1_agreement"] for s in results.values()),
-            "logit_cosine": min(s["logit_cosine"] for s in results.values()), "passed": True, "per_adapter": results}
-
-
-@contextlib.contextmanager
-def applied(model, plan):
-    """Temporarily add each module's ΔW to ``model``'s weights (fp32), restoring them after."""
-    import torch
-
-    params = dict(model.named_parameters())
-    saved = {}
-    with torch.no_grad():
-        for target, mod in plan.modules.items():
-            w = params[target + ".weight"]
-            saved[target] = w.detach().clone()
-            w.add_(mod.delta().to(w.dtype))
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for target, w0 in saved.items():
-                params[target + ".weight"].copy_(w0)
+    manifest = json.loads((p / MANIFEST).read_text()) if (p / MANIFEST).is_file() else {}
+    info = {"kind": "onnx", "path": str(p), **{k: manifest.get(k) for k in ("mode", "quant", "target", "base")}}
+    if (p / oa.MODEL_FILE).is_file():
+        slots = oa.model_slots(p)
+        info["adapter_slots"] = len(slots) // 2
+        info["adapters"] = {}
+        for f in sorted((p / ADAPTER_DIR).glob("*" + oa.ADAPTER_SUFFIX)) if slots else []:
+            fit = oa.check_onnx_adapter_fits(p, f)  # raises, naming the tensor, if it does not fit
+            info["adapters"][f.name] = {"modules": fit["modules"], "ranks": sorted(set(fit["ranks"].values()))}
+    if manifest.get("qnn"):
+        info["qnn"] = {k: manifest["qnn"][k] for k in ("soc_model", "htp_arch", "prefill_len", "cache_len")}
+    info["total_bytes"] = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return info

@@ -199,6 +199,19 @@ def _kv_shape(folder: Path) -> tuple[int, int]:
         return 1, 1
 
 
+def _compiled_target(folder: Path):
+    import json
+
+    from edgepeft.keys import ONNX_SIDECAR
+    from edgepeft.runtimes.qnn_htp import HtpTarget, resolve_target
+
+    try:
+        q = json.loads((folder / ONNX_SIDECAR).read_text())["qnn"]
+        return HtpTarget(str(q["soc_model"]), str(q["htp_arch"]))
+    except (OSError, KeyError, ValueError, TypeError):
+        return resolve_target(None)
+
+
 def _tokenizer(folder: Path):
     path = folder / "tokenizer.json"
     if not path.is_file():
@@ -223,7 +236,10 @@ class StaticGraphs:
             raise EdgepeftError(f"the QNN static graphs hold {QNN_CACHE_LEN} tokens (prefill {QNN_PREFILL_LEN}), "
                                 f"the benchmark needs {n_ctx}",
                                 f"Use --prompt-tokens <= {QNN_PREFILL_LEN} and --gen-tokens/--ppl-tokens that fit")
-        target = resolve_target(device.source if device is not None and device.source else None)
+        if device is not None and device.source:
+            target = resolve_target(device.source)
+        else:  # no device profile: the SoC the graphs were compiled for, from the export's manifest
+            target = _compiled_target(artifact.model)
         t0 = time.perf_counter()
         try:
             self.pre = htp_session(artifact.model / QNN_PREFILL_GRAPH, target)

@@ -75,14 +75,28 @@ def peft_logits(base: Path, adapter: Path | None, ids):
         return [model(input_ids=torch.tensor([x])).logits[0].float().numpy() for x in ids]
 
 
-def gguf_logits(path: Path, ids, lora: Path | None = None):
-    from edgepeft.export.gguf_verify import llama_logits, open_llama
+def llama_runtime(path: Path, adapters: dict | None = None, n_ctx: int = 256):
+    """The GGUF in runtimes/llamacpp.py (what bench and verify run), adapters loaded, none active."""
+    from edgepeft.runtimes.base import Artifact, get_runtime
 
-    llm = open_llama(path, lora_path=lora)
+    rt = get_runtime("llama.cpp")
+    rt.load(Artifact(path, "gguf", path, adapters or {}, None), None, n_ctx=n_ctx)
+    return rt
+
+
+def runtime_logits(rt, ids, adapter: str | None = None):
+    from edgepeft.export.verify import sequence_logits
+
+    rt.set_adapter(adapter)
+    return [sequence_logits(rt, x) for x in ids]
+
+
+def gguf_logits(path: Path, ids, lora: Path | None = None):
+    rt = llama_runtime(path, {"lora": lora} if lora else None)
     try:
-        return [llama_logits(llm, x) for x in ids]
+        return runtime_logits(rt, ids, "lora" if lora else None)
     finally:
-        llm.close()
+        rt.close()
 
 
 def model_meta(path: Path) -> dict:
@@ -111,10 +125,22 @@ def vocab(path: Path) -> list[tuple[bytes, int]]:
 
 
 def agreement(ref, got) -> tuple[int, float, float]:
-    from edgepeft.export.gguf_verify import compare
+    """(positions, top-1 agreement, max |Δlogit|) between two lists of logit arrays."""
+    assert [r.shape for r in ref] == [g.shape for g in got]
+    n = sum(r.shape[0] for r in ref)
+    top1 = sum(int((r.argmax(-1) == g.argmax(-1)).sum()) for r, g in zip(ref, got)) / n
+    return n, top1, max(float(np.abs(r - g).max()) for r, g in zip(ref, got))
 
-    s = compare(ref, got)
-    return s["positions"], s["top1_agreement"], s["max_abs_logit_diff"]
+
+def verifications(rec: dict) -> dict:
+    """adapter name (None: the model alone) -> its verification record; each one ran and passed."""
+    recs = rec.get("verifications") or [rec["verification"]]
+    assert all(r["passed"] is True and r["checks"] for r in recs), recs
+    return {r["adapter"]: r for r in recs}
+
+
+def value(v: dict, metric: str) -> float:
+    return next(c["value"] for c in v["checks"] if c["metric"] == metric)
 
 
 # --- 1. merged GGUF in llama.cpp == PEFT ---------------------------------------------------------
@@ -136,15 +162,13 @@ def test_merged_gguf_matches_peft(arch, quant, bound, tiny_llama, tiny_qwen2, ad
     _, _, diff_base = agreement(peft_logits(base, None, ids), gguf_logits(path, ids))
     assert diff_base > 10 * bound
     # the export verified itself and recorded the numbers
-    assert rec["verify"]["passed"] and rec["verify"]["positions"] > 0
+    assert verifications(rec)[None]["positions"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, "gguf-export.json"])
 
 
 # --- 2. separate: base + adapter == merged; hot swap ---------------------------------------------
 
 def test_separate_equals_merged_and_hot_swaps(tiny_llama, adapters, tokenizer_dir, tmp_path):
-    from edgepeft.export.gguf_verify import LoraSwitcher, llama_logits
-
     a, b = adapters["llama"]["a"], adapters["llama"]["b"]
     rec = export(tiny_llama, tmp_path / "sep", [a, b], mode="separate", quant="f32", adapter_type="f32",
                  names=["alpha", "beta"])
@@ -157,11 +181,12 @@ def test_separate_equals_merged_and_hot_swaps(tiny_llama, adapters, tokenizer_di
         r = export(tiny_llama, tmp_path / f"m-{name}", [ad], quant="f32")
         merged[name] = gguf_logits(Path(r["files"][0]), ids)
     plain = gguf_logits(base_gguf, ids)
-    with LoraSwitcher(base_gguf, [tmp_path / "sep/alpha.lora.gguf", tmp_path / "sep/beta.lora.gguf"]) as sw:
-        got = {}
-        for key, ap in (("none", None), ("alpha", "alpha"), ("beta", "beta"), ("none2", None)):
-            sw.set(tmp_path / f"sep/{ap}.lora.gguf" if ap else None)
-            got[key] = [llama_logits(sw.llm, x) for x in ids]
+    rt = llama_runtime(base_gguf, {n: tmp_path / f"sep/{n}.lora.gguf" for n in ("alpha", "beta")})
+    try:  # one loaded base, adapters swapped with llama_set_adapters_lora
+        got = {key: runtime_logits(rt, ids, ap)
+               for key, ap in (("none", None), ("alpha", "alpha"), ("beta", "beta"), ("none2", None))}
+    finally:
+        rt.close()
     for name in ("alpha", "beta"):  # beta is rsLoRA with a per-module alpha: folded scales must be right
         _, top1, max_abs = agreement(merged[name], got[name])
         assert top1 >= 0.99 and max_abs <= SEPARATE_BOUND, (name, top1, max_abs)
@@ -190,7 +215,7 @@ def test_lora_path_loads_adapter_and_metadata(tiny_qwen2, adapters, tmp_path):
     rec = export(tiny_qwen2, tmp_path, [run / "adapter"], names=["qwen2-a"], mode="separate", quant="q8_0",
                  adapter_type="q8_0", verify=True)
     base_gguf, ad = (Path(f) for f in rec["files"])
-    assert rec["verify"]["qwen2-a"]["top1_agreement"] >= 0.9
+    assert value(verifications(rec)["qwen2-a"], "top1_agreement") >= 0.9
     meta_b, meta_a = model_meta(base_gguf), read_metadata(ad)
     assert meta_a["general.type"] == "adapter" and meta_a["adapter.type"] == "lora"
     assert meta_a["adapter.lora.alpha"] == 16.0
@@ -327,6 +352,8 @@ def test_q4_k_m_uses_llama_cpp_quantizer_and_leaves_no_temp(tiny_llama, tokenize
     rec = export(tiny_llama, tmp_path, [], quant="q4_k_m", verify=True)
     path = Path(rec["files"][0])
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, "gguf-export.json"]
+    v = verifications(rec)[None]
+    assert [c["metric"] for c in v["checks"]] == ["tokenizer_agreement", "top1_agreement", "ppl_ratio"], v
     # the stored record names files relative to itself (relocatable); the returned one holds full paths
     assert json.loads((tmp_path / "gguf-export.json").read_text())["files"] == [path.name]
     # llama.cpp's quantizer, called here directly on the f32 export of the same model, writes the same
@@ -469,9 +496,9 @@ def test_smollm2_separate_f16_verifies(smollm2, tmp_path):
     pm.save_pretrained(tmp_path / "smol-ad")
     del pm, model
     rec = export("smollm2-135m", tmp_path / "out", [tmp_path / "smol-ad"], mode="separate", quant="f16", verify=True)
-    v = rec["verify"]
-    assert v["base"]["top1_agreement"] >= 0.99 and v["base"]["max_abs_logit_diff"] <= 0.5, v
-    assert v["smol-ad"]["top1_agreement"] >= 0.99 and v["smol-ad"]["max_abs_logit_diff"] <= 0.5, v
+    v = verifications(rec)
+    for name in (None, "smol-ad"):
+        assert value(v[name], "top1_agreement") >= 0.99 and value(v[name], "max_abs_logit_diff") <= 0.5, v
     assert rec["peak_rss_mb"] < 4 * 1024
 
 
@@ -489,11 +516,14 @@ def test_merge_into_auto_records_choice(tiny_llama, adapters, tmp_path):
     # the file written is the chosen candidate: scored again in llama.cpp, it has the recorded (lower) loss
     from transformers import AutoTokenizer
 
-    from edgepeft.calib import calibration_pairs
-    from edgepeft.export.gguf_verify import gguf_completion_loss
+    from edgepeft.calib import calibration_pairs, completion_nll, runtime_logits
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    written = gguf_completion_loss(tmp_path / "out" / "llama-a-merged-f16.gguf", tok, calibration_pairs(tok, calib))
+    rt = llama_runtime(tmp_path / "out" / "llama-a-merged-f16.gguf", n_ctx=264)
+    try:
+        written = completion_nll(runtime_logits(rt), tok, calibration_pairs(tok, calib))
+    finally:
+        rt.close()
     assert written == pytest.approx(losses[auto["chosen"]], rel=1e-5)
-    assert rec["verify"]["passed"], rec["verify"]
+    verifications(rec)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gguf-export.json", "llama-a-merged-f16.gguf"]
