@@ -103,7 +103,7 @@ def run_base(spec: str, work: Path, with_onnx: bool, adapter: Path | None) -> di
             rec = export(spec, work / f"ours-{q}-m", q, adapters=[adapter])
             res["gguf"][q]["merged_adapter"] = verify_gguf(Path(rec["files"][0]), Reference(base, merged=plans), q)
             rec = export(spec, work / f"ours-{q}-s", q, adapters=[adapter], mode="separate")
-            ads = {a["name"]: work / f"ours-{q}-s" / a["path"] for a in rec["adapter_files"]}
+            ads = {a["name"]: Path(a["path"]) for a in rec["adapter_files"]}
             res["gguf"][q]["separate"] = verify_gguf(Path(rec["files"][0]), Reference(base, adapters={
                 p.name: p for p in plans}), q, ads)
         res["peer_llama_cpp"][q] = verify_gguf(peer_gguf(base.path, work, q), ref, q)

@@ -91,7 +91,7 @@ def _export_staged(req, base, plans, quant, arch, out: Path, t0: float) -> dict:
             atomic.publish(Path(f), final)
             finals.append(str(final))
         for a in record.get("adapter_files", []):
-            a["path"] = Path(a["path"]).name  # relative to the export folder (where bench/verify look)
+            a["path"] = str(out / Path(a["path"]).name)
         record["files"] = finals
     finally:
         shutil.rmtree(stage, ignore_errors=True)

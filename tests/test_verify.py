@@ -71,7 +71,7 @@ def test_broken_writer_fails_the_export(defect, fmt, quant, mode, base, adapter,
     args = ["export", "--format", fmt, "--base", base_dir, "--quant", quant, "--mode", mode, "--out", "out"]
     if adapter:
         args += ["--adapter", rslora, "--name", "rs", "--merge-into", "original"]
-    proc = broken(defect, *args, cwd=tmp_path)
+    proc = broken(defect, *args, "--quiet", cwd=tmp_path)  # quiet: no progress lines, the error is the one line
     assert_clean_error(proc, "failed verification", metric)
     assert not (tmp_path / "out").exists(), list((tmp_path / "out").rglob("*"))
     # control: the same export without the defect passes and records every check
