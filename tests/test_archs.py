@@ -34,7 +34,9 @@ from test_gguf import (
     gguf_logits,
     model_meta,
     peft_logits,
+    verifications,
 )
+from test_onnx import Ort
 
 from edgepeft.archs import ARCHS
 
@@ -80,7 +82,7 @@ def test_gguf_merged_and_separate_match_peft(arch, tiny_new, new_adapters, token
     n, top1, max_abs = agreement(ref, gguf_logits(merged, ids))
     assert n >= 256 and top1 >= 0.99 and max_abs <= F32_BOUND, (top1, max_abs)
     assert agreement(ref_base, gguf_logits(merged, ids))[2] > 10 * F32_BOUND  # the adapter matters
-    assert rec["verify"]["passed"], rec["verify"]
+    verifications(rec)
 
     rec = export(base, tmp_path / "s", [ad], mode="separate", quant="f32", adapter_type="f32", names=["ad"])
     base_gguf, ad_gguf = (Path(f) for f in rec["files"])
@@ -203,7 +205,6 @@ IDS = [[1, 520, 33, 1000, 77, 9, 4021], [1, 17, 300, 4000, 12]]
 
 @pytest.mark.parametrize("arch", [a for a in NEW if not ARCHS[a].onnx_refusal])
 def test_onnx_merged_and_separate_match_peft(arch, tiny_new, new_adapters, tmp_path):
-    from edgepeft.export.onnx import OrtLM, load_lora_adapter
     from edgepeft.export.onnx import export as onnx_export
     from edgepeft.export.request import ExportRequest
 
@@ -211,18 +212,17 @@ def test_onnx_merged_and_separate_match_peft(arch, tiny_new, new_adapters, tmp_p
     ref, ref_base = peft_logits(base, ad, IDS), peft_logits(base, None, IDS)
     rec = onnx_export(ExportRequest(format="onnx", base=str(base), adapters=[ad], out=tmp_path / "m", mode="merged",
                                     quant="fp32", merge_into="original"))
-    assert rec["verify"]["passed"], rec["verify"]
-    lm = OrtLM(tmp_path / "m")
+    verifications(rec)
+    lm = Ort(tmp_path / "m")
     for ids, r in zip(IDS, ref):
         np.testing.assert_allclose(lm.logits(ids), r, atol=2e-4, rtol=1e-4)
     rec = onnx_export(ExportRequest(format="onnx", base=str(base), adapters=[ad], names=["A"], out=tmp_path / "s",
                                     mode="separate", quant="fp32"))
-    assert rec["verify"]["passed"], rec["verify"]
-    lm = OrtLM(tmp_path / "s")
-    adapter = load_lora_adapter(tmp_path / "s" / "adapters" / "A.onnx_adapter")
+    verifications(rec)
+    lm = Ort(tmp_path / "s", {"A": tmp_path / "s" / "adapters" / "A.onnx_adapter"})
     for name, refs in (("A", ref), (None, ref_base), ("A", ref)):  # swap in, out and in again, one session
         for ids, r in zip(IDS, refs):
-            np.testing.assert_allclose(lm.logits(ids, adapter if name else None), r, atol=2e-4, rtol=1e-4)
+            np.testing.assert_allclose(lm.logits(ids, name), r, atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", [a for a in NEW if ARCHS[a].onnx_refusal])
