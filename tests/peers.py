@@ -5,8 +5,9 @@ with ``pip download --no-binary :all: --no-deps`` (pip's cache makes repeats che
 it once into a cache dir, and returns its ``vendor/llama.cpp`` folder. Tests and benchmarks
 RUN the peer tools from there (``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``, ...);
 their code is never copied into edgepeft. A test that needs a peer FAILS when it cannot be had:
-the peer-identity checks are the point of those tests, so they never skip. ``.ci/run`` fetches the
-sdist right after installing (``python tests/peers.py``), where pip still reaches the registry.
+the peer-identity checks are the point of those tests, so they never skip. The first test that needs
+the sources fetches the sdist from the package registry (the one network CI has), so ``.ci/run`` stays
+the README's two commands; ``python tests/peers.py`` prefetches it by hand.
 
 Use as a fixture: ``from tests.peers import llama_cpp_src`` (session fixture) or call
 ``peer_dir()`` directly from a benchmark.
@@ -83,5 +84,5 @@ def llama_cpp_src() -> Path:
                     f"`python tests/peers.py` (pip download --no-deps --no-binary :all: llama-cpp-python=={ver})")
 
 
-if __name__ == "__main__":  # .ci/run: make the peers available before the suite runs offline
+if __name__ == "__main__":  # prefetch by hand, e.g. before running the suite on a machine without the registry
     print(peer_dir())
