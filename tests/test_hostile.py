@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,25 +43,40 @@ class Result:
     maxrss_kb: int
 
 
+# Linux carries a process's peak RSS across fork and exec, so a CLI forked straight from pytest (GBs
+# after the suite's in-process model tests) would report pytest's peak. A small trampoline forks the
+# CLI from its own ~10 MB image and reports wait4 on that child: the CLI's own peak, whatever ran before.
+_TRAMPOLINE = """
+import os, signal, sys, threading
+report, timeout, argv = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+pid = os.fork()
+if pid == 0:
+    os.execv(argv[0], argv)
+killer = threading.Timer(timeout, os.kill, (pid, signal.SIGKILL))
+killer.start()
+_, status, ru = os.wait4(pid, 0)
+killer.cancel()
+with open(report, "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {ru.ru_maxrss}")
+"""
+
+
 def run_measured(argv, cwd: Path, timeout: float = 120) -> Result:
-    """Run the CLI; its own wall time and peak RSS come from wait4 on that very child."""
+    """Run the CLI; its own wall time and peak RSS come from wait4 on that very child (via the trampoline)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "rusage"
         t0 = time.perf_counter()
-        p = subprocess.Popen([sys.executable, "-m", "edgepeft", *map(str, argv)], cwd=cwd, stdout=out, stderr=err,
-                             stdin=subprocess.DEVNULL, env=env)
-        killer = threading.Timer(timeout, p.kill)
-        killer.start()
-        try:
-            _, status, ru = os.wait4(p.pid, 0)
-        finally:
-            killer.cancel()
+        subprocess.run([sys.executable, "-c", _TRAMPOLINE, report, str(timeout), sys.executable, "-m", "edgepeft",
+                        *map(str, argv)], cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                       check=True, timeout=timeout + 60)
         wall = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
+        rc, maxrss = map(int, report.read_text().split())
         out.seek(0)
         err.seek(0)
-        return Result(p.returncode, out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"),
-                      wall, ru.ru_maxrss)
+        return Result(rc, out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"),
+                      wall, maxrss)
 
 
 def assert_hostile_refused(r: Result, finals=(), needle: str | None = None) -> None:
