@@ -175,7 +175,10 @@ def main() -> None:
         # 2. the quickstart's training run
         if args.adapter:
             run = Path(args.adapter)
-            result["train"] = {"reused": str(run)}
+            m = json.loads((run / "manifest.json").read_text())
+            result["train"] = {"reused": run.name, "steps": m["train"]["steps"], "s_per_step": m["train"]["s_per_step"],
+                               "final_loss": m["train"]["final_loss"], "loss_curve": m["loss_curve"],
+                               "kernels": m["kernels"]}
         else:
             run = tmp / "run"
             result["train"] = train_run(args.base, run, args.steps, True)

@@ -98,8 +98,12 @@ def _verdict(passed) -> str:
     return {True: "[green]pass[/green]", False: "[red]FAIL[/red]"}.get(passed, "reported")
 
 
-def render(record: dict, console) -> None:
-    """Print the verification table (and the merge-into auto losses) of one export ``record``."""
+def render(record: dict, console, folder: str | Path | None = None) -> None:
+    """Print the verification table (and the merge-into auto losses) of one export ``record``.
+
+    Records name artifacts relative to their own folder (relocatable); ``folder`` is that folder as
+    the user typed it, so the line shows the path they can open.
+    """
     from rich import box
     from rich.markup import escape
     from rich.table import Table
@@ -112,6 +116,8 @@ def render(record: dict, console) -> None:
     for v in vs:
         by_artifact.setdefault(str(v.get("artifact") or "?"), []).append(v)
     for artifact, group in by_artifact.items():
+        if folder is not None and artifact != "?" and not Path(artifact).is_absolute():
+            artifact = str(Path(folder) / artifact)
         runtimes = sorted({v.get("runtime", "?") for v in group})
         # the path is a line of its own, never a table cell: it folds, it is never cut
         console.print(f"verified {escape(artifact)} in {', '.join(runtimes)} against PyTorch fp32", soft_wrap=True)

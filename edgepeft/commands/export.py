@@ -53,4 +53,4 @@ def command(fmt, base, adapters, names, mode, quant, adapter_type, prune, merge_
 
         for f in result.files:
             info(f"wrote {f}")
-        render(result.record, result_console())  # the result, on stdout: every export ends with it
+        render(result.record, result_console(), folder=out)  # the result, on stdout: every export ends with it

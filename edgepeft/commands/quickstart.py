@@ -32,9 +32,9 @@ def command(out, fast, base, as_json):
     from edgepeft.verification_view import render
 
     console = result_console()
-    for record in summary["exports"].values():
+    for name, record in summary["exports"].items():
         if record.get("verify") is not None or record.get("verification") or record.get("verifications"):
-            render(record, console)
+            render(record, console, folder=Path(out) / name)
     if not summary["plan"]["verify_exports"]:
         click.echo("exports not verified against PyTorch in --fast (edgepeft export verifies by default)")
     ev = summary["evaluate"]
