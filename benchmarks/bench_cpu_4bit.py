@@ -68,19 +68,16 @@ def qlora_model(base, adapter: Path, path: str):
     from peft import PeftModel
 
     from edgepeft.train.config import TrainConfig
-    from edgepeft.train.kernels import pin_cpu_4bit_path
     from edgepeft.train.trainer import load_model, pick_recipe
 
     recipe = pick_recipe(TrainConfig(out="unused", base=base.spec, task="demo", bits=4, device="cpu"))
-    model = load_model(base, recipe)  # pinned, as edgepeft trains
+    model = load_model(base, recipe)  # pinned (dequantize-fp32), as edgepeft trains
     if path == "fused-bf16":
         from bitsandbytes.nn import Linear4bit
 
         for m in model.modules():
             if isinstance(m, Linear4bit):
                 m.support_avx512bf16_for_cpu = True  # what bitsandbytes picks on this CPU
-    else:
-        pin_cpu_4bit_path(model)
     model.config.use_cache = True
     return PeftModel.from_pretrained(model, str(adapter)).eval()
 

@@ -35,6 +35,14 @@ def _save(fig, path: Path) -> Path:
     return Path(path)
 
 
+def _bar_panel(ax, labels, values, title: str, fmt: str, first: bool) -> None:
+    """One horizontal bar panel of a row of panels; only the first carries the row labels."""
+    _label_bars(ax, ax.barh(range(len(labels)), values, color="#4c72b0"), fmt)
+    ax.set_yticks(range(len(labels)), labels if first else [""] * len(labels), fontsize=8)
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=9)
+
+
 def _label_bars(ax, bars, fmt: str) -> None:
     for b in bars:
         w = b.get_width()
@@ -93,13 +101,10 @@ def plot_onnx(result: dict, path: Path = RESULTS / "onnx.png") -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 3.6))
     for ax, (title, get, fmt) in zip(axes, panels):
         vals = [get(r) for r in rows]
-        _label_bars(ax, ax.barh(range(len(rows)), [v or 0 for v in vals], color="#4c72b0"), fmt)
+        _bar_panel(ax, labels, [v or 0 for v in vals], title, fmt, first=ax is axes[0])
         if ref is not None and get(ref) not in (None, 0):
             ax.axvline(get(ref), color="#c44e52", linewidth=1.5, label=f"PyTorch fp32: {fmt.format(get(ref))}")
             ax.legend(fontsize=7, loc="lower right")
-        ax.set_yticks(range(len(rows)), labels if ax is axes[0] else [""] * len(rows), fontsize=8)
-        ax.invert_yaxis()
-        ax.set_title(title, fontsize=9)
     fig.suptitle(f"ONNX (onnxruntime-genai) {result.get('base')} + trained demo adapter, "
                  f"{result.get('settings', {}).get('eval_n', '?')} demo examples", fontsize=10)
     return _save(fig, path)
@@ -114,10 +119,7 @@ def plot_train(result: dict, path: Path = RESULTS / "train.png") -> Path:
               ("peak RSS MiB", "peak_rss_mb", "{:.0f}")]
     fig, axes = plt.subplots(1, len(panels), figsize=(12, 2.6))
     for ax, (title, key, fmt) in zip(axes, panels):
-        _label_bars(ax, ax.barh(range(len(names)), [rows[n][key] for n in names], color="#4c72b0"), fmt)
-        ax.set_yticks(range(len(names)), names if ax is axes[0] else [""] * len(names), fontsize=8)
-        ax.invert_yaxis()
-        ax.set_title(title, fontsize=9)
+        _bar_panel(ax, names, [rows[n][key] for n in names], title, fmt, first=ax is axes[0])
     fig.suptitle(f"training {result.get('base')} on the {result.get('task')} task, {result.get('steps')} steps, "
                  f"{result.get('cpu_count')} CPU cores", fontsize=10)
     return _save(fig, path)
