@@ -11,16 +11,27 @@ returning ``(len(ids), vocab)`` float logits for every position::
     completion_nll(torch_logits(model), tok, pairs)      # PyTorch (merge-target choice)
     completion_nll(runtime_logits(rt), tok, pairs)       # any edgepeft.runtimes Runtime
     completion_nll(lambda ids: lm.logits(ids), tok, pairs)
+
+Which data calibrates a quantizer (an importance matrix, ONNX int4's GPTQ/AWQ) is chosen in one place,
+:func:`select_calibration`: ``--calib FILE`` when given; else, when an ``--adapter`` is a training run
+dir, that run's own data (its manifest records the path and sha256; the hash is checked before use):
+the held-out part when the manifest records one (``data.held_out``), else a seeded sample of the training
+data. A bundled task's ``eval`` split is NOT taken as held-out: it is the set eval and bench score, so
+calibrating on it would grade the quantizer on its own data. Without either, the bundled wikitext-2
+slice, named in the record and in one status line.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgepeft.errors import EdgepeftError
+from edgepeft.fingerprint import sha256_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -29,7 +40,8 @@ Pairs = list[tuple[str, str]]
 
 
 def load_calibration(path, limit: int = 64, tokenizer=None) -> Pairs:
-    """(prompt, completion) pairs from a JSONL file: keys prompt/completion, input/output, or text.
+    """(prompt, completion) pairs from a JSONL file: keys prompt/completion, input/output, messages (the last
+    assistant turn is the completion, the turns before it the prompt), or text.
 
     Prompts are user turns: pass ``tokenizer`` to render them with its chat template, as training
     and evaluation do (``text`` lines are raw, with an empty prompt).
@@ -50,9 +62,10 @@ def load_calibration(path, limit: int = 64, tokenizer=None) -> Pairs:
         pair = _pair(row)
         if pair is None:
             raise EdgepeftError(f"--calib {path} line {i} has keys {sorted(row) if isinstance(row, dict) else row!r}",
-                                "Each line needs prompt+completion, input+output, or text")
+                                "Each line needs prompt+completion, input+output, messages with an assistant turn, "
+                                "or text")
         prompt, completion = pair
-        if tokenizer is not None and prompt:
+        if prompt and (tokenizer is not None or isinstance(prompt, list)):
             prompt = render_prompt(tokenizer, prompt)
         pairs.append((prompt, completion))
         if len(pairs) >= limit:
@@ -75,9 +88,158 @@ def calibration_pairs(tokenizer, calib=None, limit: int = 32) -> Pairs:
     return load_calibration(calib, limit=limit, tokenizer=tokenizer) if calib else demo_calibration(tokenizer)
 
 
-def _pair(row) -> tuple[str, str] | None:
+# --- which data calibrates a quantizer --------------------------------------------------------------
+
+BUNDLED_TEXT = Path(__file__).parent / "data" / "wikitext2-valid-slice.txt"
+BUNDLED_NAME = "bundled wikitext-2 slice"
+# export/verify.py scores perplexity on the slice's first 2 x 64 tokens: calibration starts well after them
+BUNDLED_SKIP_CHARS = 4096
+BUNDLED_CHUNK_CHARS = 768  # ~200 tokens per text: 80 texts in the slice
+SAMPLE_SEED = 0  # the sample of a run's training data is the same on every export
+DEFAULT_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class CalibRequest:
+    """What :func:`select_calibration` reads (an ``ExportRequest`` has the same fields)."""
+
+    adapters: Sequence[Path] = ()
+    calib: Path | None = None
+    calib_limit: int = DEFAULT_LIMIT
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration set one export uses, and where it came from.
+
+    ``pairs`` are chat-rendered (prompt, completion), exactly what the model sees (``text`` rows and the
+    bundled slice have an empty prompt); ``texts`` joins each pair. ``sha256`` is the hash of the data the
+    pairs were drawn from: for a training run, the hash its manifest recorded (checked on load); for a file
+    or the bundled slice, of the file's bytes.
+    """
+
+    pairs: Pairs
+    source: str  # one line for a user: "training run data (task:demo): 64-sample of 2000"
+    kind: str  # run-held-out | run-sample | file | bundled
+    sha256: str
+
+    @property
+    def texts(self) -> list[str]:
+        return [p + c for p, c in self.pairs]
+
+    def record(self) -> dict:
+        """The record's ``calibration`` entry (and what an artifact's metadata carries): no host path."""
+        return {"source": self.source, "kind": self.kind, "sha256": self.sha256, "texts": len(self.pairs)}
+
+
+def select_calibration(req, tokenizer, *, say: Callable[[str], None] | None = None) -> Calibration:
+    """The calibration set for ``req`` (``.calib``, ``.adapters``, optional ``.calib_limit``); one status line.
+
+    Order: ``--calib FILE``; else the first ``--adapter`` that is a training run (its held-out part, else a
+    seeded sample of its training data, hash-checked); else the bundled wikitext-2 slice.
+    """
+    limit = int(getattr(req, "calib_limit", None) or DEFAULT_LIMIT)
+    calib = getattr(req, "calib", None)
+    if calib:
+        pairs = load_calibration(calib, limit=limit, tokenizer=tokenizer)
+        found = Calibration(pairs, f"--calib {calib}", "file", sha256_file(Path(calib)))
+    else:
+        found = next((c for c in (_from_run(Path(a), tokenizer, limit) for a in getattr(req, "adapters", ()) or ())
+                      if c is not None), None)
+        if found is None:
+            found = bundled_calibration(limit)
+    if say is None:
+        from edgepeft.ui import info as say
+    say(f"calibration: {found.source} ({len(found.pairs)} texts, sha256 {found.sha256[:12]})")
+    return found
+
+
+def bundled_calibration(limit: int = DEFAULT_LIMIT) -> Calibration:
+    """Text chunks of the bundled wikitext-2 slice (after the part the verifier scores), empty prompts."""
+    raw = BUNDLED_TEXT.read_text(encoding="utf-8")
+    body = raw[raw.index("\n", BUNDLED_SKIP_CHARS) + 1:]  # from a paragraph start
+    words = " ".join(p.strip() for p in body.split("\n") if p.strip() and not p.strip().startswith("=")).split(" ")
+    chunks, cur = [], []
+    for w in words:
+        cur.append(w)
+        if sum(map(len, cur)) + len(cur) >= BUNDLED_CHUNK_CHARS:
+            chunks.append(" ".join(cur))
+            cur = []
+            if len(chunks) >= limit:
+                break
+    return Calibration([("", c) for c in chunks], BUNDLED_NAME, "bundled", sha256_file(BUNDLED_TEXT))
+
+
+def _from_run(adapter: Path, tokenizer, limit: int) -> Calibration | None:
+    """The calibration a training run's manifest names, or None when ``adapter`` is no training run."""
+    from edgepeft.keys import TRAIN_MANIFEST
+    from edgepeft.train.manifest import read_manifest
+
+    manifest = read_manifest(adapter)
+    data = manifest.get("data") if isinstance(manifest.get("data"), dict) else None
+    if not data or not isinstance(data.get("source"), str) or not isinstance(data.get("sha256"), str):
+        return None
+    where = next(c for c in (adapter / TRAIN_MANIFEST, adapter.resolve().parent / TRAIN_MANIFEST) if c.is_file())
+    held = data.get("held_out")
+    if isinstance(held, dict) and isinstance(held.get("source"), str) and isinstance(held.get("sha256"), str):
+        records, name = _run_records(held["source"], held["sha256"], where, "held-out data")
+        return Calibration(_render_records(records[:limit], tokenizer), f"training run held-out data ({name})",
+                           "run-held-out", held["sha256"])
+    records, name = _run_records(data["source"], data["sha256"], where, "training data")
+    picked = records if len(records) <= limit else random.Random(SAMPLE_SEED).sample(records, limit)
+    return Calibration(_render_records(picked, tokenizer),
+                       f"training run data ({name}): {len(picked)}-sample of {len(records)}", "run-sample",
+                       data["sha256"])
+
+
+def _run_records(source: str, recorded: str, manifest: Path, what: str):
+    """The records a manifest names (a bundled task or a JSONL path relative to it), hash-checked."""
+    from edgepeft.paths import from_record
+    from edgepeft.train.data import data_sha256, load_jsonl, records_from_examples
+    from edgepeft.train.tasks import TASKS
+
+    if source.startswith("task:"):
+        task = TASKS.get(source[len("task:"):])
+        if task is None:
+            raise EdgepeftError(f"{manifest} records {what} {source}, which this edgepeft does not bundle",
+                                f"Pass --calib FILE, or --imatrix none. Bundled tasks: {', '.join(TASKS)}")
+        records, name = records_from_examples(task.examples("train"), source), source
+    else:
+        path = from_record(source, manifest)
+        if not path.is_file():
+            raise EdgepeftError(f"{manifest} records {what} {source}, which is not there ({path})",
+                                "Put the file back, pass --calib FILE, or --imatrix none")
+        records, name = load_jsonl(path), source
+    found = data_sha256(records)
+    if found != recorded:
+        raise EdgepeftError(f"the {what} {name} has sha256 {found[:12]}, but {manifest} records {recorded[:12]} "
+                            "(it changed since training)",
+                            "Restore the data the run was trained on, pass --calib FILE, or --imatrix none")
+    return records, name
+
+
+def _render_records(records, tokenizer) -> Pairs:
+    """Training conversations as (rendered prompt, last assistant turn): what the model sees at inference."""
+    from edgepeft.train.chat import render_prompt
+
+    out = []
+    for r in records:
+        last = max(i for i, m in enumerate(r.messages) if m["role"] == "assistant")
+        out.append((render_prompt(tokenizer, r.messages[:last]), r.messages[last]["content"]))
+    return out
+
+
+
+def _pair(row) -> tuple[str, str | list[dict]] | None:
+    """(user prompt or chat messages before the last assistant turn, completion) of one JSONL row."""
     if not isinstance(row, dict):
         return None
+    msgs = row.get("messages")
+    if isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
+        last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
+        if last is None:
+            return None
+        return [{"role": m["role"], "content": m["content"]} for m in msgs[:last]], msgs[last]["content"]
     for p, c in (("prompt", "completion"), ("input", "output"), ("prompt", "response")):
         if isinstance(row.get(p), str) and isinstance(row.get(c), str):
             return row[p], row[c]
