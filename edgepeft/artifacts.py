@@ -13,7 +13,6 @@ Kinds: :class:`GGUFFile`, :class:`GGUFFolder` (an export folder: one model plus
 
 from __future__ import annotations
 
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from edgepeft.keys import (
     QNN_PREFILL_GRAPH,
 )
 from edgepeft.keys import ADAPTER_SUFFIX_ONNX as ADAPTER_SUFFIX
+from edgepeft.paths import from_record
 
 QNN_GRAPHS = (QNN_PREFILL_GRAPH, QNN_DECODE_GRAPH)
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2")
@@ -158,7 +158,7 @@ def discover(path: str | Path) -> Discovered | None:
             if not isinstance(name, str) or not isinstance(rel, str):
                 raise IntegrityError(f"{p / GGUF_RECORD}: adapter_files[{i}] needs string 'name' and 'path'",
                                      "Re-export the folder")
-            found[name] = inside(p, rel, f"{p / GGUF_RECORD}: adapter_files[{i}].path")
+            found[name] = from_record(rel, p / GGUF_RECORD, confine=f"{p / GGUF_RECORD}: adapter_files[{i}].path")
         models = [g for g in ggufs if g not in found.values()]
         if len(models) == 1:
             return GGUFFolder(p, models[0], found, _str_field(record, "quant", p / GGUF_RECORD))
@@ -168,21 +168,6 @@ def discover(path: str | Path) -> Discovered | None:
     if (p / "model.onnx").is_file():
         return OnnxFile(p / "model.onnx")
     return None
-
-
-def inside(folder: Path, rel: str, where: str) -> Path:
-    """``folder/rel`` for a record's relative path; refuse absolute paths, ``..`` and anything leaving ``folder``."""
-    rp = Path(rel)
-    if rp.is_absolute() and "\0" not in rel:  # older records: absolute; honoured only inside the folder
-        rp = Path(os.path.relpath(rp, folder)) if rp.resolve().is_relative_to(folder.resolve()) else Path(rp.name)
-        rel = rp.as_posix()
-    if not rel or "\0" in rel or rp.is_absolute() or ".." in rp.parts:
-        raise IntegrityError(f"{where}={rel!r} leaves the folder", "Allowed: a path relative to the folder")
-    target = folder / rp
-    if not target.resolve().is_relative_to(folder.resolve()):
-        raise IntegrityError(f"{where}={rel!r} leaves the folder (through a link)",
-                             "Allowed: a path relative to the folder")
-    return target
 
 
 def read_sidecar(path: Path) -> dict:

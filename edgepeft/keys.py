@@ -40,6 +40,7 @@ SOURCE_RECORD = "edgepeft-source.json"  # an HF folder materialised from a .gguf
 FINGERPRINT_MEMO = ".edgepeft-fingerprint.json"  # cached base fingerprint, keyed by file stamps
 BUNDLE_MANIFEST = "manifest.json"  # a bundle's root: every file hashed; the only file trusted first
 TRAIN_MANIFEST = "manifest.json"  # a training run dir: base fingerprint, data hash, summary
+RUN_ADAPTER = "adapter"  # a training run dir's PEFT adapter folder (RUN_DIR/adapter)
 TRAIN_RUN_STATE = "run.json"  # a training run dir: what a --resume must agree with
 ADAPTER_SUFFIX_GGUF = ".lora.gguf"  # a separate-mode adapter GGUF
 ADAPTER_SUFFIX_ONNX = ".onnx_adapter"  # an ONNX Runtime LoRA adapter

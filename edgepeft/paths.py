@@ -24,7 +24,29 @@ def to_record(path: str | os.PathLike, record_file: str | os.PathLike) -> str:
     return Path(rel).as_posix()
 
 
-def from_record(stored: str | os.PathLike, record_file: str | os.PathLike) -> Path:
-    """The path a record stores, usable from the current directory (absolute paths, from old records, kept)."""
+def from_record(stored: str | os.PathLike, record_file: str | os.PathLike, *, confine: str | None = None) -> Path:
+    """The path a record stores, usable from the current directory (absolute paths, from old records, kept).
+
+    With ``confine`` (the field's name, for the error) the path must stay inside the record's folder:
+    absolute paths, ``..`` and links leaving it raise :class:`~edgepeft.errors.IntegrityError`; an old
+    record's absolute path is honoured only when it points inside the folder, else by its file name."""
     p = Path(stored)
-    return p if p.is_absolute() else Path(record_file).parent / p
+    if confine is None:
+        return p if p.is_absolute() else Path(record_file).parent / p
+    return _inside(Path(record_file).parent, str(stored), confine)
+
+
+def _inside(folder: Path, rel: str, where: str) -> Path:
+    from edgepeft.errors import IntegrityError
+
+    rp = Path(rel)
+    if rp.is_absolute() and "\0" not in rel:
+        rp = Path(os.path.relpath(rp, folder)) if rp.resolve().is_relative_to(folder.resolve()) else Path(rp.name)
+        rel = rp.as_posix()
+    if not rel or "\0" in rel or rp.is_absolute() or ".." in rp.parts:
+        raise IntegrityError(f"{where}={rel!r} leaves the folder", "Allowed: a path relative to the folder")
+    target = folder / rp
+    if not target.resolve().is_relative_to(folder.resolve()):
+        raise IntegrityError(f"{where}={rel!r} leaves the folder (through a link)",
+                             "Allowed: a path relative to the folder")
+    return target

@@ -16,6 +16,7 @@ from edgepeft.errors import ConfigError, EdgepeftError, IntegrityError, Mismatch
 from edgepeft.export.plan import AdapterPlan, LoraModule
 from edgepeft.fingerprint import read_safetensors_header, sha256_file, short
 from edgepeft.models import ResolvedBase
+from edgepeft.train.adapter import run_adapter
 from edgepeft.train.manifest import read_manifest, recorded_fingerprint
 
 SAFE_NAME = "adapter_model.safetensors"
@@ -34,9 +35,7 @@ _MERGE_HINT = ("only a merged export could carry it; merge with PEFT's merge_and
 def load_adapter(path, base: ResolvedBase, *, name: str | None = None, force: bool = False,
                  allow_pickle: bool = False) -> AdapterPlan:
     """Load the PEFT LoRA adapter in folder ``path`` and check it against ``base``."""
-    folder = Path(path)
-    if (folder / "adapter" / "adapter_config.json").is_file():  # RUN_DIR from edgepeft train
-        folder = folder / "adapter"
+    folder = run_adapter(path)  # RUN_DIR from edgepeft train, or the PEFT folder itself
     config = _read_config(folder)
     _refuse_unsupported_config(folder, config)
     weights_file, tensors = _read_tensors(folder, allow_pickle)

@@ -195,3 +195,24 @@ def test_task_accuracy_scores(monkeypatch):
     assert task_accuracy(right, cfg, tmpl) == {"task": "demo", "accuracy": 1.0, "correct": 1, "total": 1}
     assert right.prompts == [f"<u>{ex.prompt}</u><a>"]
     assert task_accuracy(_Scripted(ex.completion + " extra"), cfg, tmpl)["accuracy"] == 0.0
+
+
+def test_extra_adapter_joins_only_artifacts_that_take_adapters(gguf_sep, tiny_llama, peft_adapters, tmp_path, cli):
+    """``--adapter`` goes to the separate export; the merged one is measured as it is, and said so. With only
+    merged artifacts it is one error line before anything is measured."""
+    from bench_artifacts import export
+
+    merged = tmp_path / "merged"
+    export("gguf", tiny_llama, {"sql": peft_adapters["sql"]}, merged, mode="merged", quant="f32",
+           merge_into="original")
+    extra = f"again={gguf_sep / 'chat.lora.gguf'}"
+    proc = cli("bench", merged, gguf_sep, "--adapter", extra, "--no-ppl", "--prompt-tokens", "8", "--gen-tokens", "2",
+               "-r", "1", "--swap-cycles", "1", "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    recs = [r for r in json.loads(proc.stdout)["records"] if not r.get("reference")]
+    by_art = {}
+    for r in recs:
+        by_art.setdefault(Path(r["artifact"]).name, set()).add(r["adapter"])
+    assert by_art["merged"] == {"none"} and {"again", "sql", "chat"} <= by_art["sep"], by_art  # none: nothing swapped
+    assert "merged: adapters merged in, so --adapter again is not applied to it" in proc.stderr
+    assert_clean_error(cli("bench", merged, "--adapter", extra), "every artifact", "adapters merged in")

@@ -109,6 +109,7 @@ def check_fits(artifact: Artifact, profile: DeviceProfile, runtime: str, n_ctx: 
     if artifact.quant and artifact.quant not in profile.formats[fmt]:
         raise EdgepeftError(f"device {profile.name} does not support {fmt} quant {artifact.quant} "
                             f"({artifact.path.name})", f"Supported there: {', '.join(profile.formats[fmt])}")
+    check_adapters(artifact)
     weights = artifact.model_bytes + sum(artifact.adapter_bytes.values())
     kv = _kv_bytes(artifact, n_ctx)
     need = weights + kv
@@ -118,6 +119,25 @@ def check_fits(artifact: Artifact, profile: DeviceProfile, runtime: str, n_ctx: 
             f"{kv / 1e9:.2f} GB at {n_ctx} tokens) but {profile.name} has {profile.memory_gb:g} GB "
             f"({profile.usable_bytes / 1e9:.2f} GB usable)", "Pick a smaller quant, or a device with more memory")
     return {"need_bytes": need, "usable_bytes": profile.usable_bytes}
+
+
+def check_adapters(artifact: Artifact) -> None:
+    """Every adapter the artifact carries fits its model (names, shapes, a merged base refused): the same
+    check the runtime load makes, run before any measurement so a wrong pairing costs seconds, not minutes."""
+    if not artifact.adapters or artifact.names:  # a bundle's pairs were checked, through descriptors, by verify
+        return
+    from edgepeft.fit import check_gguf_pair, check_onnx_adapter_fits
+
+    for name, path in artifact.adapters.items():
+        if artifact.format == "gguf":
+            check_gguf_pair(artifact.model, path)
+        elif artifact.format in ("onnx", "onnx-genai"):
+            check_onnx_adapter_fits(artifact.model, path, adapter_label=f"adapter {name}")
+
+
+def accepts_adapters(artifact: Artifact) -> bool:
+    """Whether extra ``--adapter`` files can be applied to the artifact (not one with adapters merged in)."""
+    return not merged_adapters(artifact)
 
 
 def _kv_bytes(artifact: Artifact, n_ctx: int) -> int:

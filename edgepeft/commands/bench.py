@@ -76,7 +76,7 @@ def command(artifacts, runtimes, device, profile, adapters, prompt_tokens, gen_t
 
         raise ConfigError("--timeout", timeout, "a number of seconds in (0, 86400]")
     target = resolve_device(device, profile)
-    arts = [bench.discover(a, extra) for a in artifacts]
+    arts = _with_extra_adapters([bench.discover(a) for a in artifacts], extra, artifacts)
     with native_stdout_to_stderr(json_out == "-"):
         if target.kind == "local":
             doc = bench.run(arts, list(runtimes), target.profile, cfg)
@@ -86,6 +86,29 @@ def command(artifacts, runtimes, device, profile, adapters, prompt_tokens, gen_t
             doc = run_remote(target, arts, list(runtimes), cfg, known_hosts=known_hosts, timeout=timeout,
                              identity=ssh_identity)
     _emit(doc, json_out, png)
+
+
+def _with_extra_adapters(arts, extra: dict, typed):
+    """``--adapter NAME=PATH`` joins every artifact that can take an adapter; merged ones are measured as
+    they are (one status line says so). None that can take it is an error, before any measurement."""
+    if not extra:
+        return arts
+    from edgepeft import bench
+    from edgepeft.bench.artifacts import accepts_adapters
+    from edgepeft.errors import EdgepeftError
+
+    takers = [accepts_adapters(a) for a in arts]
+    if not any(takers):
+        raise EdgepeftError(f"--adapter {', '.join(extra)} given, but every artifact ({', '.join(typed)}) has its "
+                            "adapters merged in", "Pass the --mode separate export (its base takes adapter files)")
+    out = []
+    for a, label, takes in zip(arts, typed, takers):
+        if takes:
+            a = bench.discover(label, extra)
+        else:
+            info(f"{label}: adapters merged in, so --adapter {', '.join(extra)} is not applied to it")
+        out.append(a)
+    return out
 
 
 def _emit(doc: dict, json_out: str | None, png: str | None) -> None:

@@ -5,13 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgepeft.errors import EdgepeftError, MismatchError
+from edgepeft.keys import RUN_ADAPTER
+
+
+def run_adapter(path: str | Path) -> Path:
+    """RUN_DIR (from ``edgepeft train``) -> RUN_DIR/adapter; any other folder as given (unchecked)."""
+    p = Path(path)
+    return p / RUN_ADAPTER if (p / RUN_ADAPTER / "adapter_config.json").is_file() else p
 
 
 def adapter_dir(path: str | Path) -> Path:
     """Accept RUN_DIR or RUN_DIR/adapter; return the folder holding adapter_config.json."""
-    p = Path(path)
-    if (p / "adapter" / "adapter_config.json").is_file():
-        p = p / "adapter"
+    p = run_adapter(path)
     if not p.exists():
         raise EdgepeftError(f"--adapter {path} does not exist", "Pass RUN_DIR or RUN_DIR/adapter from edgepeft train")
     if not (p / "adapter_config.json").is_file():

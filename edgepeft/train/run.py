@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from edgepeft import atomic
-from edgepeft.keys import TRAIN_MANIFEST
+from edgepeft.keys import RUN_ADAPTER, TRAIN_MANIFEST
 from edgepeft.train import trainer as T
 from edgepeft.train.config import TrainConfig
 
@@ -133,20 +133,32 @@ def _final_loss(history: list[dict]) -> float | None:
     return round(float(losses[-1]), 6) if losses else None
 
 
+def _portable_base_name(config_file: Path, base) -> None:
+    """PEFT stores ``base_model_name_or_path`` as the model's load path: here the dequantized cache
+    folder, absolute and machine-specific. Store the base as the run's records name it (an alias as
+    typed, a local path relative to the adapter folder) so the folder means the same after a move."""
+    from edgepeft.readers import read_json
+
+    cfg = read_json(config_file, "adapter_config.json", expect=dict)
+    cfg["base_model_name_or_path"] = base.record_spec(config_file)
+    atomic.write_json(config_file, cfg)
+
+
 def finish(cfg, base, recipe, trainer, data_info: dict, train_info: dict) -> dict:
     """Write adapter/, manifest.json and loss.png atomically (adapter first: the manifest hashes it)."""
     from edgepeft.train.manifest import build_manifest, plot_loss
 
     run_dir = cfg.run_dir
-    with atomic.atomic_dir(run_dir / "adapter") as tmp:
+    with atomic.atomic_dir(run_dir / RUN_ADAPTER) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
+        _portable_base_name(tmp / "adapter_config.json", base)
     targets = sorted(trainer.model.peft_config["default"].target_modules)
-    manifest = build_manifest(cfg=cfg, base=base, recipe=recipe, data=data_info, adapter_dir=run_dir / "adapter",
+    manifest = build_manifest(cfg=cfg, base=base, recipe=recipe, data=data_info, adapter_dir=run_dir / RUN_ADAPTER,
                               lora_targets=targets, log_history=trainer.state.log_history, train=train_info,
                               task=cfg.task or (cfg.data if data_info["source"].startswith("task:") else None))
     plot_loss(manifest["loss_curve"], run_dir / "loss.png",
               f"{base.spec} {cfg.bits}-bit LoRA r={cfg.rank} on {data_info['source']}")
     atomic.write_json(run_dir / TRAIN_MANIFEST, manifest)
-    return {"run_dir": str(run_dir), "adapter": str(run_dir / "adapter"), "manifest": str(run_dir / TRAIN_MANIFEST),
+    return {"run_dir": str(run_dir), "adapter": str(run_dir / RUN_ADAPTER), "manifest": str(run_dir / TRAIN_MANIFEST),
             "loss_png": str(run_dir / "loss.png"), **train_info, "data": data_info,
             "quantization": manifest["quantization"]}
