@@ -86,6 +86,10 @@ def test_moved_run_exports_and_bundle_still_work(tiny_llama, tmp_path):
         roots = [first, second, tmp_path]
         run = _assert_relative(second / "runs/demo/manifest.json", roots)
         assert from_record(run["adapter"]["path"], second / "runs/demo/manifest.json").is_dir()
+        # PEFT writes the load path (the dequantized cache, absolute); the run names the base as typed
+        peft_cfg = _assert_relative(second / "runs/demo/adapter/adapter_config.json", roots)
+        assert from_record(peft_cfg["base_model_name_or_path"], second / "runs/demo/adapter/x").resolve() == \
+            Path(tiny_llama).resolve()
         rec = _assert_relative(second / "out/gguf/gguf-export.json", roots)
         for f in rec["files"] + [a["path"] for a in rec["adapter_files"]]:
             assert from_record(f, second / "out/gguf/gguf-export.json").is_file(), f
