@@ -48,6 +48,10 @@ def test_records_and_metrics(result, gguf_sep, onnx_sep, peft_adapters):
         assert r["load_ms"] > 0 and r["ttft_ms"]["mean"] > 0 and r["ttft_ms"]["n"] == 2
         assert r["pp"]["mean"] > 0 and r["pp"]["tokens"] == 32
         assert r["tg"]["mean"] > 0 and r["tg"]["tokens"] == 8
+        if r["adapter"] == "none":  # the base alone is what the ratios are taken against
+            assert r["adapter_tg_ratio"] is None and r["adapter_pp_ratio"] is None
+        else:  # same run, same repetitions: a ratio of two measured speeds, so positive and finite
+            assert 0 < r["adapter_tg_ratio"] < 100 and 0 < r["adapter_pp_ratio"] < 100, r
         assert r["peak_rss_mb"] > 10
         assert r["swap_ms"]["median"] > 0 and r["swap_ms"]["n"] == 2 * 3
         assert 1 < r["perplexity"]["ppl"] < 1e7 and r["perplexity"]["tokens"] == 64
@@ -94,6 +98,65 @@ def test_table_and_compare(result, gguf_sep, cli):
     text = console.export_text()
     assert "tg t/s" in text and "bw_util" in text and "onnxruntime-genai" in text
     assert "PyTorch fp32 (reference)" in text
+
+
+def test_adapter_ratios_in_table_and_json(gguf_sep, tmp_path, cli):
+    """Every adapter's tg and pp against the base alone of the same run: in the table (read through a
+    pipe), in the --json file and in --json - on stdout."""
+    proc = cli("bench", gguf_sep, *SMALL, "--no-ppl", "--json", "r.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "tg/base" in proc.stdout and "pp/base" in proc.stdout
+    doc = bench.load_document(tmp_path / "r.json")
+    by = {r["adapter"]: r for r in doc["records"]}
+    assert set(by) == {"none", "sql", "chat"}
+    assert by["none"]["adapter_tg_ratio"] is None
+    for name in ("sql", "chat"):
+        tg, pp = by[name]["adapter_tg_ratio"], by[name]["adapter_pp_ratio"]
+        assert 0 < tg < 100 and 0 < pp < 100
+        assert f"{tg:.2f}x" in proc.stdout and f"{pp:.2f}x" in proc.stdout
+    piped = cli("bench", gguf_sep, *SMALL, "--no-ppl", "--json", "-", cwd=tmp_path)
+    assert piped.returncode == 0, piped.stderr
+    recs = json.loads(piped.stdout)["records"]
+    assert all((r["adapter_tg_ratio"] is None) == (r["adapter"] == "none") for r in recs)
+
+
+class _Clocked:
+    """A runtime whose steps advance a fake clock: the base takes 1 unit per token, adapter "slow"
+    2 units per decode token and 4 per prefill token."""
+
+    def __init__(self, clock: list[float]):
+        self.clock, self.active, self.order = clock, None, []
+
+    def set_adapter(self, name):
+        self.active = name
+        self.order.append(name)
+
+    def reset(self):
+        pass
+
+    def prefill(self, tokens, all_logits=False):
+        self.clock[0] += len(tokens) * (4 if self.active and len(tokens) > 1 else 1)
+
+    def logits(self):
+        return None
+
+    def decode(self, n, tokens=None):
+        self.clock[0] += n * (2 if self.active else 1)
+
+
+def test_interleaved_speed_ratios(monkeypatch):
+    """Base and adapter alternate within each repetition, and the ratio is adapter tok/s over base tok/s."""
+    from edgepeft.bench import measure
+
+    clock = [0.0]
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+    rt = _Clocked(clock)
+    cfg = bench.BenchConfig(gen_tokens=4, repetitions=3, ppl_file=None)
+    out = measure.interleaved_speed(rt, list(range(8)), cfg, [None, "slow"])
+    assert rt.order == [None, "slow"] * 4  # warm-up + 3 repetitions, A B A B
+    assert out["slow"]["adapter_tg_ratio"] == 0.5 and out["slow"]["adapter_pp_ratio"] == 0.25
+    assert "adapter_tg_ratio" not in out[None]
+    assert out[None]["tg"]["mean"] == 1.0 and out["slow"]["tg"]["mean"] == 0.5 and out[None]["pp"]["n"] == 3
 
 
 def test_too_big_wrong_quant_wrong_format_refused(gguf_sep, onnx_sep, tmp_path, cli):

@@ -107,22 +107,50 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def speed(rt, prompt: list[int], cfg: BenchConfig) -> dict:
-    """ttft/pp on a fresh KV cache with the whole prompt; tg: gen_tokens single steps after one token."""
-    gen = [prompt[i % len(prompt)] for i in range(cfg.gen_tokens)]
-    pp_s, tg_s = [], []
-    for rep in range(cfg.repetitions + 1):  # rep 0 is the warm-up
-        rt.reset()
-        t = _timed(lambda: (rt.prefill(prompt), rt.logits()))
-        rt.reset()
-        rt.prefill(prompt[:1])
-        g = _timed(lambda: rt.decode(cfg.gen_tokens, tokens=gen))
-        if rep:
-            pp_s.append(t)
-            tg_s.append(g)
+def _speed_samples(rt, prompt: list[int], gen: list[int]) -> tuple[float, float]:
+    """One pp and one tg sample in seconds: pp on a fresh KV cache with the whole prompt,
+    tg as len(gen) single steps after one token."""
+    rt.reset()
+    t = _timed(lambda: (rt.prefill(prompt), rt.logits()))
+    rt.reset()
+    rt.prefill(prompt[:1])
+    g = _timed(lambda: rt.decode(len(gen), tokens=gen))
+    return t, g
+
+
+def _speed_stats(prompt: list[int], cfg: BenchConfig, pp_s: list[float], tg_s: list[float]) -> dict:
     return {"ttft_ms": stats([s * 1e3 for s in pp_s]),
             "pp": {**stats([len(prompt) / s for s in pp_s], 2), "tokens": len(prompt)},
             "tg": {**stats([cfg.gen_tokens / s for s in tg_s], 2), "tokens": cfg.gen_tokens}}
+
+
+def interleaved_speed(rt, prompt: list[int], cfg: BenchConfig, names: list[str | None]) -> dict:
+    """Speed of each adapter (None = the base alone), measured interleaved: every repetition runs
+    base, adapter 1, adapter 2, ... back to back, so a load change on a shared machine hits all of
+    them alike. Repetition 0 of each is the warm-up.
+
+    Returns ``{name: speed}``; every adapter's speed also carries ``adapter_tg_ratio`` and
+    ``adapter_pp_ratio``: the median over repetitions of its tok/s over the base's tok/s in the
+    same repetition (paired, not a ratio of means: pairs sit seconds apart, means minutes).
+    """
+    gen = [prompt[i % len(prompt)] for i in range(cfg.gen_tokens)]
+    samples: dict = {n: ([], []) for n in names}
+    for rep in range(cfg.repetitions + 1):
+        for name in names:
+            rt.set_adapter(name)
+            t, g = _speed_samples(rt, prompt, gen)
+            if rep:
+                samples[name][0].append(t)
+                samples[name][1].append(g)
+    out = {n: _speed_stats(prompt, cfg, *samples[n]) for n in names}
+    if None in samples:
+        base_pp, base_tg = samples[None]
+        for n in names:
+            if n is not None:  # tok/s ratio = inverse time ratio
+                pp, tg = samples[n]
+                out[n]["adapter_pp_ratio"] = round(statistics.median(b / a for a, b in zip(pp, base_pp)), 4)
+                out[n]["adapter_tg_ratio"] = round(statistics.median(b / a for a, b in zip(tg, base_tg)), 4)
+    return out
 
 
 def perplexity(rt, cfg: BenchConfig) -> dict | None:
@@ -218,7 +246,7 @@ def measure_reference(cfg: BenchConfig, device_label: str = "local") -> dict:
                     "adapter": name or "none", "reference": True, "model_bytes": 0, "adapter_bytes": 0,
                     "load_ms": None, "check_ms": None, "ttft_ms": None, "pp": None, "tg": None, "swap_ms": None,
                     "perplexity": perplexity(rt, cfg), "accuracy": reference_accuracy(rt, cfg),
-                    "top1_agree": 1.0, "bytes_per_token": None, "bandwidth_gb_s": None, "bw_util": None,
+                    "top1_agree": 1.0, "adapter_tg_ratio": None, "adapter_pp_ratio": None, "bytes_per_token": None, "bandwidth_gb_s": None, "bw_util": None,
                     "peak_rss_mb": None})
                 st.advance()
         finally:
@@ -296,13 +324,15 @@ def run_case(artifact: Artifact, runtime: str, profile: DeviceProfile, cfg: Benc
         try:
             prompt = prompt_tokens(rt, cfg.prompt_tokens, cfg.ppl_file)
             swap = swap_times(rt, names, cfg.swap_cycles)
+            st.update(note="speed" + (", base and adapters interleaved" if names else ""))
+            speeds = interleaved_speed(rt, prompt, cfg, [None, *names])
+            st.advance(1 + len(names))
             records = []
             for name in [None, *names]:
                 label = name or ("+".join(merged) + " merged" if merged else "base")
                 rt.set_adapter(name)
-                st.update(note=f"{label}: speed")
-                sp = speed(rt, prompt, cfg)
-                st.advance()
+                sp = speeds[name]
+                ratios = {k: sp.pop(k, None) for k in ("adapter_tg_ratio", "adapter_pp_ratio")}
                 bpt = bytes_per_token(artifact, name)
                 st.update(note=f"{label}: perplexity")
                 ppl = perplexity(rt, cfg)
@@ -323,6 +353,8 @@ def run_case(artifact: Artifact, runtime: str, profile: DeviceProfile, cfg: Benc
                     "model_bytes": artifact.model_bytes,
                     "adapter_bytes": artifact.adapter_bytes.get(name, 0) if name else 0,
                     "load_ms": round(rt.load_ms, 3), "check_ms": round(total_ms - rt.load_ms, 3), **sp,
+                    # this adapter's tok/s over the base alone's, same run, interleaved (None for the base)
+                    **ratios,
                     "swap_ms": swap,
                     "perplexity": ppl,
                     "accuracy": acc,

@@ -69,8 +69,8 @@ def load_document(path: str | Path) -> dict:
 _RECORD_STRINGS = ("artifact", "runtime", "adapter", "device")
 _RECORD_NUMBERS = ("model_bytes", "adapter_bytes")
 _RECORD_METRICS = ("pp", "tg", "ttft_ms", "load_ms", "peak_rss_mb", "swap_ms", "perplexity", "bw_util", "top1_agree",
-                   "accuracy", "bandwidth_gb_s", "bytes_per_token")
-_SCALAR_METRICS = ("bw_util", "top1_agree", "bandwidth_gb_s", "bytes_per_token")
+                   "accuracy", "bandwidth_gb_s", "bytes_per_token", "adapter_tg_ratio", "adapter_pp_ratio")
+_SCALAR_METRICS = ("bw_util", "top1_agree", "bandwidth_gb_s", "bytes_per_token", "adapter_tg_ratio", "adapter_pp_ratio")
 _METRIC_KEYS = ("mean", "std", "median", "ppl", "accuracy", "n", "tokens")
 
 
@@ -129,6 +129,10 @@ def _fmt(m) -> str:
     return f"{m:.0f}" if isinstance(m, float) else f"{m}"
 
 
+def _ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def artifact_label(r: dict) -> str:
     return f"PyTorch {r.get('quant') or 'fp32'} (reference)" if r.get("reference") else Path(r["artifact"]).name
 
@@ -150,9 +154,10 @@ def table(doc: dict):
 
     t = Table(title=cell(f"edgepeft bench on {doc['device']['profile']} "
                          f"({doc['device'].get('bandwidth_gb_s')} GB/s, {doc['device'].get('bandwidth_source', '')})"),
-              caption="- = not measured; top1 = top-1 agreement with the PyTorch reference on the same tokens")
-    for col in ("artifact", "runtime", "adapter", "MB", "load ms", "ttft ms", "pp t/s", "tg t/s", "swap ms",
-                "RSS MB", "ppl", "acc", "top1", "bw_util"):
+              caption="- = not measured; top1 = top-1 agreement with the PyTorch reference on the same tokens; "
+                      "tg/base, pp/base = the adapter's tok/s over the base alone's, same run, interleaved")
+    for col in ("artifact", "runtime", "adapter", "MB", "load ms", "ttft ms", "pp t/s", "tg t/s", "tg/base", "pp/base",
+                "swap ms", "RSS MB", "ppl", "acc", "top1", "bw_util"):
         names = col in ("artifact", "runtime", "adapter")  # identifiers fold, never end in "…"
         t.add_column(col, justify="left" if names else "right", overflow="fold" if names else "ellipsis")
     for r in doc["records"]:
@@ -160,6 +165,7 @@ def table(doc: dict):
         t.add_row(cell(artifact_label(r)), cell(r["runtime"]), cell(adapter_label(r)),
                   "-" if ref else f"{((r.get('model_bytes') or 0) + (r.get('adapter_bytes') or 0)) / 1e6:.1f}", _fmt(r.get("load_ms")),
                   _fmt(r.get("ttft_ms")), _fmt(r.get("pp")), _fmt(r.get("tg")),
+                  _ratio(r.get("adapter_tg_ratio")), _ratio(r.get("adapter_pp_ratio")),
                   f"{r['swap_ms']['median']:.2f}" if _sub(r, "swap_ms", "median") is not None else "-", _fmt(r.get("peak_rss_mb")),
                   f"{r['perplexity']['ppl']:.2f}" if _sub(r, "perplexity", "ppl") is not None else "-", _acc(r),
                   "ref" if ref else f"{r['top1_agree']:.3f}" if r.get("top1_agree") is not None else "-",
