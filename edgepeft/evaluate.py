@@ -18,6 +18,12 @@ special tokens as literal text; see :func:`edgepeft.train.chat.render_prompt`). 
 ``tokenizer`` it receives the raw user prompt. A prediction matches when, after
 :func:`normalize` (cut at the first end-of-turn marker, strip whitespace), it equals the
 reference completion exactly.
+
+A task is a bundled name (``demo``) or a JSONL file (:func:`edgepeft.train.tasks.get_task`);
+:func:`score_task` scores one with a batch generator: :func:`hf_generate_batch` (PyTorch) or
+:func:`runtime_generate_batch` (llama.cpp, ONNX Runtime, ORT-genai, QNN). Both stop at the same
+markers (:func:`stop_markers`) after at most ``task.max_new_tokens`` tokens and return the text
+before the marker, so every engine answers under one rule.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from dataclasses import dataclass, field
 
 from edgepeft.train.chat import Example, render_prompt
 
-END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>")
+# Markers that end an assistant turn, in every base we support; a generation stops at the first one
+# (plus the tokenizer's own EOS) and the prediction is the text before it, in PyTorch and in every runtime.
+END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<end_of_turn>", "<|end|>", "<eos>")
 
 
 def normalize(text: str) -> str:
@@ -38,6 +46,20 @@ def normalize(text: str) -> str:
 
 def is_match(prediction: str, reference: str) -> bool:
     return normalize(prediction) == normalize(reference)
+
+
+def stop_markers(tokenizer) -> tuple[str, ...]:
+    """The strings that end a generation: :data:`END_MARKERS` and the tokenizer's EOS (a transformers
+    tokenizer or an artifact's :class:`~edgepeft.train.chat.ChatTemplate`)."""
+    eos = getattr(tokenizer, "eos_token", None) if tokenizer is not None else None
+    return END_MARKERS + ((eos,) if isinstance(eos, str) and eos and eos not in END_MARKERS else ())
+
+
+def cut(text: str, markers: Sequence[str]) -> str:
+    """``text`` up to its first stop marker."""
+    for m in markers:
+        text = text.split(m, 1)[0]
+    return text
 
 
 @dataclass
@@ -81,18 +103,65 @@ def exact_match_detail(generate_batch: Callable[[list[str]], list[str]], example
     return score(generate_batch(eval_prompts(examples, tokenizer)), examples)
 
 
+def score_task(task, generate_batch: Callable[[list[str]], list[str]], tokenizer, split: str = "eval",
+               limit: int | None = None) -> dict:
+    """The one task score (eval, bench and the quickstart): the first ``limit`` examples of ``task``'s
+    ``split``, rendered with ``tokenizer``'s chat template, greedy, exact match. ``task`` is a
+    :class:`~edgepeft.train.tasks.Task` or what ``--task`` takes (a bundled name or a JSONL path)."""
+    from edgepeft.train.tasks import get_task
+
+    t = get_task(task) if isinstance(task, str) else task
+    examples = t.examples(split)[:limit] if limit else t.examples(split)
+    res = exact_match_detail(generate_batch, examples, tokenizer)
+    return {"task": t.name, "split": split, "accuracy": round(res.accuracy, 4), "correct": res.correct,
+            "total": res.total, "max_new_tokens": t.max_new_tokens, "misses": res.misses}
+
+
+def runtime_generate_batch(rt, max_new_tokens: int, markers: Sequence[str] = END_MARKERS,
+                           label: str = "task accuracy") -> Callable[[list[str]], list[str]]:
+    """Greedy generation on any :class:`edgepeft.runtimes.base.Runtime`, one prompt at a time: the
+    prompt text is tokenized with special-token parsing, and generation stops after the first token
+    whose text holds a stop marker, or after ``max_new_tokens``."""
+    from edgepeft.ui import track
+
+    def run(texts: list[str]) -> list[str]:
+        preds = []
+        for prompt in track(texts, label, "examples"):
+            rt.reset()
+            rt.prefill(rt.tokenize(prompt, special=True))
+            out: list[int] = []
+            for _ in range(max_new_tokens):
+                out.append(int(rt.logits()[-1].argmax()))
+                if any(m in rt.detokenize(out[-1:]) for m in markers):
+                    break
+                rt.decode(1, tokens=out[-1:])
+            preds.append(cut(rt.detokenize(out), markers))
+        return preds
+
+    return run
+
+
 def hf_generate_batch(model, tokenizer, max_new_tokens: int, batch_size: int = 16) -> Callable[[list[str]], list[str]]:
-    """Greedy batched generation with a transformers/PEFT model (left padding)."""
+    """Greedy batched generation with a transformers/PEFT model (left padding), with the stopping
+    rule of :func:`runtime_generate_batch`: the stop markers' token ids end a row, and the text is
+    decoded with special tokens kept and no space clean-up (as a runtime's detokenizer does), then
+    cut at the first marker."""
     import torch
 
     from edgepeft.ui import stage
+
+    markers = stop_markers(tokenizer)
+    vocab = tokenizer.get_vocab()
+    stop_ids = sorted({vocab[m] for m in markers if m in vocab})
 
     def generate(texts: list[str], device) -> list[str]:
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.no_grad():
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        return tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids or None)
+        texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False)
+        return [cut(t, markers) for t in texts]
 
     def run(texts: list[str]) -> list[str]:
         side = tokenizer.padding_side
@@ -122,6 +191,7 @@ def evaluate_hf(base_spec: str, adapter: str | None = None, task: str = "demo", 
     from edgepeft.train.tasks import get_task
 
     t = get_task(task)
+    t.examples(split)  # a bad task or split fails before the model loads
     base = resolve_base(base_spec)
     if adapter is not None:
         from edgepeft.train.adapter import adapter_dir, check_base
@@ -134,7 +204,5 @@ def evaluate_hf(base_spec: str, adapter: str | None = None, task: str = "demo", 
 
         model = load_adapter(model, adapter, base)
     model.eval()
-    examples = t.examples(split)[:limit] if limit else t.examples(split)
-    result = exact_match_detail(hf_generate_batch(model, tok, t.max_new_tokens, batch_size), examples, tok)
-    return {"task": task, "split": split, "base": base_spec, "adapter": adapter, "runtime": "pytorch",
-            **result.as_dict()}
+    result = score_task(t, hf_generate_batch(model, tok, t.max_new_tokens, batch_size), tok, split, limit)
+    return {**result, "base": base_spec, "adapter": adapter, "runtime": "pytorch"}

@@ -255,9 +255,62 @@ def test_task_accuracy_scores(monkeypatch):
     cfg = bench.BenchConfig(task="demo", task_limit=1, ppl_file=None)
     tmpl = ChatTemplate("{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>")
     right = _Scripted(ex.completion)
-    assert task_accuracy(right, cfg, tmpl) == {"task": "demo", "accuracy": 1.0, "correct": 1, "total": 1}
+    assert task_accuracy(right, cfg, tmpl) == {"task": "demo", "accuracy": 1.0, "correct": 1, "total": 1,
+                                               "misses": []}
     assert right.prompts == [f"<u>{ex.prompt}</u><a>"]
-    assert task_accuracy(_Scripted(ex.completion + " extra"), cfg, tmpl)["accuracy"] == 0.0
+    wrong = task_accuracy(_Scripted(ex.completion + " extra"), cfg, tmpl)
+    assert wrong["accuracy"] == 0.0 and wrong["misses"][0]["got"] == ex.completion + " extra"
+
+
+CHAT_TASK = [  # a user's own task file: both training formats, a system prompt, two turns
+    {"messages": [{"role": "system", "content": "Answer with one word."}, {"role": "user", "content": "Sky color?"},
+                  {"role": "assistant", "content": "blue"}, {"role": "user", "content": "Grass color?"},
+                  {"role": "assistant", "content": "green"}]},
+    {"prompt": "Capital of France?", "completion": "Paris"},
+    {"messages": [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "1 2 3"}]},
+]
+
+
+def test_own_task_file_answers_identically_in_pytorch_and_every_runtime(gguf_sep, onnx_sep, tiny_llama, tmp_path,
+                                                                        cli):
+    """`eval --task FILE` (PyTorch) and `bench --task FILE` (its PyTorch reference, llama.cpp, ORT-genai, plain
+    ORT) render, generate and stop by one rule: on fp32 artifacts of the same tiny model every engine gives
+    the very same (non-empty) answer to every example, read from each record's misses."""
+    (tmp_path / "own.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHAT_TASK))
+    sub = tmp_path / "cwd"
+    sub.mkdir()
+    p = cli("eval", "--base", tiny_llama, "--task", "../own.jsonl", "--batch-size", "1", "--json", cwd=sub)
+    assert p.returncode == 0, p.stderr
+    ev = json.loads(p.stdout)
+    assert ev["task"] == "../own.jsonl" and ev["total"] == 3 and ev["correct"] == 0  # random weights
+    got = [m["got"] for m in ev["misses"]]
+    assert [m["expected"] for m in ev["misses"]] == ["green", "Paris", "1 2 3"] and all(got), got
+    p = cli("bench", gguf_sep, onnx_sep, "--runtime", "llama.cpp", "--runtime", "onnxruntime-genai", *SMALL,
+            "--no-ppl", "--task", "../own.jsonl", "--task-limit", "3", "--reference", tiny_llama, "--json", "-",
+            cwd=sub)
+    assert p.returncode == 0, p.stderr
+    p2 = cli("bench", onnx_sep, "--runtime", "onnxruntime", *SMALL, "--no-ppl", "--task", "../own.jsonl",
+             "--json", "-", cwd=sub)
+    assert p2.returncode == 0, p2.stderr
+    recs = [r for r in json.loads(p.stdout)["records"] + json.loads(p2.stdout)["records"] if r["adapter"] == "none"]
+    assert sorted(r["runtime"] for r in recs) == ["llama.cpp", "onnxruntime", "onnxruntime-genai", "pytorch"]
+    for r in recs:
+        assert r["accuracy"]["task"] == "../own.jsonl" and r["accuracy"]["total"] == 3, r["runtime"]
+        assert [m["got"] for m in r["accuracy"]["misses"]] == got, r["runtime"]
+
+
+def test_bad_task_file_one_line(gguf_sep, tmp_path, cli):
+    (tmp_path / "notjsonl.jsonl").write_text("prompt,completion\nhi,there\n")
+    (tmp_path / "nocompl.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n")
+    (tmp_path / "noanswer.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00garbage")
+    cases = [("missing.jsonl", ["--task", "does not exist"]), ("notjsonl.jsonl", ["notjsonl.jsonl:1", "malformed JSON"]),
+             ("nocompl.jsonl", ["nocompl.jsonl:1", "completion"]), ("noanswer.jsonl", ["noanswer.jsonl:1", "assistant"]),
+             ("binary.jsonl", ["binary.jsonl", "UTF-8"])]
+    for name, needles in cases:
+        assert_clean_error(cli("bench", gguf_sep, "--task", name, cwd=tmp_path), *needles)
+    assert_clean_error(cli("bench", gguf_sep, "--task", "dem"), "--task", "dem", "demo", "JSONL")
+
 
 
 def test_extra_adapter_joins_only_artifacts_that_take_adapters(gguf_sep, tiny_llama, peft_adapters, tmp_path, cli):

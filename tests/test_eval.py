@@ -55,3 +55,32 @@ def test_eval_cli_scores_tiny_model_and_rejects_unknown_task(cli, tiny_llama):
     assert r["total"] == 2 and r["accuracy"] == 0.0 and r["runtime"] == "pytorch"
     assert_clean_error(cli("eval", "--base", tiny_llama, "--task", "nope"), "task", "nope", "demo")
     assert_clean_error(cli("eval", "--base", tiny_llama, "--adapter", tiny_llama), "adapter_config.json")
+
+
+def test_task_file_is_the_training_formats_with_the_last_answer_expected(tmp_path):
+    from edgepeft.train.tasks import get_task
+
+    rows = [{"prompt": "hi", "completion": "there"},
+            {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+                          {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                          {"role": "assistant", "content": "dé"}]}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = get_task(str(tmp_path / "t.jsonl"))
+    a, b = t.examples("eval")
+    assert (a.prompt, a.completion) == ("hi", "there")  # a lone user turn renders as a plain prompt
+    assert b.completion == "dé" and b.prompt == rows[1]["messages"][:4]
+    assert t.max_new_tokens == len(b"there") + 8  # bytes bound every byte-level tokenizer
+    assert get_task("demo").name == "demo"
+
+
+def test_eval_cli_rejects_bad_task_files(cli, tiny_llama, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "completion": "y"}\nnot json\n')
+    (tmp_path / "empty.jsonl").write_text('{"prompt": "x", "completion": " "}\n')
+    assert_clean_error(cli("eval", "--base", tiny_llama, "--task", "missing.jsonl", cwd=tmp_path),
+                       "--task missing.jsonl does not exist")
+    assert_clean_error(cli("eval", "--base", tiny_llama, "--task", "bad.jsonl", cwd=tmp_path), "bad.jsonl:2", "JSON")
+    assert_clean_error(cli("eval", "--base", tiny_llama, "--task", "empty.jsonl", cwd=tmp_path), "empty.jsonl:1",
+                       "completion")
+    (tmp_path / "ok.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
+    assert_clean_error(cli("eval", "--base", tiny_llama, "--task", "ok.jsonl", "--split", "train", cwd=tmp_path),
+                       "split", "train", "eval")

@@ -20,14 +20,15 @@ class BenchConfig:
     ppl_tokens: int = 512
     ppl_ctx: int = 256
     swap_cycles: int = 5
-    task: str | None = None  # demo task name for edgepeft.evaluate ("demo") or None
+    task: str | None = None  # --task: a bundled task name ("demo") or a JSONL file, scored by edgepeft.evaluate
     task_limit: int = 20
     reference: str | None = None  # --base for top-1 agreement
     reference_adapters: dict = field(default_factory=dict)  # adapter name -> PEFT folder
     top1_tokens: int = 128
 
     def __post_init__(self):
-        for name in ("prompt_tokens", "gen_tokens", "repetitions", "ppl_tokens", "ppl_ctx", "swap_cycles"):
+        for name in ("prompt_tokens", "gen_tokens", "repetitions", "ppl_tokens", "ppl_ctx", "swap_cycles",
+                     "task_limit"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}", v, "an integer >= 1")
@@ -35,6 +36,10 @@ class BenchConfig:
             self.ppl_file = Path(self.ppl_file)
             if not self.ppl_file.is_file():
                 raise EdgepeftError(f"--ppl-file {self.ppl_file} does not exist", "Pass a UTF-8 text file")
+        if self.task is not None:
+            from edgepeft.train.tasks import get_task
+
+            get_task(self.task).examples("eval")  # a bad name or file fails before anything loads
 
     @property
     def n_ctx(self) -> int:

@@ -27,7 +27,7 @@ from edgepeft.bench.report import document
 from edgepeft.errors import EdgepeftError
 from edgepeft.profiles import DeviceProfile
 from edgepeft.runtimes.base import FORMAT_RUNTIMES, RUNTIMES, Artifact, get_runtime
-from edgepeft.ui import stage, track
+from edgepeft.ui import stage
 
 
 # ------------------------------------------------------------------ measurements
@@ -196,27 +196,21 @@ def top1_agreement(rt, tokens: list[int], ref_argmax) -> float | None:
 
 
 def task_accuracy(rt, cfg: BenchConfig, tokenizer) -> dict | None:
-    """Greedy exact match on a training task, scored by edgepeft.evaluate (the training issue's metric)."""
+    """Greedy exact match on ``cfg.task`` (bundled name or JSONL file), scored by :func:`edgepeft.evaluate.score_task`
+    with the runtime loop; ``tokenizer`` is the artifact's own chat template (:func:`task_template`)."""
     if not cfg.task:
         return None
     from edgepeft import evaluate
     from edgepeft.train.tasks import get_task
 
     task = get_task(cfg.task)
-    examples = task.examples("eval")[: cfg.task_limit]
-    preds = []
-    for prompt in track(evaluate.eval_prompts(examples, tokenizer), f"{cfg.task} accuracy", "examples"):
-        rt.reset()
-        rt.prefill(rt.tokenize(prompt, special=True))
-        out: list[int] = []
-        for _ in range(task.max_new_tokens):
-            out.append(int(rt.logits()[-1].argmax()))
-            if any(m in rt.detokenize(out[-1:]) for m in evaluate.END_MARKERS):
-                break
-            rt.decode(1, tokens=out[-1:])
-        preds.append(rt.detokenize(out))
-    res = evaluate.score(preds, examples).as_dict()
-    return {"task": cfg.task, "accuracy": round(res["accuracy"], 4), "correct": res["correct"], "total": res["total"]}
+    gen = evaluate.runtime_generate_batch(rt, task.max_new_tokens, evaluate.stop_markers(tokenizer),
+                                          f"{Path(task.name).name} accuracy")
+    return _task_record(evaluate.score_task(task, gen, tokenizer, limit=cfg.task_limit))
+
+
+def _task_record(res: dict) -> dict:
+    return {k: res[k] for k in ("task", "accuracy", "correct", "total")} | {"misses": res["misses"][:3]}
 
 
 # ------------------------------------------------------------------ PyTorch reference
@@ -255,19 +249,17 @@ def measure_reference(cfg: BenchConfig, device_label: str = "local") -> dict:
 
 
 def reference_accuracy(rt, cfg: BenchConfig) -> dict | None:
-    """The task score of the PyTorch reference on the same examples and prompts as :func:`task_accuracy`,
-    generated greedily in batches (transformers' generate): one token at a time in Python costs
-    minutes on a CPU for what a batch does in seconds."""
+    """The task score of the PyTorch reference on the same examples, prompts and stopping rule as
+    :func:`task_accuracy`, generated greedily in batches (transformers' generate): one token at a time
+    in Python costs minutes on a CPU for what a batch does in seconds."""
     if not cfg.task:
         return None
     from edgepeft import evaluate
     from edgepeft.train.tasks import get_task
 
     task = get_task(cfg.task)
-    examples = task.examples("eval")[: cfg.task_limit]
     gen = evaluate.hf_generate_batch(rt.model, rt.tokenizer, task.max_new_tokens)
-    res = evaluate.exact_match_detail(gen, examples, rt.tokenizer).as_dict()
-    return {"task": cfg.task, "accuracy": round(res["accuracy"], 4), "correct": res["correct"], "total": res["total"]}
+    return _task_record(evaluate.score_task(task, gen, rt.tokenizer, limit=cfg.task_limit))
 
 
 def reference_key(artifact: Artifact, adapter: str | None) -> str | None:
@@ -337,7 +329,7 @@ def run_case(artifact: Artifact, runtime: str, profile: DeviceProfile, cfg: Benc
                 st.update(note=f"{label}: perplexity")
                 ppl = perplexity(rt, cfg)
                 st.advance(1 if cfg.ppl_file else 0)
-                st.update(note=f"{label}: {cfg.task} accuracy")
+                st.update(note=f"{label}: {cfg.task and Path(cfg.task).name} accuracy")
                 acc = task_accuracy(rt, cfg, tokenizer)
                 st.advance(1 if cfg.task else 0)
                 top1 = None

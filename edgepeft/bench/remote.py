@@ -234,7 +234,8 @@ def _remote_layout(arts, workdir: str) -> tuple[dict, list]:
     return files, args
 
 
-def bench_argv(arts_remote: list[str], runtimes: list[str], cfg, profile: str) -> list[str]:
+def bench_argv(arts_remote: list[str], runtimes: list[str], cfg, profile: str, task: str | None = None) -> list[str]:
+    """The device's ``edgepeft bench`` command line; ``task`` is where a --task JSONL file was copied to."""
     argv = ["-m", "edgepeft", "bench", *arts_remote, "--json", "-", "--quiet", "--device", "local",
             "--profile", profile, "--prompt-tokens", str(cfg.prompt_tokens), "--gen-tokens", str(cfg.gen_tokens),
             "--repetitions", str(cfg.repetitions), "--swap-cycles", str(cfg.swap_cycles),
@@ -244,7 +245,7 @@ def bench_argv(arts_remote: list[str], runtimes: list[str], cfg, profile: str) -
     if cfg.ppl_file is None:
         argv.append("--no-ppl")
     if cfg.task:
-        argv += ["--task", cfg.task, "--task-limit", str(cfg.task_limit)]
+        argv += ["--task", task or cfg.task, "--task-limit", str(cfg.task_limit)]
     return argv
 
 
@@ -266,13 +267,16 @@ def run_remote(t: Target, arts, runtimes: list[str], cfg, known_hosts=None, time
     if Path(t.profile.source).resolve().parent != Path(__file__).resolve().parent.parent / "devices":
         files[Path(t.profile.source)] = f"{workdir}/profiles/{Path(t.profile.source).name}"
         prof_arg = files[Path(t.profile.source)]
+    task_remote = None
+    if cfg.task and Path(cfg.task).is_file():  # the user's task file travels with the artifacts
+        task_remote = files[Path(cfg.task)] = f"{workdir}/task/{Path(cfg.task).name}"
     copy = sync(tr, files)
     py = shlex.quote(t.profile.reach.python)
     has_edgepeft = t.kind == "ssh" and tr.run(f"{py} -c 'import edgepeft' >/dev/null 2>&1 && echo yes || echo no",
                                               "looking for edgepeft").strip() == "yes"
     budget = tr.timeout + 60 + 30 * len(arts) * (cfg.repetitions + 1) * (1 + sum(len(a.adapters) for a in arts))
     if has_edgepeft:
-        argv = bench_argv(remote_arts, runtimes, cfg, prof_arg)
+        argv = bench_argv(remote_arts, runtimes, cfg, prof_arg, task_remote)
         out = tr.run(" ".join([py, *map(shlex.quote, argv)]), "running edgepeft bench", timeout=budget)
         try:
             doc = json.loads(out)

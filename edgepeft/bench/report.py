@@ -21,6 +21,8 @@ def document(records: list[dict], profile: DeviceProfile, cfg: BenchConfig, band
     """The schema-versioned JSON document."""
     conf = asdict(cfg)
     conf["ppl_file"] = str(cfg.ppl_file) if cfg.ppl_file else None
+    if cfg.task and Path(cfg.task).is_file():
+        conf["task"] = str(Path(cfg.task).resolve())  # stored relative to the results file, like ppl_file
     return {
         "schema": SCHEMA, "edgepeft_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -42,7 +44,10 @@ def stored_document(doc: dict, path: str | Path) -> dict:
 
     records = [{**r, "artifact": rel(r.get("artifact")), "model_file": rel_file(r.get("model_file"))}
                for r in doc.get("records", [])]
-    return {**doc, "config": {**doc.get("config", {}), "ppl_file": rel(doc.get("config", {}).get("ppl_file"))},
+    conf = doc.get("config", {})
+    task = conf.get("task")
+    return {**doc, "config": {**conf, "ppl_file": rel(conf.get("ppl_file")),
+                              **({"task": rel(task)} if task and Path(task).is_file() else {})},
             "records": records}
 
 
@@ -155,7 +160,9 @@ def table(doc: dict):
     t = Table(title=cell(f"edgepeft bench on {doc['device']['profile']} "
                          f"({doc['device'].get('bandwidth_gb_s')} GB/s, {doc['device'].get('bandwidth_source', '')})"),
               caption="- = not measured; top1 = top-1 agreement with the PyTorch reference on the same tokens; "
-                      "tg/base, pp/base = the adapter's tok/s over the base alone's, same run, interleaved")
+                      "tg/base, pp/base = the adapter's tok/s over the base alone's, same run, interleaved"
+                      + (f"; acc = exact match on {Path(str(doc['config']['task'])).name}"
+                         if doc.get("config", {}).get("task") else ""))
     for col in ("artifact", "runtime", "adapter", "MB", "load ms", "ttft ms", "pp t/s", "tg t/s", "tg/base", "pp/base",
                 "swap ms", "RSS MB", "ppl", "acc", "top1", "bw_util"):
         names = col in ("artifact", "runtime", "adapter")  # identifiers fold, never end in "…"

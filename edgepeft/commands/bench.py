@@ -35,7 +35,8 @@ def _pairs(values, option: str) -> dict:
 @click.option("--ppl-tokens", default=512, show_default=True, type=int)
 @click.option("--no-ppl", is_flag=True, help="Skip perplexity.")
 @click.option("--swap-cycles", default=5, show_default=True, type=int)
-@click.option("--task", default=None, help="Score exact-match accuracy on a training task (demo).")
+@click.option("--task", default=None, help="Score exact-match accuracy: a bundled task (demo) or a JSONL file "
+              "(prompt/completion or messages lines; the answer is the completion or the last assistant turn).")
 @click.option("--task-limit", default=20, show_default=True, type=int, help="Examples scored for --task.")
 @click.option("--reference", default=None, help="PyTorch base (--base syntax) for top-1 agreement.")
 @click.option("--reference-adapter", "ref_adapters", multiple=True, help="NAME=PEFT_DIR for the reference, per adapter.")

@@ -1,4 +1,4 @@
-"""edgepeft eval --base BASE [--adapter DIR] --task demo"""
+"""edgepeft eval --base BASE [--adapter DIR] --task demo|FILE.jsonl"""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from edgepeft.ui import echo, edgepeft_command, info, print_json
 @edgepeft_command("eval", json_option=True)
 @click.option("--base", default="smollm2-135m", show_default=True, help="Base model (folder, .gguf, hub id, alias).")
 @click.option("--adapter", default=None, help="RUN_DIR or RUN_DIR/adapter (PEFT folder).")
-@click.option("--task", default="demo", show_default=True, help="Bundled task to score.")
+@click.option("--task", default="demo", show_default=True,
+              help="A bundled task (demo) or a JSONL file (prompt/completion or messages lines; the answer is the "
+              "completion or the last assistant turn).")
 @click.option("--split", default="eval", show_default=True, help="Task split.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N examples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
@@ -25,7 +27,7 @@ def command(base: str, adapter: str | None, task: str, split: str, limit: int | 
     if as_json:
         print_json(result)
         return
-    echo(f"{task}/{split}: exact match {result['accuracy']:.1%} ({result['correct']}/{result['total']})"
+    echo(f"{result['task']}/{split}: exact match {result['accuracy']:.1%} ({result['correct']}/{result['total']})"
          f" base {base}" + (f" + adapter {adapter}" if adapter else ""))
     for m in result["misses"][:3]:
         info(f"  expected {m['expected']}")

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt/completion pair; ``prompt`` is the user turn, before any chat template."""
+    """One prompt/completion pair; ``prompt`` is the user turn (or the chat turns before the answer),
+    before any chat template."""
 
-    prompt: str
+    prompt: str | list[dict]
     completion: str
 
 

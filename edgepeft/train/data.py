@@ -72,21 +72,25 @@ def parse_line(obj, where: str) -> Record:
                   where)
 
 
-def load_jsonl(path: str | Path) -> list[Record]:
+def load_jsonl(path: str | Path, option: str = "--data") -> list[Record]:
     p = Path(path)
     if not p.is_file():
-        raise EdgepeftError(f"--data {path} does not exist", "Pass a JSONL file, or --task demo for the bundled demo")
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise EdgepeftError(f"{option} {path} {what}", f"Pass a JSONL file, or {option} demo for the bundled demo")
     records = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                _fail(where, f"malformed JSON ({e.msg} at column {e.colno})", _FORMAT)
-            records.append(parse_line(obj, where))
+    try:
+        with open(p, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    _fail(where, f"malformed JSON ({e.msg} at column {e.colno})", _FORMAT)
+                records.append(parse_line(obj, where))
+    except UnicodeDecodeError as e:
+        _fail(f"{path}", f"not UTF-8 text (byte {e.start} of a line)", "Pass a JSONL file, one JSON object per line")
     if not records:
         _fail(f"{path}:1", "the file is empty (no JSON lines)", _FORMAT)
     return records
