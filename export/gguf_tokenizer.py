@@ -1,5 +1,11 @@
 """Embed a Hugging Face BPE tokenizer in a GGUF so llama.cpp needs no other file.
 
+Two kinds of BPE: byte-level (GPT-2 style: Llama 3, SmolLM, Qwen) and SentencePiece-style
+(Gemma: the normalizer turns spaces into ``▁``, merges run on raw UTF-8 and unknown bytes fall
+back to ``<0xXX>`` tokens). Both are written as llama.cpp's ``gpt2`` vocab type, as the
+pinned ``convert_hf_to_gguf.py`` writes a Gemma 3 folder that has no ``tokenizer.model``; only
+the pre-tokenizer name tells llama.cpp which of the two it is.
+
 gguf-py's ``SpecialVocab`` carries merges, special ids, add_bos/eos and the chat template.
 The token list itself is built here because gguf-py's ``BpeVocab`` marks special tokens
 that live inside the main vocab (SmolLM2's ``<|im_start|>`` …) as NORMAL, and llama.cpp
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -34,16 +41,31 @@ PRE_TOKENIZERS: dict[tuple, str] = {
     (("Digits", True), ("ByteLevel", True)): "smollm",
     (("Split", _LLAMA3_RE), ("ByteLevel", False)): "llama-bpe",
     (("Split", _QWEN2_RE), ("ByteLevel", False)): "qwen2",
+    # SentencePiece-style BPE (Gemma 3 as transformers builds it). The name is the one the pinned
+    # convert_hf_to_gguf.py picks for the Gemma 3 vocabulary (its hash table lists that model
+    # first); llama.cpp maps it and "gemma4" to one pre-tokenizer: split at newlines only, spaces
+    # as U+2581, no byte-level encoding. Under "default" llama.cpp byte-encodes the text instead
+    # (a space becomes "Ġ", which this vocab lacks) and no id matches Hugging Face's.
+    (("Replace", " ", "\u2581"), ("Split", " ")): "granite-embed-multi-311m",
+    (("Replace", " ", "\u2581"),): "granite-embed-multi-311m",
 }
 DEFAULT_PRE = "default"
 
 
-def pre_signature(pre: dict | None) -> tuple:
-    if not pre:
-        return ()
-    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+def _steps(node: dict | None, key: str) -> list[dict]:
+    if not node:
+        return []
+    return node[key] if node.get("type") == "Sequence" else [node]
+
+
+def pre_signature(pre: dict | None, normalizer: dict | None = None) -> tuple:
+    """Structure of the normalizer's Replace steps (SentencePiece-style spaces) and of the pre-tokenizer."""
     sig = []
-    for s in steps:
+    for n in _steps(normalizer, "normalizers"):
+        if n.get("type") == "Replace":
+            pat = n.get("pattern", {})
+            sig.append(("Replace", pat.get("String") or pat.get("Regex"), n.get("content")))
+    for s in _steps(pre, "pretokenizers"):
         kind = s.get("type")
         if kind == "ByteLevel":
             sig.append((kind, bool(s.get("use_regex", True))))
@@ -243,14 +265,22 @@ def add_tokenizer(writer, folder: Path, vocab_size: int, data: dict) -> dict:
     model_type = data.get("model", {}).get("type")
     if model_type != "BPE":
         raise EdgepeftError(f"base {folder}: tokenizer model {model_type!r} is not supported for GGUF export",
-                            "Supported: byte-level BPE tokenizers (Llama 3, SmolLM, Qwen2)")
+                            "Supported: BPE tokenizers, byte-level (Llama 3, SmolLM, Qwen) or "
+                            "SentencePiece-style (Gemma 3)")
     tokens, types = token_list(data, vocab_size)
-    pre = PRE_TOKENIZERS.get(pre_signature(data.get("pre_tokenizer")))
+    pre = PRE_TOKENIZERS.get(pre_signature(data.get("pre_tokenizer"), data.get("normalizer")))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre or DEFAULT_PRE)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    # gguf-py warns on stderr about templates llama.cpp ignores anyway (Gemma's pair template has
+    # <bos> as separator); our stderr stays the stage lines
+    log = logging.getLogger("gguf.vocab")
+    level, _ = log.level, log.setLevel(logging.ERROR)
+    try:
+        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    finally:
+        log.setLevel(level)
     special.add_to_gguf(writer, quiet=True)
     add_bos = special.add_special_token.get("bos")
     if add_bos is None:  # say it explicitly: llama.cpp's default for BPE vocabs is to add one

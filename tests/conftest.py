@@ -56,6 +56,34 @@ def make_tiny(model_type: str, out: Path, tokenizer_dir: Path, seed: int = 0, **
     return out
 
 
+def make_gemma_tokenizer(out: Path, vocab_size: int = 700) -> Path:
+    """A tiny tokenizer built the way Gemma's is: BPE over raw UTF-8 with spaces as U+2581, ``<0xXX>``
+    byte fallback, ``<bos>`` added; merges trained on the package's held-out text and the verifier's
+    prompts (so they tokenize into real merges), saved through transformers' own GemmaTokenizer."""
+    import json
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    import edgepeft
+    from edgepeft.export.verify import PROMPTS
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    text = (Path(edgepeft.__file__).parent / "data" / "wikitext2-valid-slice.txt").read_text(encoding="utf-8")
+    lines = [ln for ln in text.splitlines() if ln.strip()] + list(PROMPTS)
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Replace(" ", "\u2581")
+    tk.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tk.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                      show_progress=False))
+    trained = json.loads(tk.to_str())["model"]
+    learned = [t for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]) if t not in specials]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + learned)}
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
     return make_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
