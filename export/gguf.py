@@ -171,9 +171,9 @@ def _load_plans(req, base) -> list[AdapterPlan]:
 
     plans = load_adapters(req.adapters, base, req.names or None, force=req.force, allow_pickle=req.allow_pickle)
     if req.prune:
-        from edgepeft.export import prune as prune_mod  # the surgery issue's pruner
+        from edgepeft.export.prune import prune_plans
 
-        plans = [prune_mod.prune(p, req.prune, base=base) for p in plans]
+        plans = prune_plans(plans, req.prune, base=base, calib=req.calib)
     return plans
 
 

@@ -91,12 +91,9 @@ def load_plans(req, base) -> list:
 
     plans = load_adapters(req.adapters, base, req.names or None, force=req.force, allow_pickle=req.allow_pickle)
     if req.prune:
-        try:
-            from edgepeft.export.prune import prune
-        except ImportError as e:
-            raise EdgepeftError("--prune needs edgepeft.export.prune, which is not installed",
-                                "Update edgepeft or drop --prune") from e
-        plans = [prune(p, req.prune, base=base) for p in plans]
+        from edgepeft.export.prune import prune_plans
+
+        plans = prune_plans(plans, req.prune, base=base, calib=req.calib)
     return plans
 
 

@@ -24,7 +24,8 @@ from edgepeft.errors import ConfigError, EdgepeftError
 from edgepeft.export.plan import AdapterPlan, LoraModule
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-_ALLOWED = "energy=0<E<=1 | rank=N | size=N[KB|MB|KiB|MiB], optionally ,drop=T (0<=T<1), e.g. energy=0.99,drop=1e-4"
+_ALLOWED = ("auto | energy=0<E<=1 | rank=N | size=N[KB|MB|KiB|MiB], optionally ,drop=T (0<=T<1) and ,modules=K+K "
+            "(module kinds to keep, e.g. q_proj+v_proj), e.g. energy=0.99,drop=1e-4")
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,18 @@ class PruneSpec:
     rank: int | None = None  # keep at most this many directions per module
     size: int | None = None  # total adapter bytes (at bytes_per_el) across all modules
     drop: float | None = None  # drop modules with ‖ΔW‖_F / ‖W‖_F below this
+    modules: tuple[str, ...] | None = None  # keep only these module kinds (the last name part: q_proj, down_proj)
     bytes_per_el: int = 2  # adapter tensors are stored as f16 by both writers
 
     def __post_init__(self):
         chosen = [k for k in ("energy", "rank", "size") if getattr(self, k) is not None]
         if len(chosen) > 1:
             raise ConfigError("--prune", str(self), f"one of energy/rank/size (got {', '.join(chosen)}); {_ALLOWED}")
-        if not chosen and self.drop is None:
+        if not chosen and self.drop is None and self.modules is None:
             raise ConfigError("--prune", "", _ALLOWED)
+        if self.modules is not None and (not self.modules or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", k)
+                                                                     for k in self.modules)):
+            raise ConfigError("--prune modules", "+".join(self.modules), "module kinds such as q_proj+v_proj")
         if self.energy is not None and not (0 < self.energy <= 1):
             raise ConfigError("--prune energy", self.energy, "0 < energy <= 1 (fraction of ‖ΔW‖² kept)")
         if self.rank is not None and self.rank < 1:
@@ -60,7 +65,7 @@ class PruneSpec:
         for part in filter(None, (p.strip() for p in str(text).split(","))):
             key, sep, value = part.partition("=")
             key, value = key.strip().lower(), value.strip()
-            if not sep or key not in ("energy", "rank", "size", "drop"):
+            if not sep or key not in ("energy", "rank", "size", "drop", "modules"):
                 raise ConfigError("--prune", text, _ALLOWED)
             if key in fields:
                 raise ConfigError("--prune", text, f"{key} given twice; {_ALLOWED}")
@@ -69,10 +74,14 @@ class PruneSpec:
 
     def __str__(self) -> str:
         parts = [f"{k}={getattr(self, k)}" for k in ("energy", "rank", "size", "drop") if getattr(self, k) is not None]
+        if self.modules is not None:
+            parts.append("modules=" + "+".join(self.modules))
         return ",".join(parts)
 
 
 def _parse_value(key: str, value: str, text: str):
+    if key == "modules":
+        return tuple(k.strip() for k in value.split("+") if k.strip())
     try:
         if key == "rank":
             return int(value)
@@ -145,6 +154,15 @@ def prune(plan: AdapterPlan, spec: str | PruneSpec, base=None) -> AdapterPlan:
     dropped = set()
     if spec.drop is not None:
         dropped = {t for t, f in factors.items() if f.norm / max(w_norms[t + ".weight"], 1e-30) < spec.drop}
+    by_kind = set()
+    if spec.modules is not None:
+        kinds = {module_kind(t) for t in plan.modules}
+        unknown = [k for k in spec.modules if k not in kinds]
+        if unknown:
+            raise ConfigError("--prune modules", "+".join(spec.modules),
+                              f"kinds adapter {plan.name} has: {'+'.join(sorted(kinds))} (no {unknown[0]})")
+        by_kind = {t for t in plan.modules if module_kind(t) not in spec.modules}
+        dropped |= by_kind
     kept = {t: f for t, f in factors.items() if t not in dropped}
     ranks = _choose_ranks(plan, spec, kept, w_norms)
     modules, rows = {}, {}
@@ -154,7 +172,9 @@ def prune(plan: AdapterPlan, spec: str | PruneSpec, base=None) -> AdapterPlan:
         row = {"old_rank": m.rank, "new_rank": k, "rel_error": _rel_error(f.s, k)}
         if w_norms:
             row["delta_over_w"] = f.norm / max(w_norms[target + ".weight"], 1e-30)
-        if target in dropped:
+        if target in by_kind:
+            row["dropped"] = "modules"
+        elif target in dropped:
             row["dropped"] = "drop"
         elif k == 0:
             row["dropped"] = "size" if spec.size is not None else "zero"  # ΔW == 0 exactly
@@ -178,6 +198,22 @@ def prune(plan: AdapterPlan, spec: str | PruneSpec, base=None) -> AdapterPlan:
         "modules": rows,
     }
     return new
+
+
+def module_kind(target: str) -> str:
+    """The projection a module path names: ``model.layers.3.self_attn.q_proj`` -> ``q_proj``."""
+    return target.rsplit(".", 1)[-1]
+
+
+def prune_plans(plans: list[AdapterPlan], spec: str, base=None, calib=None) -> list[AdapterPlan]:
+    """``--prune`` for every writer: a fixed spec, or ``auto`` (:mod:`edgepeft.export.prune_auto`: the
+    smallest adapter by modules and ranks whose task accuracy stays within a tolerance of the unpruned one)."""
+    from edgepeft.export import prune_auto
+
+    if prune_auto.is_auto(spec):
+        auto = prune_auto.AutoSpec.parse(spec)
+        return [prune_auto.auto_prune(p, base, auto, calib=calib) for p in plans]
+    return [prune(p, spec, base=base) for p in plans]
 
 
 def _rel_error(s, k: int) -> float:

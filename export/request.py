@@ -30,7 +30,7 @@ class ExportRequest:
     mode: str = "merged"
     quant: str | None = None  # default per format: q4_k_m / int4
     adapter_type: str = "f16"  # GGUF adapter tensor type: f16 | q8_0
-    prune: str | None = None  # e.g. "energy=0.99", "rank=8", "size=2MB", "drop=1e-4" (comma-joined)
+    prune: str | None = None  # e.g. "auto", "energy=0.99", "rank=8", "size=2MB", "drop=1e-4", "modules=q_proj+v_proj"
     merge_into: str = "auto"
     calib: Path | None = None
     names: list[str] = field(default_factory=list)  # --name per adapter
@@ -77,5 +77,10 @@ class ExportRequest:
                 raise ConfigError("--name", n, NAME_RULE)
         if self.mode == "separate" and not self.adapters:
             raise ConfigError("--mode", self.mode, "separate needs at least one --adapter")
+        if self.prune:  # a bad --prune stops here, before any model loads
+            from edgepeft.export.prune import PruneSpec
+            from edgepeft.export.prune_auto import AutoSpec, is_auto
+
+            AutoSpec.parse(self.prune) if is_auto(self.prune) else PruneSpec.parse(self.prune)
         self.out = Path(self.out)
         self.adapters = [Path(a) for a in self.adapters]

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_clean_error
 from test_surgery import TARGETS, make_adapter, resolved
 
 from edgepeft.errors import ConfigError, EdgepeftError
@@ -192,3 +193,99 @@ def test_pad_ranks_keeps_delta(decaying_plan):
     assert set(padded.ranks.values()) == {max(pruned.ranks.values())}
     for t, m in pruned.modules.items():
         assert torch.equal(padded.modules[t].delta(), m.delta())
+
+
+# --- modules= and --prune auto --------------------------------------------------------------------
+
+def test_prune_modules_keeps_only_those_kinds(decaying_plan):
+    from edgepeft.export.prune import module_kind, prune
+
+    out = prune(decaying_plan, "modules=q_proj+v_proj,rank=2")
+    assert {module_kind(t) for t in out.modules} == {"q_proj", "v_proj"} and set(out.ranks.values()) == {2}
+    rows = out.prune_report["modules"]
+    assert all(r["dropped"] == "modules" for t, r in rows.items() if module_kind(t) not in ("q_proj", "v_proj"))
+    with pytest.raises(ConfigError, match="no qkv_proj"):
+        prune(decaying_plan, "modules=qkv_proj")
+
+
+def test_auto_search_keeps_what_the_score_needs(decaying_plan):
+    """With a scorer that loses accuracy without v_proj or below rank 2, auto drops every other kind and
+    stops the rank at 2; each candidate and its verdict is in the report."""
+    from edgepeft.export.prune import module_kind
+    from edgepeft.export.prune_auto import AutoSpec, auto_prune
+
+    def score(p):
+        kinds = {module_kind(t) for t in p.modules}
+        return 0.9 if "v_proj" not in kinds or min(p.ranks.values()) < 2 else 1.0
+
+    out = auto_prune(decaying_plan, decaying_plan.base_path, AutoSpec(), score=score)
+    assert {module_kind(t) for t in out.modules} == {"v_proj"} and set(out.ranks.values()) == {2}
+    auto = out.prune_report["auto"]
+    assert auto["chosen"] == "rank=2,modules=v_proj" and auto["reference_accuracy"] == 1.0 == auto["accuracy"]
+    assert [t["within_tolerance"] for t in auto["trials"] if "rank=" in t["spec"]] == [True, True, False]  # 4, 2; not 1
+    assert sum(not t["within_tolerance"] for t in auto["trials"]) == 2  # dropping v_proj, and rank 1
+
+
+@pytest.mark.parametrize("text,needle", [("auto,tolerance=-1", "0 <= points"), ("auto,foo=1", "tolerance=POINTS"),
+                                         ("auto,examples=0", "[1, 10000]"), ("modules=", "q_proj+v_proj")])
+def test_prune_auto_spec_refused_on_the_cli(text, needle, tiny_llama, tmp_path, cli):
+    proc = cli("export", "--format", "gguf", "--base", tiny_llama, "--adapter", tmp_path / "missing", "--prune", text,
+               "--out", tmp_path / "out")
+    assert_clean_error(proc, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_prune_auto_cli_on_tiny_model(tiny_llama, tmp_path, cli):
+    """`export --prune auto` through the CLI: calibration completions are the unpruned adapter's own greedy
+    output (so it scores 100 %); k_proj/up_proj and B's columns past 2 are made negligible, so the smallest
+    adapter within 1 point drops those kinds and stops at rank <= 2, and the GGUF adapter holds exactly that."""
+    import json
+
+    from lora_factory import make_lora
+    from safetensors.torch import load_file, save_file
+
+    from edgepeft import evaluate
+    from edgepeft.calib import load_calibration
+    from edgepeft.export.adapter import load_adapter
+    from edgepeft.export.prune_auto import applied
+    from edgepeft.keys import EdgepeftKeys
+    from edgepeft.security import check_gguf_header
+
+    ad = make_lora(tiny_llama, tmp_path / "ad", seed=5, r=8, b_std=0.5)
+    f = ad / "adapter_model.safetensors"
+    t = load_file(f)
+    for k, v in t.items():
+        if "lora_B" in k:
+            v[:, 2:] *= 1e-6
+            if ".k_proj." in k or ".up_proj." in k:
+                v.mul_(1e-6)
+    save_file(t, f)
+    base = resolved(tiny_llama)
+    tok = base.load_tokenizer()
+    prompts = [f"Order {i}: {w} lamps to Oslo" for i, w in enumerate(["two", "six", "ten", "nine", "one", "four"])]
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"prompt": p, "completion": "x"}) + "\n" for p in prompts))
+    rendered = [p for p, _ in load_calibration(calib, tokenizer=tok)]
+    model = base.load_model(torch.float32).eval()
+    with applied(model, load_adapter(ad, base)):
+        outs = evaluate.hf_generate_batch(model, tok, 6)(rendered)
+    # keep prompts whose completion round-trips through the tokenizer at its own length
+    rows = [(p, o) for p, o in zip(prompts, outs) if len(tok(o, add_special_tokens=False)["input_ids"]) == 6]
+    assert len(rows) >= 3, outs
+    calib.write_text("".join(json.dumps({"prompt": p, "completion": o}) + "\n" for p, o in rows))
+    proc = cli("export", "--format", "gguf", "--base", tiny_llama, "--adapter", "ad", "--mode", "separate",
+               "--quant", "f32", "--prune", "auto", "--calib", "calib.jsonl", "--no-verify", "--out", "out", "--json",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "prune auto: ad ->" in proc.stderr
+    gguf = next((tmp_path / "out").glob("*.lora.gguf"))
+    rep = json.loads(check_gguf_header(gguf).metadata[EdgepeftKeys.PRUNE])
+    rep = rep[0] if isinstance(rep, list) else rep
+    auto = rep["auto"]
+    assert auto["reference_accuracy"] == 1.0 and auto["accuracy"] >= 0.99
+    kinds = set(auto["chosen"].partition("modules=")[2].split("+"))
+    assert kinds and not kinds & {"k_proj", "up_proj"}, auto
+    assert "rank=2" in auto["chosen"] or "rank=1" in auto["chosen"], auto
+    tensors = check_gguf_header(gguf).tensors
+    assert len(tensors) == 2 * rep["modules_after"]
+    assert rep["modules_after"] == 2 * len(kinds)  # 2 layers

@@ -15,7 +15,9 @@ from edgepeft.ui import edgepeft_command, print_json
 @click.option("--mode", default="merged", show_default=True, help="merged | separate")
 @click.option("--quant", default=None, help="gguf: f32 f16 bf16 q8_0 q4_0 q4_k_m q5_k_m q6_k; onnx: int4 int8 fp16 fp32")
 @click.option("--adapter-type", default="f16", show_default=True, help="GGUF adapter tensors: f16 | q8_0")
-@click.option("--prune", default=None, help="energy=0.99 | rank=8 | size=2MB, optionally ,drop=1e-4")
+@click.option("--prune", default=None,
+              help="auto | energy=0.99 | rank=8 | size=2MB, optionally ,drop=1e-4 ,modules=q_proj+v_proj. auto: the "
+                   "smallest modules+rank whose task accuracy stays within 1 point (,tolerance=P ,examples=N)")
 @click.option("--merge-into", default="auto", show_default=True, help="auto | dequantized | original")
 @click.option("--calib", type=click.Path(), default=None, help="JSONL calibration set for --merge-into auto.")
 @click.option("--force", is_flag=True, help="Accept an adapter whose recorded base fingerprint differs (shapes are still checked).")
