@@ -22,6 +22,7 @@ from edgepeft.keys import (
     ADAPTER_SUFFIX_GGUF,
     BUNDLE_MANIFEST,
     GGUF_RECORD,
+    IMATRIX_SUFFIX,
     ONNX_SIDECAR,
     QNN_DECODE_GRAPH,
     QNN_PREFILL_GRAPH,
@@ -144,7 +145,7 @@ def discover(path: str | Path) -> Discovered | None:
         found = {a.name[: -len(ADAPTER_SUFFIX)]: a for a in sorted(p.rglob("*" + ADAPTER_SUFFIX))}
         side = read_sidecar(p / ONNX_SIDECAR)
         return OnnxFolder(p, found, _str_field(side, "quant", p / ONNX_SIDECAR))
-    ggufs = sorted(p.glob("*.gguf"))
+    ggufs = sorted(g for g in p.glob("*.gguf") if not g.name.endswith(IMATRIX_SUFFIX))  # the matrix is no model
     if ggufs:
         record = read_sidecar(p / GGUF_RECORD)
         found = {a.name[: -len(ADAPTER_SUFFIX_GGUF)]: a for a in ggufs if a.name.endswith(ADAPTER_SUFFIX_GGUF)}

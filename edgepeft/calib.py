@@ -187,8 +187,8 @@ def _from_run(adapter: Path, tokenizer, limit: int) -> Calibration | None:
                            "run-held-out", held["sha256"])
     records, name = _run_records(data["source"], data["sha256"], where, "training data")
     picked = records if len(records) <= limit else random.Random(SAMPLE_SEED).sample(records, limit)
-    return Calibration(_render_records(picked, tokenizer),
-                       f"training run data ({name}): {len(picked)}-sample of {len(records)}", "run-sample",
+    part = f"{len(picked)}-sample of {len(records)}" if len(picked) < len(records) else f"all {len(records)} rows"
+    return Calibration(_render_records(picked, tokenizer), f"training run data ({name}): {part}", "run-sample",
                        data["sha256"])
 
 

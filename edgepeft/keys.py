@@ -25,6 +25,9 @@ class EdgepeftKeys:
     MERGE = "edgepeft.merge"  # JSON: target, auto choice and losses
     PRUNE = "edgepeft.prune"  # JSON: settings and report summary
     TRAIN = "edgepeft.train"  # JSON: task, data sha256, steps, final loss (from the training manifest)
+    IMATRIX_SHA256 = "edgepeft.imatrix.sha256"  # sha256 of the importance-matrix file the quantizer was given
+    IMATRIX_DATA_SHA256 = "edgepeft.imatrix.data_sha256"  # sha256 of its calibration data (comma-joined: several)
+    IMATRIX_SOURCE = "edgepeft.imatrix.source"  # which data: "training run data (task:demo): ...", "--calib F", ...
 
 
 def local(key: str) -> str:
@@ -44,6 +47,7 @@ RUN_ADAPTER = "adapter"  # a training run dir's PEFT adapter folder (RUN_DIR/ada
 TRAIN_RUN_STATE = "run.json"  # a training run dir: what a --resume must agree with
 ADAPTER_SUFFIX_GGUF = ".lora.gguf"  # a separate-mode adapter GGUF
 ADAPTER_SUFFIX_ONNX = ".onnx_adapter"  # an ONNX Runtime LoRA adapter
+IMATRIX_SUFFIX = ".imatrix.gguf"  # export --format gguf: the importance matrix (llama.cpp's imatrix GGUF), beside the model
 
 # --- the QNN HTP static-graph contract (export/qnn.py writes it, runtimes/ort.py drives it) ----------
 QNN_PREFILL_GRAPH = "prefill_ctx.onnx"  # EPContext graph: QNN_PREFILL_LEN right-padded tokens in

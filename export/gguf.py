@@ -8,7 +8,9 @@ Pipeline: resolve the base, load (and prune) the adapters into :class:`AdapterPl
   (out, r) with the Q/K row permutation, one ``adapter.lora.alpha`` per file).
 
 Block quantizations run llama.cpp's own quantizer over an F32/F16 intermediate written to a
-temp file in ``--out``. The tokenizer (read through transformers) resolves in a child process
+temp file in ``--out``, weighted by an importance matrix of the model being quantized on the task's
+own data (edgepeft/imatrix.py; the data from ``edgepeft.calib.select_calibration``), which is written
+beside the model as ``<model>.imatrix.gguf`` for ``llama-quantize --imatrix``. The tokenizer (read through transformers) resolves in a child process
 meanwhile and its keys are added after quantizing (``gguf_tokenizer.TokenizerJob``). Every file carries ``edgepeft.*`` metadata (base fingerprint,
 adapter hash and name, settings) so ``edgepeft.fit.check_gguf_pair`` can refuse an adapter made for
 another base of the same shape, which llama.cpp itself would load silently. Every export ends
@@ -25,6 +27,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgepeft import __version__, atomic
@@ -35,7 +38,7 @@ from edgepeft.export import gguf_tensors as gt
 from edgepeft.export.plan import AdapterPlan
 from edgepeft.export.quantize import get_quant, quantize
 from edgepeft.export.verify import Reference
-from edgepeft.keys import ADAPTER_SUFFIX_GGUF, GGUF_RECORD, EdgepeftKeys
+from edgepeft.keys import ADAPTER_SUFFIX_GGUF, GGUF_RECORD, IMATRIX_SUFFIX, EdgepeftKeys
 from edgepeft.paths import to_record
 from edgepeft.train.manifest import training_summary
 from edgepeft.ui import info, stage
@@ -63,33 +66,38 @@ def export(req) -> ExportResult:
     from edgepeft.export.gguf_tokenizer import tokenizer_job
 
     plans = _load_plans(req, base)  # before --out is created or a child starts: a bad adapter is one quick error
+    imx = _matrix_plan(req, base, plans, quant)  # so is a training-data hash mismatch
     with tokenizer_job(base.path):  # resolving the tokenizer starts now; write_model picks it up
-        return ExportResult.of(_export_checked(req, base, arch, quant, t0, plans))
+        return ExportResult.of(_export_checked(req, base, arch, quant, t0, plans, imx))
 
 
-def _export_checked(req, base, arch, quant, t0: float, plans) -> dict:
+def _export_checked(req, base, arch, quant, t0: float, plans, imx) -> dict:
     created = not Path(req.out).exists()
     out = atomic.ensure_writable_dir(req.out)
     try:
-        return _export_staged(req, base, plans, quant, arch, out, t0)
+        return _export_staged(req, base, plans, quant, arch, out, t0, imx)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a failed export (its check included) does not leave the folder it created
         raise
 
 
-def _export_staged(req, base, plans, quant, arch, out: Path, t0: float) -> dict:
+def _export_staged(req, base, plans, quant, arch, out: Path, t0: float, imx) -> dict:
     _check_free_space(out, base, quant.name, req.mode)
     # Every file of the set is written and verified in a staging dir inside --out, then renamed
     # into place: a kill or a failed parity check leaves no file under a final name.
     stage = Path(tempfile.mkdtemp(prefix=atomic.TMP_PREFIX + "stage-", dir=out))
     try:
-        record = _export_into(req, base, plans, quant, arch, stage)
+        record = _export_into(req, base, plans, quant, arch, stage, imx)
         finals = []
         for f in record["files"]:
             final = out / Path(f).name
             atomic.publish(Path(f), final)
             finals.append(str(final))
+        if record["imatrix"].get("path"):
+            final = out / Path(record["imatrix"]["path"]).name
+            atomic.publish(Path(record["imatrix"]["path"]), final)
+            record["imatrix"]["path"] = str(final)
         for a in record.get("adapter_files", []):
             a["path"] = str(out / Path(a["path"]).name)
         record["files"] = finals
@@ -107,17 +115,27 @@ def stored_record(record: dict, record_file: Path, base) -> dict:
     stored = {**record, "base": base.record_spec(record_file), "files": [to_record(f, record_file) for f in record["files"]],
               "adapters": [{**a, "source": to_record(a["source"], record_file) if a.get("source") else None}
                            for a in record.get("adapters", [])]}
+    if record.get("imatrix", {}).get("path"):
+        stored["imatrix"] = {**record["imatrix"], "path": to_record(record["imatrix"]["path"], record_file)}
     if "adapter_files" in record:
         stored["adapter_files"] = [{**a, "path": to_record(a["path"], record_file)} for a in record["adapter_files"]]
     return stored
 
 
-def _export_into(req, base, plans, quant, arch, out: Path) -> dict:
+def _export_into(req, base, plans, quant, arch, out: Path, imx: MatrixPlan) -> dict:
     record: dict = {"format": "gguf", "mode": req.mode, "quant": quant.name, "base": req.base,
                     "base_fingerprint": base.fingerprint, "architecture": arch.model_type, "files": [],
-                    "adapters": [_plan_summary(p) for p in plans], "edgepeft_version": __version__}
+                    "adapters": [_plan_summary(p) for p in plans], "edgepeft_version": __version__,
+                    "imatrix": imx.record}
+    if req.keep_delta and not quant.written_directly and plans:
+        from edgepeft.export import overrides
+
+        imx.overrides, kept = overrides.choose(base, plans, quant.name, req.keep_delta)
+        record["keep_delta"] = {"budget": req.keep_delta, "type": overrides.KEEP_TYPE, "kept": kept,
+                                "extra_bytes": sum(k["extra_bytes"] for k in kept)}
+        info(f"--keep-delta {req.keep_delta}: {len(kept)} adapter-touched weights kept at {overrides.KEEP_TYPE}")
     if req.mode == "merged":
-        path, merge = write_merged(base, plans, out, quant.name, req.merge_into, req.calib)
+        path, merge = write_merged(base, plans, out, quant.name, req.merge_into, req.calib, imx=imx)
         record["files"].append(str(path))
         record["merge"] = merge
         _cleanup_reference(merge)  # the reference is rebuilt from base + plans, not from the writer's merge
@@ -126,7 +144,9 @@ def _export_into(req, base, plans, quant, arch, out: Path) -> dict:
         _verify(req, record, Artifact(path, "gguf", path, {}, quant.name),
                 Reference(base, merged=plans, merge_target=merge["target"]))
     else:
-        base_path = write_model(base, [], out / f"base-{quant.name}.gguf", quant.name)
+        base_path = out / f"base-{quant.name}.gguf"
+        imx.variants = [([p], c, "original") for p, c in zip(plans, imx.calibrations, strict=False)]
+        base_path = write_model(base, [], base_path, quant.name, imx=imx)
         record["files"].append(str(base_path))
         record["adapter_files"] = []
         for plan in plans:
@@ -183,15 +203,90 @@ def _plan_summary(p: AdapterPlan) -> dict:
             "source": str(p.source) if p.source else None, "pruned": p.prune_report is not None}
 
 
+# --- importance matrix ---------------------------------------------------------------------------
+
+@dataclass
+class MatrixPlan:
+    """What the quantizer is weighted by: calibration sets chosen up front (a bad hash fails before --out
+    exists), forward passes (``variants``) set once the model to quantize is known, overrides."""
+
+    calibrations: list = field(default_factory=list)  # edgepeft.calib.Calibration, one per pass
+    file: Path | None = None  # --imatrix FILE: reused as given
+    record: dict = field(default_factory=dict)  # the export record's "imatrix" entry
+    variants: list = field(default_factory=list)  # (plans, calibration, merge target) per forward pass
+    overrides: dict = field(default_factory=dict)  # regex -> ggml type (--keep-delta)
+    meta: dict = field(default_factory=dict)  # edgepeft.imatrix.* keys for the model file
+
+    def build(self, base, final: Path) -> Path | None:
+        """Collect (or read) the matrix, write ``<final stem>.imatrix.gguf`` beside ``final``; None when off."""
+        from edgepeft import imatrix as IM
+        from edgepeft.fingerprint import sha256_file
+
+        if not self.calibrations and self.file is None:
+            return None
+        t0 = time.perf_counter()
+        if self.file is not None:
+            matrix = IM.read(self.file)
+            data_sha = str(matrix.meta.get(EdgepeftKeys.IMATRIX_DATA_SHA256, "unknown"))
+            source = str(matrix.meta.get(EdgepeftKeys.IMATRIX_SOURCE, f"--imatrix {self.file}"))
+        else:
+            data_sha = ",".join(dict.fromkeys(c.sha256 for c in self.calibrations))
+            source = " + ".join(dict.fromkeys(c.source for c in self.calibrations))
+            matrix = IM.collect_for_export(base, self.variants, source)
+        matrix.meta = {EdgepeftKeys.IMATRIX_DATA_SHA256: data_sha, EdgepeftKeys.IMATRIX_SOURCE: source}
+        path = final.parent / (final.name.removesuffix(".gguf") + IMATRIX_SUFFIX)
+        IM.write(matrix, path)
+        sha = sha256_file(path)
+        self.meta = {EdgepeftKeys.IMATRIX_SHA256: sha, **matrix.meta}
+        self.record.update(path=str(path), sha256=sha, data_sha256=data_sha, source=source,
+                           entries=len(matrix.sums), tokens=max(matrix.counts.values(), default=0),
+                           seconds=round(time.perf_counter() - t0, 2))
+        return path
+
+
+def _matrix_plan(req, base, plans, quant) -> MatrixPlan:
+    """Which matrix this export quantizes with (and which data), decided before anything is written."""
+    if quant.imatrix == "none":
+        return MatrixPlan(record={"used": False, "reason": f"{quant.name} takes no importance matrix"})
+    if req.imatrix == "none":
+        if quant.imatrix == "requires":
+            raise EdgepeftError(f"--quant {quant.name} needs an importance matrix, and --imatrix none turns it off",
+                                "Drop --imatrix none (the matrix comes from the adapter's training data, --calib, or "
+                                "the bundled wikitext-2 slice)")
+        info("importance matrix: off (--imatrix none)")
+        return MatrixPlan(record={"used": False, "reason": "--imatrix none"})
+    if req.imatrix != "auto":
+        from edgepeft.imatrix import read
+
+        read(Path(req.imatrix))  # a bad file is one line now, not a quantizer failure later
+        return MatrixPlan(file=Path(req.imatrix), record={"used": True, "calibration": None})
+    from edgepeft.calib import CalibRequest, select_calibration
+
+    tok = base.load_tokenizer()
+    if req.mode == "separate":  # one pass per adapter, each on its own run's data
+        cals = [select_calibration(CalibRequest(adapters=[p.source] if p.source else [], calib=req.calib), tok)
+                for p in plans]
+    else:
+        cals = [select_calibration(req, tok)]
+    return MatrixPlan(calibrations=cals, record={"used": True, "calibration": [c.record() for c in cals]})
+
+
 # --- model files (base or merged) --------------------------------------------------------------
 
-def write_merged(base, plans, out: Path, quant: str, merge_into: str, calib) -> tuple[Path, dict]:
-    """Merge ``plans`` into ``base`` and write one GGUF. Returns (path, merge record)."""
+def write_merged(base, plans, out: Path, quant: str, merge_into: str, calib, imx: MatrixPlan | None = None
+                 ) -> tuple[Path, dict]:
+    """Merge ``plans`` into ``base`` and write one GGUF. Returns (path, merge record).
+
+    The ``auto`` choice scores both candidates quantized without a matrix; the chosen one is then
+    quantized with it.
+    """
     name = "+".join(p.name for p in plans) or "base"
     final = out / f"{name}-merged-{quant}.gguf"
     merge = {"target": "original" if merge_into == "auto" and not plans else merge_into, "reference_folder": None}
     if merge["target"] != "auto":
-        return write_model(base, plans, final, quant, merge_target=merge["target"], merge=merge), merge
+        if imx is not None:
+            imx.variants = [(plans, c, merge["target"]) for c in imx.calibrations]
+        return write_model(base, plans, final, quant, merge_target=merge["target"], merge=merge, imx=imx), merge
     from edgepeft.export.merge import choose_merge_target
     from edgepeft.models import resolve_base
 
@@ -205,7 +300,9 @@ def write_merged(base, plans, out: Path, quant: str, merge_into: str, calib) -> 
     info(f"merge-into auto: {chosen} (held-out loss after {quant}: "
          + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()) + ")")
     merged_base = resolve_base(str(keep))
-    path = write_model(merged_base, [], final, quant, merge=merge, fingerprint_of=base, adapters=plans)
+    if imx is not None:
+        imx.variants = [([], c, "original") for c in imx.calibrations]  # the folder holds the merge already
+    path = write_model(merged_base, [], final, quant, merge=merge, fingerprint_of=base, adapters=plans, imx=imx)
     return path, merge
 
 
@@ -216,8 +313,9 @@ def _cleanup_reference(merge: dict) -> None:
 
 
 def write_model(base, plans, final: Path, quant: str, *, merge_target: str = "original", merge: dict | None = None,
-                fingerprint_of=None, adapters=None) -> Path:
-    """Stream ``base`` (+ merged ``plans``) into ``final``; block quants go through llama.cpp's quantizer."""
+                fingerprint_of=None, adapters=None, imx: MatrixPlan | None = None) -> Path:
+    """Stream ``base`` (+ merged ``plans``) into ``final``; block quants go through llama.cpp's quantizer,
+    with ``imx``'s importance matrix (collected on ``base`` with ``imx.variants``) and type overrides."""
     from edgepeft.export.gguf_tokenizer import copy_with_tokenizer, tokenizer_job
 
     q = get_quant(quant)
@@ -228,13 +326,16 @@ def write_model(base, plans, final: Path, quant: str, *, merge_target: str = "or
                                   tokenizer=tokenizer)
             return final
         inter = _intermediate_type(base)
+        matrix_file = imx.build(base, final) if imx is not None else None  # before the intermediate: its keys
         with (atomic.atomic_path(final) as tmp, scratch_file(final.parent, ".intermediate.gguf") as itmp,
               scratch_file(final.parent, ".quantized.gguf") as qtmp):
             # the intermediate has no tokenizer yet: llama.cpp's quantizer reads none, and the
             # tokenizer job is usually still running here
-            _write_float_gguf(base, plans, itmp, inter, merge_target, merge, fingerprint_of, adapters, quant=q.name)
+            _write_float_gguf(base, plans, itmp, inter, merge_target, merge, fingerprint_of, adapters, quant=q.name,
+                              extra_meta=imx.meta if imx is not None else None)
             # while the tokenizer child still runs, leave it a core
-            quantize(itmp, qtmp, q.name, nthread=None if tokenizer.done() else max(1, (os.cpu_count() or 1) - 1))
+            quantize(itmp, qtmp, q.name, nthread=None if tokenizer.done() else max(1, (os.cpu_count() or 1) - 1),
+                     imatrix=matrix_file, overrides=imx.overrides if imx is not None else None)
             itmp.unlink()  # free its disk before the final copy
             with stage("embed the tokenizer"):
                 copy_with_tokenizer(qtmp, tmp, base.path, base.config["vocab_size"], tokenizer)
@@ -258,7 +359,8 @@ def _intermediate_type(base) -> str:
 
 
 def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: str, merge: dict | None,
-                      fingerprint_of, adapters, quant: str | None = None, tokenizer=None) -> None:
+                      fingerprint_of, adapters, quant: str | None = None, tokenizer=None,
+                      extra_meta: dict | None = None) -> None:
     """Stream the float GGUF; with ``tokenizer`` (a TokenizerJob) its keys are embedded, else left out."""
     import gguf
 
@@ -280,6 +382,8 @@ def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: st
             add_tokenizer(writer, base.path, cfg["vocab_size"], tokenizer.result())
     adapters = adapters if adapters is not None else plans
     _add_common_meta(writer, "merged" if adapters else "base", fp_base, quant or float_name)
+    for k, v in (extra_meta or {}).items():
+        writer.add_string(k, v)
     if adapters:
         # a shipped file carries no host path: the adapters' source folders stay in gguf-export.json
         writer.add_string(EdgepeftKeys.ADAPTERS, json.dumps([{k: v for k, v in _plan_summary(p).items() if k != "source"}

@@ -3,6 +3,11 @@
 K-quants and the legacy block types are produced by ``llama_model_quantize`` itself (the
 code behind ``llama-quantize``), never by a port, so the mix of types per tensor (Q4_K_M
 keeps some tensors at Q6_K, etc.) is exactly what llama.cpp would choose.
+
+An importance matrix (edgepeft/imatrix.py) reaches the quantizer as llama.cpp's own C array of
+``llama_model_imatrix_data {name, data, size}`` (NULL-terminated), and tensor-type overrides as
+``llama_model_tensor_override {pattern, type}``: both built with ctypes from the pinned bindings'
+struct definitions, as ``llama-quantize --imatrix FILE --tensor-type PATTERN=TYPE`` builds them.
 """
 
 from __future__ import annotations
@@ -22,17 +27,23 @@ class Quant:
     llama_ftype: str  # attribute of llama_cpp: LLAMA_FTYPE_*
     gguf_ftype: str  # member of gguf.LlamaFileType (what general.file_type records)
     written_directly: bool  # float types are written by gguf-py; block types go through llama_model_quantize
+    imatrix: str = "uses"  # none: the quantizer ignores a matrix; uses: weighs its rounding by one;
+    #                        requires: llama.cpp refuses the type without one (llama-quant.cpp tensor_requires_imatrix)
 
 
 QUANTS: dict[str, Quant] = {q.name: q for q in (
-    Quant("f32", "LLAMA_FTYPE_ALL_F32", "ALL_F32", True),
-    Quant("f16", "LLAMA_FTYPE_MOSTLY_F16", "MOSTLY_F16", True),
-    Quant("bf16", "LLAMA_FTYPE_MOSTLY_BF16", "MOSTLY_BF16", True),
-    Quant("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0", "MOSTLY_Q8_0", False),
+    Quant("f32", "LLAMA_FTYPE_ALL_F32", "ALL_F32", True, "none"),
+    Quant("f16", "LLAMA_FTYPE_MOSTLY_F16", "MOSTLY_F16", True, "none"),
+    Quant("bf16", "LLAMA_FTYPE_MOSTLY_BF16", "MOSTLY_BF16", True, "none"),
+    Quant("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0", "MOSTLY_Q8_0", False, "none"),
     Quant("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0", "MOSTLY_Q4_0", False),
     Quant("q4_k_m", "LLAMA_FTYPE_MOSTLY_Q4_K_M", "MOSTLY_Q4_K_M", False),
     Quant("q5_k_m", "LLAMA_FTYPE_MOSTLY_Q5_K_M", "MOSTLY_Q5_K_M", False),
     Quant("q6_k", "LLAMA_FTYPE_MOSTLY_Q6_K", "MOSTLY_Q6_K", False),
+    Quant("iq4_xs", "LLAMA_FTYPE_MOSTLY_IQ4_XS", "MOSTLY_IQ4_XS", False),
+    Quant("q3_k_m", "LLAMA_FTYPE_MOSTLY_Q3_K_M", "MOSTLY_Q3_K_M", False),
+    Quant("q2_k", "LLAMA_FTYPE_MOSTLY_Q2_K", "MOSTLY_Q2_K", False),
+    Quant("iq3_xxs", "LLAMA_FTYPE_MOSTLY_IQ3_XXS", "MOSTLY_IQ3_XXS", False, "requires"),
 )}
 
 
@@ -46,21 +57,28 @@ def get_quant(name: str) -> Quant:
 _TENSOR_LINE = re.compile(r"\s*\[\s*(\d+)/\s*(\d+)\]")
 
 
-def quantize(src: Path, dst: Path, quant: str, nthread: int | None = None) -> None:
+def quantize(src: Path, dst: Path, quant: str, nthread: int | None = None, imatrix: Path | None = None,
+             overrides: dict[str, str] | None = None) -> None:
     """Quantize GGUF ``src`` (F32/F16 intermediate) into ``dst`` with llama.cpp's quantizer.
+
+    ``imatrix``: an imatrix GGUF (edgepeft.imatrix.write); ``overrides``: regex -> ggml type name
+    (``{"^blk\\.3\\.ffn_down\\.weight$": "q6_k"}``), llama.cpp's tensor-type overrides.
 
     Runs in a child process: the quantizer maps the whole intermediate, and doing that in the
     exporting process (which already holds torch and the tokenizer) would add the two peaks
     instead of taking the larger one.
     """
+    import json
     import subprocess
 
     from edgepeft.ui import STATE, stage
 
     get_quant(quant)
-    cmd = [sys.executable, "-m", "edgepeft.export.quantize", str(src), str(dst), quant, str(nthread or 0)]
+    opts = json.dumps({"imatrix": str(imatrix) if imatrix else None, "overrides": overrides or {}})
+    cmd = [sys.executable, "-m", "edgepeft.export.quantize", str(src), str(dst), quant, str(nthread or 0), opts]
     lines: list[str] = []
-    with stage(f"quantize {quant} (llama.cpp)", unit="tensors") as st:
+    what = " + importance matrix" if imatrix else ""
+    with stage(f"quantize {quant} (llama.cpp{what})", unit="tensors") as st:
         # llama.cpp logs "[  12/ 273] blk.0..." per tensor: that is the progress bar
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if STATE.debug else subprocess.STDOUT)
         for raw in proc.stdout:
@@ -76,17 +94,70 @@ def quantize(src: Path, dst: Path, quant: str, nthread: int | None = None) -> No
                             "Check free disk space in --out; rerun with --debug for llama.cpp's full log")
 
 
-def quantize_in_process(src: Path, dst: Path, quant: str, nthread: int | None = None) -> None:
+def ggml_type_id(name: str) -> int:
+    """The ggml type number of ``q6_k`` / ``Q8_0`` / ... (gguf-py's table is llama.cpp's enum)."""
+    import gguf
+
+    try:
+        return int(gguf.GGMLQuantizationType[name.upper()])
+    except KeyError:
+        raise ConfigError("tensor type", name, ", ".join(t.name.lower() for t in gguf.GGMLQuantizationType)) from None
+
+
+def quantize_params(quant: str, nthread: int | None, means: dict | None = None, overrides: dict | None = None):
+    """``llama_model_quantize_params`` with the matrix and overrides as NULL-terminated C arrays.
+
+    Returns (params, keep): ``keep`` holds the ctypes buffers the params point into; it must outlive the call.
+    """
+    import ctypes
+
     import llama_cpp
+    import numpy as np
 
     q = get_quant(quant)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, q.llama_ftype)
     params.nthread = nthread or os.cpu_count() or 1
+    keep: list = []
+    if means:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(means) + 1))()  # zeroed: the last is the terminator
+        for i, (name, values) in enumerate(sorted(means.items())):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(arr)
+            entries[i].name = name.encode()
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        keep.append(entries)
+        params.imatrix = entries
+    if overrides:
+        tt = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()  # zeroed: a NULL pattern ends it
+        for i, (pattern, type_name) in enumerate(overrides.items()):
+            tt[i].pattern = pattern.encode()
+            tt[i].type = ggml_type_id(type_name)
+        keep.append(tt)
+        params.tt_overrides = tt
+    return params, keep
+
+
+def quantize_in_process(src: Path, dst: Path, quant: str, nthread: int | None = None, imatrix: str | None = None,
+                        overrides: dict | None = None) -> None:
+    import llama_cpp
+
+    means = None
+    if imatrix:
+        from edgepeft.imatrix import read
+
+        means = read(Path(imatrix)).means()
+    params, keep = quantize_params(quant, nthread, means, overrides)
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    del keep
     if rc != 0:
         raise SystemExit(f"llama_model_quantize returned {rc}")
 
 
 if __name__ == "__main__":  # the child process quantize() starts
-    quantize_in_process(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]) or None)
+    import json
+
+    _opts = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
+    quantize_in_process(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]) or None,
+                        _opts.get("imatrix"), _opts.get("overrides"))

@@ -8,7 +8,7 @@ from pathlib import Path
 from edgepeft.errors import ConfigError
 from edgepeft.export import WRITERS
 
-GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "iq4_xs", "q3_k_m", "q2_k", "iq3_xxs")
 ONNX_QUANTS = ("int4", "int8", "fp16", "fp32")
 FORMATS = tuple(WRITERS)
 MODES = ("merged", "separate")
@@ -33,6 +33,8 @@ class ExportRequest:
     prune: str | None = None  # e.g. "auto", "energy=0.99", "rank=8", "size=2MB", "drop=1e-4", "modules=q_proj+v_proj"
     merge_into: str = "auto"
     calib: Path | None = None
+    imatrix: str = "auto"  # GGUF block types: auto (from the adapter's data, --calib or the bundled slice) | none | FILE
+    keep_delta: str | None = None  # GGUF: byte budget ("4MB") to keep the most-changed adapter weights at q8_0
     names: list[str] = field(default_factory=list)  # --name per adapter
     force: bool = False  # override the fingerprint check only (never shapes)
     allow_pickle: bool = False
@@ -68,6 +70,12 @@ class ExportRequest:
             raise ConfigError("--quant-algo", self.quant_algo, ", ".join(ONNX_QUANT_ALGOS))
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError("--accuracy-level", self.accuracy_level, "0-4")
+        if self.imatrix not in ("auto", "none") and not str(self.imatrix).endswith(".gguf"):
+            raise ConfigError("--imatrix", self.imatrix, "auto, none, or an imatrix .gguf file")
+        if self.keep_delta is not None:
+            from edgepeft.export.overrides import parse_budget
+
+            parse_budget(self.keep_delta)  # refuses a bad size now, before any model loads
         if self.names and len(self.names) != len(self.adapters):
             raise ConfigError("--name", self.names, f"one --name per --adapter ({len(self.adapters)} given)")
         from edgepeft.readers import NAME_RULE, is_name

@@ -31,12 +31,19 @@ def _rows(n: int) -> list[dict]:
                                                 {"role": "assistant", "content": "see you"}]}]
 
 
-def make_run(tmp: Path, rows: list[dict], held_out: list[dict] | None = None) -> Path:
-    """A training run dir as ``edgepeft train`` lays it out: adapter/ + manifest.json naming its data."""
+def make_run(tmp: Path, rows: list[dict], held_out: list[dict] | None = None, adapter: Path | None = None) -> Path:
+    """A training run dir as ``edgepeft train`` lays it out: adapter/ (a copy of ``adapter``) + manifest.json
+    naming its data."""
+    import shutil
+
     from edgepeft.train.data import data_sha256, load_jsonl
 
     run = tmp / "run"
-    (run / "adapter").mkdir(parents=True)
+    if adapter is not None:
+        run.mkdir(parents=True)
+        shutil.copytree(adapter, run / "adapter")
+    else:
+        (run / "adapter").mkdir(parents=True)
     data = run.parent / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     entry = {"source": "../train.jsonl", "sha256": data_sha256(load_jsonl(data)), "samples": len(rows)}

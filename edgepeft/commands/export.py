@@ -13,13 +13,21 @@ from edgepeft.ui import edgepeft_command, print_json
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(), help="PEFT adapter folder (repeatable).")
 @click.option("--name", "names", multiple=True, help="Name for each --adapter, in order (default: folder name).")
 @click.option("--mode", default="merged", show_default=True, help="merged | separate")
-@click.option("--quant", default=None, help="gguf: f32 f16 bf16 q8_0 q4_0 q4_k_m q5_k_m q6_k; onnx: int4 int8 fp16 fp32")
+@click.option("--quant", default=None, help="gguf: f32 f16 bf16 q8_0 q4_0 q4_k_m q5_k_m q6_k iq4_xs q3_k_m q2_k "
+              "iq3_xxs; onnx: int4 int8 fp16 fp32")
 @click.option("--adapter-type", default="f16", show_default=True, help="GGUF adapter tensors: f16 | q8_0")
 @click.option("--prune", default=None,
               help="auto | energy=0.99 | rank=8 | size=2MB, optionally ,drop=1e-4 ,modules=q_proj+v_proj. auto: the "
                    "smallest modules+rank whose task accuracy stays within 1 point (,tolerance=P ,examples=N)")
 @click.option("--merge-into", default="auto", show_default=True, help="auto | dequantized | original")
-@click.option("--calib", type=click.Path(), default=None, help="JSONL calibration set for --merge-into auto.")
+@click.option("--calib", type=click.Path(), default=None,
+              help="JSONL calibration set (training formats) for the importance matrix and --merge-into auto.")
+@click.option("--imatrix", default="auto", show_default=True,
+              help="gguf block types: auto (the adapter's training data, --calib, else the bundled wikitext-2 slice) "
+                   "| none | an imatrix .gguf to reuse")
+@click.option("--keep-delta", default=None,
+              help="gguf: keep the adapter-touched weights with the largest relative change at q8_0, within this "
+                   "many extra bytes (e.g. 4MB)")
 @click.option("--force", is_flag=True, help="Accept an adapter whose recorded base fingerprint differs (shapes are still checked).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a pickle (.bin) adapter. Unsafe with untrusted files.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against the PyTorch reference.")
@@ -32,7 +40,8 @@ from edgepeft.ui import edgepeft_command, print_json
 @click.option("--device", default=None, help="Device profile name or YAML path (onnx qnn-htp).")
 @click.option("--dynamic-shapes", is_flag=True, help="onnx: dynamic shapes (cpu/cuda graphs already are; qnn-htp refuses them).")
 @click.option("--out", required=True, type=click.Path(), help="Output directory.")
-def command(fmt, base, adapters, names, mode, quant, adapter_type, prune, merge_into, calib, force, allow_pickle,
+def command(fmt, base, adapters, names, mode, quant, adapter_type, prune, merge_into, calib, imatrix, keep_delta,
+            force, allow_pickle,
             no_verify, block_size, accuracy_level, quant_algo, target, device, dynamic_shapes, out, as_json):
     """Prune/merge an adapter and write GGUF or ONNX artifacts, verified against PyTorch."""
     from edgepeft.export import export
@@ -40,6 +49,7 @@ def command(fmt, base, adapters, names, mode, quant, adapter_type, prune, merge_
 
     req = ExportRequest(format=fmt, base=base, adapters=list(adapters), names=list(names), out=out, mode=mode,
                         quant=quant, adapter_type=adapter_type, prune=prune, merge_into=merge_into, calib=calib,
+                        imatrix=imatrix, keep_delta=keep_delta,
                         force=force, allow_pickle=allow_pickle, verify=not no_verify, block_size=block_size,
                         accuracy_level=accuracy_level, quant_algo=quant_algo, target=target, device=device,
                         static_shapes=not dynamic_shapes)

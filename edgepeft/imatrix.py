@@ -1,0 +1,241 @@
+"""Importance matrix from the task's own data: collect (PyTorch), write and read (llama.cpp's imatrix GGUF).
+
+For every linear weight inside the transformer blocks, the matrix holds the mean of x_j² per input
+column j over every calibration token, where x is that linear's input in the model that will be
+quantized: the merged model for ``--mode merged``; the base with each adapter active for ``--mode
+separate`` (ΔW = s·B·A added to the weights, so the base is weighted where the adapter uses it; with
+several adapters the sums and token counts of each pass add up). llama.cpp's quantizer takes these
+means as per-column weights of its rounding error (``llama_model_quantize_params.imatrix``).
+
+Why collected in PyTorch and not in llama.cpp: llama.cpp's collector is the ``llama-imatrix`` binary
+(not in the llama-cpp-python wheel) or an eval callback that would copy every matmul input of every
+micro-batch from C into Python through ctypes; and for separate mode it would have to run the base
+with a LoRA GGUF that does not exist yet. The export already reads the fp32 weights and applies the
+adapters exactly as the PyTorch reference does, so a forward pre-hook on each ``nn.Linear`` gives the
+fp32 input directly, with no extra file and no second runtime. It matches llama-imatrix's defaults:
+``blk.*`` matmuls only (``output.weight`` is skipped unless asked, as without ``--process-output``).
+
+The file is llama.cpp's imatrix GGUF (tools/imatrix, read by common/imatrix-loader): ``general.type =
+imatrix``, ``imatrix.datasets`` / ``imatrix.chunk_count`` / ``imatrix.chunk_size``, and per weight
+``<gguf name>.in_sum2`` (F32, the raw sums, ne = (n_in, 1)) and ``<gguf name>.counts`` (F32, tokens,
+ne = (1, 1)), names sorted, so ``llama-quantize --imatrix FILE`` reuses it unchanged. Names are the
+GGUF tensor names of the artifact (``blk.0.attn_q.weight``); Q/K row permutations do not touch input
+columns, so the HF order of x is the GGUF order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgepeft.errors import EdgepeftError, IntegrityError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+SUM_SUFFIX = ".in_sum2"
+COUNT_SUFFIX = ".counts"
+KV_DATASETS = "imatrix.datasets"
+KV_CHUNK_COUNT = "imatrix.chunk_count"
+KV_CHUNK_SIZE = "imatrix.chunk_size"
+MAX_TOKENS = 256  # per calibration text: the chunk size the file records
+
+
+@dataclass
+class ImportanceMatrix:
+    """Raw sums of x_j² and token counts per GGUF weight name (llama.cpp's in-file form)."""
+
+    sums: dict[str, np.ndarray]  # name -> (n_in,) float64
+    counts: dict[str, int]
+    datasets: list[str] = field(default_factory=list)
+    chunk_size: int = MAX_TOKENS
+    chunk_count: int = 0
+    meta: dict = field(default_factory=dict)  # edgepeft.* keys the file carries (calibration source, hash)
+
+    def means(self) -> dict[str, np.ndarray]:
+        """name -> float32 mean of x_j² per column: what ``llama_model_quantize`` takes."""
+        import numpy as np
+
+        return {k: (v / max(self.counts[k], 1)).astype(np.float32) for k, v in self.sums.items()}
+
+    def add(self, other: ImportanceMatrix) -> None:
+        for k, v in other.sums.items():
+            if k in self.sums:
+                self.sums[k] = self.sums[k] + v
+                self.counts[k] += other.counts[k]
+            else:
+                self.sums[k], self.counts[k] = v.copy(), other.counts[k]
+        self.datasets += [d for d in other.datasets if d not in self.datasets]
+        self.chunk_count += other.chunk_count
+
+
+# ------------------------------------------------------------------ collect
+
+def linear_names(base) -> dict[str, str]:
+    """HF module path -> GGUF weight name, for every 2-D ``blk.*`` weight of ``base`` (a ResolvedBase)."""
+    import gguf
+
+    from edgepeft.export import gguf_tensors as gt
+
+    outs = gt.base_tensor_plan(base, base.arch, gguf.GGMLQuantizationType.F32)
+    return {o.hf_name.removesuffix(".weight"): o.gguf_name for o in outs
+            if o.gguf_name.startswith("blk.") and len(o.shape) == 2 and o.hf_name.endswith(".weight")}
+
+
+def collect(model, names: dict[str, str], token_lists: Sequence[Sequence[int]]) -> ImportanceMatrix:
+    """Run ``token_lists`` through ``model`` (a transformers causal LM) and sum x_j² at each named linear."""
+    import numpy as np
+    import torch
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise EdgepeftError(f"the model has no module {missing[0]} for the importance matrix",
+                            "This checkpoint layout is not supported for --imatrix; pass --imatrix none")
+
+    def hook(gname: str):
+        def pre(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            s = (x * x).sum(0)
+            sums[gname] = sums[gname] + s if gname in sums else s
+            counts[gname] = counts.get(gname, 0) + x.shape[0]
+        return pre
+
+    handles = [modules[h].register_forward_pre_hook(hook(g)) for h, g in names.items()]
+    try:
+        with torch.no_grad():
+            for ids in token_lists:
+                if ids:
+                    model(input_ids=torch.tensor([list(ids)[:MAX_TOKENS]]))
+    finally:
+        for h in handles:
+            h.remove()
+    matrix = ImportanceMatrix({k: v.numpy() for k, v in sums.items()}, counts, chunk_count=len(token_lists))
+    bad = next((k for k, v in matrix.sums.items() if not np.isfinite(v).all()), None)
+    if bad is not None:
+        raise EdgepeftError(f"the importance matrix of {bad} is not finite (the model overflows on the calibration "
+                            "data)", "Pass other --calib data, or --imatrix none")
+    return matrix
+
+
+def calibration_tokens(tokenizer, pairs) -> list[list[int]]:
+    """Token ids of each (rendered prompt, completion), as the runtimes tokenize rendered text."""
+    return [list(tokenizer(p + c, add_special_tokens=False)["input_ids"])[:MAX_TOKENS] for p, c in pairs]
+
+
+def collect_for_export(base, variants: Sequence[tuple[Sequence, object, str]], dataset: str) -> ImportanceMatrix:
+    """The matrix of the model that will be quantized.
+
+    ``base`` is the folder whose weights get quantized (a ResolvedBase); ``variants`` is one
+    (plans, calibration, merge_target) per forward pass: the plans' ΔW are added to the weights
+    (merge_target ``dequantized`` first rounds NF4-trained weights as training saw them) and the
+    calibration's texts run through. Merged mode passes one variant with every plan; separate mode
+    one variant per adapter.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from edgepeft.export.merge import is_nf4_quantized, nf4_round_trip
+    from edgepeft.ui import stage
+
+    names = linear_names(base)
+    tok = base.load_tokenizer()
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # stderr carries edgepeft's own lines only
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).eval()
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    total = ImportanceMatrix({}, {}, datasets=[dataset])
+    n_texts = sum(len(c.pairs) for _, c, _ in variants)
+    with stage(f"importance matrix in PyTorch ({n_texts} calibration texts)"):
+        for plans, calibration, target in variants:
+            saved = {}
+            with torch.no_grad():
+                for name, w in params.items():
+                    if target == "dequantized" and is_nf4_quantized(name, tuple(w.shape)):
+                        saved.setdefault(name, w.detach().clone())
+                        w.copy_(nf4_round_trip(w.detach()))
+                for plan in plans:
+                    for t, m in plan.modules.items():
+                        w = params[t + ".weight"]
+                        saved.setdefault(t + ".weight", w.detach().clone())
+                        w.add_(m.delta())
+            try:
+                total.add(collect(model, names, calibration_tokens(tok, calibration.pairs)))
+            finally:
+                with torch.no_grad():
+                    for name, w0 in saved.items():
+                        params[name].copy_(w0)
+    del model
+    return total
+
+
+# ------------------------------------------------------------------ write / read
+
+def write(matrix: ImportanceMatrix, path: Path) -> Path:
+    """llama.cpp's imatrix GGUF at ``path`` (atomically), plus ``edgepeft.*`` keys from ``matrix.meta``."""
+    import gguf
+    import numpy as np
+
+    from edgepeft import atomic
+
+    with atomic.atomic_path(Path(path)) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch="llama", use_temp_file=False)  # arch: the writer's required key
+        w.add_type(gguf.GGUFType.IMATRIX)
+        w.add_array(KV_DATASETS, list(matrix.datasets) or ["edgepeft"])
+        w.add_uint32(KV_CHUNK_COUNT, int(matrix.chunk_count))
+        w.add_uint32(KV_CHUNK_SIZE, int(matrix.chunk_size))
+        for k, v in matrix.meta.items():
+            w.add_string(k, v if isinstance(v, str) else json.dumps(v))
+        for name in sorted(matrix.sums):
+            w.add_tensor(name + SUM_SUFFIX, np.asarray(matrix.sums[name], dtype=np.float32).reshape(1, -1))
+            w.add_tensor(name + COUNT_SUFFIX, np.array([[float(matrix.counts[name])]], dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return Path(path)
+
+
+def read(path: Path) -> ImportanceMatrix:
+    """An imatrix GGUF (ours or llama-imatrix's). Refuses anything else with one line."""
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise EdgepeftError(f"--imatrix {path} does not exist", "Pass an imatrix .gguf file, auto, or none")
+    try:
+        r = gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf-py raises ValueError/struct errors on a bad file
+        raise IntegrityError(f"--imatrix {path} is not a GGUF file ({type(e).__name__})",
+                             "Pass an imatrix .gguf written by edgepeft or llama-imatrix") from e
+
+    def field_value(key):
+        f = r.fields.get(key)
+        return None if f is None else f.contents()
+
+    if field_value("general.type") != gguf.GGUFType.IMATRIX:
+        raise IntegrityError(f"--imatrix {path} has general.type {field_value('general.type')!r}, not 'imatrix'",
+                             "Pass an imatrix .gguf written by edgepeft or llama-imatrix")
+    sums, counts = {}, {}
+    for t in r.tensors:
+        if t.name.endswith(SUM_SUFFIX):
+            sums[t.name.removesuffix(SUM_SUFFIX)] = np.asarray(t.data, dtype=np.float64).reshape(-1)
+        elif t.name.endswith(COUNT_SUFFIX):
+            counts[t.name.removesuffix(COUNT_SUFFIX)] = round(float(np.asarray(t.data).reshape(-1)[0]))
+    if not sums or set(sums) != set(counts):
+        raise IntegrityError(f"--imatrix {path} has {len(sums)} sums and {len(counts)} counts that do not pair up",
+                             "Pass an imatrix .gguf written by edgepeft or llama-imatrix")
+    meta = {k: field_value(k) for k in r.fields if k.startswith("edgepeft.")}
+    return ImportanceMatrix(sums, counts, list(field_value(KV_DATASETS) or []), int(field_value(KV_CHUNK_SIZE) or 0),
+                            int(field_value(KV_CHUNK_COUNT) or 0), meta)

@@ -1,0 +1,180 @@
+"""The importance matrix through the real CLI: from a training run's data, in llama.cpp's imatrix GGUF
+format (read back by the vendored gguf-py), recorded in the artifact and the record, and what it buys:
+llama.cpp's quantizer given the matrix lands closer to the weights where the calibration inputs are
+large (the error it weighs), and --imatrix none gives another file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_clean_error, run_cli
+from lora_factory import make_lora
+from peers import peer_dir
+from test_calib_select import make_run
+
+ROWS = [{"prompt": f"Ship {i % 9} blue lamps to Oslo, order {1000 + i}.",
+         "completion": f'{{"qty":{i % 9},"city":"Oslo","order":{1000 + i}}}'} for i in range(40)]
+LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def vendored_read(path: Path) -> dict:
+    """Fields and tensors of a GGUF as the llama.cpp sources' own gguf-py reads them."""
+    code = ("import json, sys, gguf\n"
+            "r = gguf.GGUFReader(sys.argv[1])\n"
+            "kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith('GGUF.')}\n"
+            "t = {x.name: {'type': x.tensor_type.name, 'ne': [int(n) for n in x.shape],"
+            " 'sum': float(x.data.astype('float64').sum()) if x.tensor_type.name == 'F32' else None} for x in r.tensors}\n"
+            "print(json.dumps({'kv': kv, 'tensors': t}, default=str))\n")
+    env = dict(os.environ, PYTHONPATH=str(peer_dir() / "gguf-py"))
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, check=True)
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("imatrix")
+    adapter = make_lora(tiny_llama, root / "lora", seed=3, b_std=0.05)
+    return make_run(root, ROWS, adapter=adapter)
+
+
+@pytest.fixture(scope="module")
+def exports(run_dir, tiny_llama):
+    """The same merged q4_k_m export with the run's matrix and with --imatrix none (relative paths, from the run's parent)."""
+    cwd = run_dir.parent
+    out = {}
+    for tag, extra in (("with", ()), ("none", ("--imatrix", "none"))):
+        proc = run_cli("export", "--base", tiny_llama, "--adapter", "run", "--quant", "q4_k_m", "--merge-into",
+                       "original", "--no-verify", "--json", "--out", f"out-{tag}", *extra, cwd=cwd)
+        assert proc.returncode == 0, proc.stderr
+        out[tag] = (json.loads(proc.stdout), proc.stderr, cwd / f"out-{tag}")
+    return out
+
+
+def test_matrix_from_the_run_data_in_llama_cpp_format(exports, run_dir):
+    rec, err, out = exports["with"]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    imx = rec["imatrix"]
+    assert imx["used"] and imx["calibration"][0]["kind"] == "run-sample"
+    assert imx["data_sha256"] == manifest["data"]["sha256"] == imx["calibration"][0]["sha256"]
+    status = [ln for ln in err.splitlines() if "calibration:" in ln]
+    assert len(status) == 1 and "training run data" in status[0] and "all 40 rows" in status[0]  # 40 <= 64
+    path = out / "run-merged-q4_k_m.imatrix.gguf"
+    assert path.is_file() and sha256(path) == imx["sha256"]
+    stored = json.loads((out / "gguf-export.json").read_text())["imatrix"]
+    assert stored["path"] == path.name  # relative to the record
+
+    got = vendored_read(path)
+    assert got["kv"]["general.type"] == "imatrix" and got["kv"]["imatrix.chunk_count"] == 40
+    assert got["kv"]["imatrix.chunk_size"] == 256 and got["kv"]["imatrix.datasets"] == [imx["source"]]
+    names = {f"blk.{i}.{n}.weight" for i in range(2) for n in LINEARS}
+    assert set(got["tensors"]) == {n + s for n in names for s in (".in_sum2", ".counts")}
+    for n in names:
+        s, c = got["tensors"][n + ".in_sum2"], got["tensors"][n + ".counts"]
+        assert s["type"] == c["type"] == "F32" and c["ne"] == [1, 1]
+        assert s["ne"] == [128 if "ffn_down" in n else 64, 1] and s["sum"] > 0
+    assert len({got["tensors"][n + ".counts"]["sum"] for n in names}) == 1  # every linear saw every token
+
+    model = vendored_read(out / "run-merged-q4_k_m.gguf")["kv"]
+    assert model["edgepeft.imatrix.sha256"] == imx["sha256"]
+    assert model["edgepeft.imatrix.data_sha256"] == manifest["data"]["sha256"]
+    assert model["edgepeft.imatrix.source"].startswith("training run data")
+
+
+def test_imatrix_none_and_what_the_matrix_changes(exports, run_dir, tiny_llama):
+    import gguf
+    from gguf.quants import dequantize
+
+    from edgepeft.export import gguf_tensors as gt
+    from edgepeft.imatrix import read
+    from edgepeft.models import resolve_base
+
+    rec_none, err_none, out_none = exports["none"]
+    assert rec_none["imatrix"] == {"used": False, "reason": "--imatrix none"}
+    assert "importance matrix: off (--imatrix none)" in err_none and "calibration:" not in err_none
+    assert not list(out_none.glob("*.imatrix.gguf"))
+    assert not any(k.startswith("edgepeft.imatrix") for k in vendored_read(out_none / "run-merged-q4_k_m.gguf")["kv"])
+
+    # the merged fp32 weights both files quantize, in GGUF row order
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = resolve_base(str(tiny_llama))
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run_dir / "adapter")
+    sd = {k: v.detach().float() for k, v in merged.merge_and_unload().state_dict().items()}
+    tmap = gt.name_map(base.arch, base.config["num_hidden_layers"])
+    ref = {gt.map_name(tmap, k): gt.to_gguf(v, k, base.arch, base.config).numpy() for k, v in sd.items()}
+    means = read(exports["with"][2] / "run-merged-q4_k_m.imatrix.gguf").means()
+
+    def weighted_error(path: Path) -> dict[str, float]:
+        r = gguf.GGUFReader(str(path))
+        out = {}
+        for t in r.tensors:
+            if t.name in means:
+                w = dequantize(t.data, t.tensor_type).reshape(ref[t.name].shape)
+                out[t.name] = float((((w - ref[t.name]) ** 2) * means[t.name][None, :]).sum())
+        return out
+
+    with_m = weighted_error(exports["with"][2] / "run-merged-q4_k_m.gguf")
+    without = weighted_error(out_none / "run-merged-q4_k_m.gguf")
+    assert set(with_m) == set(means) and len(means) == 14
+    assert sum(with_m.values()) < 0.97 * sum(without.values()), (with_m, without)
+    assert sum(with_m[k] < without[k] for k in means) >= 10  # most weights, not one lucky tensor
+    assert not np.isclose(sum(with_m.values()), sum(without.values()))
+
+
+def test_changed_training_data_is_one_line_and_writes_nothing(run_dir, tiny_llama, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shutil.copy(run_dir.parent / "train.jsonl", tmp_path / "train.jsonl")
+    with open(tmp_path / "train.jsonl", "a") as f:
+        f.write(json.dumps({"prompt": "one more", "completion": "row"}) + "\n")
+    proc = run_cli("export", "--base", tiny_llama, "--adapter", "run/adapter", "--quant", "q4_k_m", "--out", "out",
+                   cwd=tmp_path)
+    assert_clean_error(proc, "train.jsonl", "changed since training", "--imatrix none")
+    assert not (tmp_path / "out").exists()
+    proc = run_cli("export", "--base", tiny_llama, "--quant", "iq3_xxs", "--imatrix", "none", "--out", "out",
+                   cwd=tmp_path)
+    assert_clean_error(proc, "iq3_xxs needs an importance matrix")
+    proc = run_cli("export", "--base", tiny_llama, "--imatrix", "matrix.dat", "--out", "out", cwd=tmp_path)
+    assert_clean_error(proc, "--imatrix", "an imatrix .gguf file")
+    assert not (tmp_path / "out").exists()
+
+
+
+def test_keep_delta_keeps_the_most_changed_weights_within_the_budget(run_dir, tiny_llama):
+    """--keep-delta's choice (export/overrides.py): ranked by ‖ΔW‖/‖W‖, extra bytes within the budget."""
+    import re
+
+    from edgepeft.export.adapter import load_adapter
+    from edgepeft.export.overrides import bytes_per_weight, choose
+    from edgepeft.models import resolve_base
+
+    base = resolve_base(str(tiny_llama))
+    plan = load_adapter(run_dir, base)
+    per = bytes_per_weight("q8_0") - bytes_per_weight("q4_k")
+    everything, all_kept = choose(base, [plan], "q4_k_m", "10MB")
+    assert len(all_kept) == len(everything) == 14  # every touched weight fits
+    rel = [k["rel_delta"] for k in all_kept]
+    assert rel == sorted(rel, reverse=True) and rel[0] > rel[-1] > 0
+    patterns, kept = choose(base, [plan], "q4_k_m", "20KB")
+    assert 0 < len(kept) < 14 and sum(k["extra_bytes"] for k in kept) <= 20_000
+    first = next(k for k in all_kept if k["extra_bytes"] <= 20_000)
+    assert kept[0] == first  # the most-changed weight that fits comes first
+    sizes = {k["weight"]: k["extra_bytes"] for k in all_kept}
+    assert all(abs(sizes[k["weight"]] - k["extra_bytes"]) == 0 for k in kept) and per > 0
+    assert set(patterns.values()) == {"q8_0"}
+    assert [k["weight"] for k in kept] == [w for w in sizes if any(re.search(p, w) for p in patterns)]
