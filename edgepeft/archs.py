@@ -41,15 +41,15 @@ ARCHS: dict[str, Arch] = {
     "mistral": Arch("mistral", "LLAMA", permute_qk=True),
     "qwen2": Arch("qwen2", "QWEN2", permute_qk=False),
     "qwen3": Arch("qwen3", "QWEN3", permute_qk=False),
-    "gemma3_text": Arch("gemma3_text", "GEMMA3", permute_qk=False, norm_shift=1.0, tied_default=True,
-                        onnx_refusal="onnxruntime-genai 0.18's builder reads rope_parameters['rope_type'], which "
-                                     "transformers 5 nests per attention kind for Gemma 3 (KeyError)"),
+    "gemma3_text": Arch("gemma3_text", "GEMMA3", permute_qk=False, norm_shift=1.0, tied_default=True),
     # Phi-3 / Phi-4-mini fuse Q/K/V and gate/up into one Linear each: PEFT adapters for them
     # target qkv_proj, o_proj, gate_up_proj, down_proj (a q_proj adapter cannot exist)
     "phi3": Arch("phi3", "PHI3", permute_qk=False, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     "smollm3": Arch("smollm3", "SMOLLM3", permute_qk=True,
-                    onnx_refusal="onnxruntime-genai 0.18's builder fails on SmolLM3's NoPE layers "
-                                 "(KeyError 'position_ids' in make_rotary_embedding)"),
+                    onnx_refusal="onnxruntime-genai 0.18's builder cannot build SmolLM3's NoPE layers: it "
+                                 "gives them a separate RotaryEmbedding op instead of none (KeyError 'position_ids' "
+                                 "under GroupQueryAttention; with position_ids they would be rotated, unlike "
+                                 "the model)"),
 }
 
 

@@ -236,7 +236,12 @@ def build_genai(hf_dir: Path, out: Path, *, quant: str, ep: str, block_size: int
     """Run onnxruntime-genai's model builder as a library (its CLI --help crashes on Python 3.11)."""
     from edgepeft.ui import STATE
 
-    opts = {"hf_token": "false", "block_size": block_size, "accuracy_level": accuracy_level, **(extra or {})}
+    # windowed_kv_cache=false: sliding-window layers (Gemma 3) keep a full-length KV cache and apply
+    # the window as GroupQueryAttention's local_window_size mask. The windowed layout needs a cache
+    # of window capacity from the first step, which plain onnxruntime's loop (runtimes/ort.py: the
+    # history grows from empty, as on QNN) cannot feed; no effect on models without sliding layers.
+    opts = {"hf_token": "false", "block_size": block_size, "accuracy_level": accuracy_level,
+            "windowed_kv_cache": "false", **(extra or {})}
     kv = [f"{k}={v}" for k, v in opts.items()]
     what = "build + quantize" if quant in ("int4", "int8") else "build"
     try:
@@ -245,6 +250,7 @@ def build_genai(hf_dir: Path, out: Path, *, quant: str, ep: str, block_size: int
             from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
             parsed = parse_extra_options(None, str(hf_dir), str(out), quant, ep, str(cache), kv)
+            builder_config(parsed["hf_details"]["hf_config"])
             create_model(None, str(hf_dir), str(out), quant, ep, str(cache), **parsed)
     except (ValueError, NotImplementedError) as e:
         raise EdgepeftError(f"onnxruntime-genai's builder refused {quant} for {ep}: {e}",
@@ -252,6 +258,21 @@ def build_genai(hf_dir: Path, out: Path, *, quant: str, ep: str, block_size: int
     for f in ("model.onnx", "genai_config.json"):
         if not (out / f).is_file():
             raise IntegrityError(f"the ONNX builder did not write {f}", "Rerun with --debug to see its output")
+
+
+def builder_config(config) -> None:
+    """Give the builder the config fields it reads where transformers 5 moved them (in place).
+
+    transformers 5 nests Gemma 3's rope per attention kind (``rope_parameters = {"full_attention":
+    {...}, "sliding_attention": {...}}``); onnxruntime-genai 0.18's Gemma3 builder reads the flat
+    form (``rope_parameters["rope_type"]``, KeyError otherwise) and the local base from
+    transformers 4's ``rope_local_base_freq``. Same values, the old places.
+    """
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
+        local = rope.get("sliding_attention") or rope["full_attention"]
+        config.rope_local_base_freq = local["rope_theta"]
+        config.rope_parameters = dict(rope["full_attention"])
 
 
 _DEVNULL = None

@@ -200,7 +200,8 @@ def test_per_tensor_transforms_on_base_and_lora_b(arch, tiny_new, new_adapters, 
 
 # --- ONNX through the onnxruntime-genai builder ----------------------------------------------------
 
-IDS = [[1, 520, 33, 1000, 77, 9, 4021], [1, 17, 300, 4000, 12]]
+# the third is longer than gemma3_text's 32-token sliding window: the window mask is exercised
+IDS = [[1, 520, 33, 1000, 77, 9, 4021], [1, 17, 300, 4000, 12], [1, *range(200, 3000, 61)]]
 
 
 @pytest.mark.parametrize("arch", [a for a in NEW if not ARCHS[a].onnx_refusal])
