@@ -101,8 +101,8 @@ def load_plans(req, base) -> list:
 def _export_merged(req, base, plans, out: Path, work: Path) -> dict:
     hf = base.path
     merge_info = None
-    build = partial(build_genai, quant=req.quant, ep=BUILDER_EP[req.target], block_size=req.block_size,
-                    accuracy_level=req.accuracy_level, cache=work / "cache", extra=_algo(req))
+    calibrated = {}  # the calibration used by a GPTQ build (--quant-algo gptq*), for the record
+    build = partial(_build, req, base, work, calibrated)
     if plans and req.merge_into == "auto":
         hf, merge_info = _merge_auto(req, base, plans, work, build)
         shutil.copytree(work / "built" / merge_info["target"], out, dirs_exist_ok=True)
@@ -115,6 +115,7 @@ def _export_merged(req, base, plans, out: Path, work: Path) -> dict:
             merge_info = {"target": req.merge_into}
         build(hf, out)
     record = _record(req, base, plans, out)
+    record.update(calibrated)
     record["merge"] = merge_info
     target = (merge_info or {}).get("target", "original")
     _verify(req, record, out, {}, Reference(base, merged=plans, merge_target=target))
@@ -184,11 +185,22 @@ def _export_separate(req, base, plans, out: Path, work: Path) -> dict:
     if req.quant in ("int4", "int8"):  # keep LoRA matmuls float: the rank axis must stay dynamic
         extra["nodes_to_exclude"] = ",".join(oa.builder_node(p, ab) for t in targets for p in oa.split_target(t)
                                              for ab in "AB")
-    build_genai(base.path, out, quant=req.quant, ep=BUILDER_EP[req.target], block_size=req.block_size,
-                accuracy_level=req.accuracy_level, cache=work / "cache", extra=extra)
-    slots = oa.make_lora_inputs(out / oa.MODEL_FILE)
+    calibrated = {}
+    if is_calibrated(req):  # GPTQ on an fp32 build, calibrated with each adapter active in turn
+        from edgepeft.export import onnx_calib
+
+        fp32 = work / "fp32"
+        build_genai(base.path, fp32, quant="fp32", ep=BUILDER_EP[req.target], block_size=req.block_size,
+                    accuracy_level=req.accuracy_level, cache=work / "cache", extra={"adapter_path": str(slot_adapter)})
+        slots = oa.make_lora_inputs(fp32 / oa.MODEL_FILE)
+        calibrated = onnx_calib.quantize_folder(req, base, fp32, out, [oa.plan_parameters(p, slots) for p in plans])
+    else:
+        build_genai(base.path, out, quant=req.quant, ep=BUILDER_EP[req.target], block_size=req.block_size,
+                    accuracy_level=req.accuracy_level, cache=work / "cache", extra=extra)
+        slots = oa.make_lora_inputs(out / oa.MODEL_FILE)
     (out / ADAPTER_DIR).mkdir()
     record = _record(req, base, plans, out)
+    record.update(calibrated)
     for plan, entry in zip(plans, record["adapters"]):
         rel = f"{ADAPTER_DIR}/{plan.name}{ADAPTER_SUFFIX_ONNX}"
         with stage(f"write adapter {rel}"):
@@ -228,7 +240,29 @@ def _slot_adapter(base, targets: list[str], folder: Path) -> Path:
 
 # ------------------------------------------------------------------ builder
 def _algo(req) -> dict:
-    return {"algo_config": req.quant_algo} if req.quant in ("int4", "int8") else {}
+    return {"algo_config": req.quant_algo} if req.quant in ("int4", "int8") and not is_calibrated(req) else {}
+
+
+def is_calibrated(req) -> bool:
+    """--quant int4 --quant-algo gptq*: ONNX Runtime's GPTQ on calibration data (onnx_calib.py)."""
+    return req.quant == "int4" and req.quant_algo.startswith("gptq")
+
+
+def _build(req, base, work: Path, calibrated: dict, hf_dir: Path, out: Path) -> None:
+    """One merged build at the requested quant: the builder's own (RTN/k-quant), or an fp32 build that
+    GPTQ quantizes with the calibration data (``calibrated`` gets its record entries)."""
+    ep = BUILDER_EP[req.target]
+    if not is_calibrated(req):
+        build_genai(hf_dir, out, quant=req.quant, ep=ep, block_size=req.block_size,
+                    accuracy_level=req.accuracy_level, cache=work / "cache", extra=_algo(req))
+        return
+    from edgepeft.export import onnx_calib
+
+    fp32 = work / "fp32" / out.name
+    build_genai(hf_dir, fp32, quant="fp32", ep=ep, block_size=req.block_size, accuracy_level=req.accuracy_level,
+                cache=work / "cache")
+    calibrated.update(onnx_calib.quantize_folder(req, base, fp32, out))
+    shutil.rmtree(fp32)
 
 
 def build_genai(hf_dir: Path, out: Path, *, quant: str, ep: str, block_size: int, accuracy_level: int,

@@ -18,7 +18,9 @@ ONNX_TARGETS = ("cpu", "cuda", "qnn-htp")
 # projection (lm_head) at int8. Measured on the trained demo adapter (PyTorch 100/100): RTN block 32
 # 80/100, rtn_last 82/100, k_quant_last 100/100, so k-quant's scale search on the body is what
 # keeps a fine-tune's answers at int4 (docs/onnx.md has the full table).
-ONNX_QUANT_ALGOS = ("k_quant_last", "rtn_last", "k_quant", "rtn", "k_quant_mixed", "default")
+# gptq_last / gptq: ONNX Runtime's GPTQ on calibration data (edgepeft.calib.select_calibration; export/onnx_calib.py),
+# int4 only.
+ONNX_QUANT_ALGOS = ("k_quant_last", "rtn_last", "k_quant", "rtn", "k_quant_mixed", "default", "gptq_last", "gptq")
 
 
 @dataclass
@@ -68,6 +70,8 @@ class ExportRequest:
             raise ConfigError("--block-size", self.block_size, "16, 32, 64, 128, 256")
         if self.quant_algo not in ONNX_QUANT_ALGOS:
             raise ConfigError("--quant-algo", self.quant_algo, ", ".join(ONNX_QUANT_ALGOS))
+        if self.quant_algo.startswith("gptq") and self.format == "onnx" and self.quant != "int4":
+            raise ConfigError("--quant-algo", self.quant_algo, "gptq* with --quant int4 only")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError("--accuracy-level", self.accuracy_level, "0-4")
         if self.imatrix not in ("auto", "none") and not str(self.imatrix).endswith(".gguf"):

@@ -1,0 +1,193 @@
+"""ONNX int4 with a calibration-based algorithm: ONNX Runtime's GPTQ (``onnxruntime.quantization``'s
+MatMulNBits weight-only quantizer, its bundled Neural Compressor GPTQ) on a float build of the model.
+
+The builder's own int4 methods (RTN, k-quant) use no data. GPTQ needs the inputs each MatMul sees,
+so the builder writes the model in fp32, ORT runs the calibration texts (:func:`edgepeft.calib.select_calibration`:
+the run's training data, ``--calib`` or the bundled fallback) through it and quantizes every body
+MatMul to 4 bits against its input Hessian, block size as asked, asymmetric, like the builder.
+For ``--mode separate`` the adapter is active during calibration: its tensors are fed as the
+model's LoRA inputs, so the base is quantized where the adapter actually uses it. The output
+projection (``*_last`` in the builder's names) stays 8-bit (RTN), as ``k_quant_last`` keeps it.
+
+What ran here (onnxruntime 1.32): GPTQ works on CPU; HQQ needs no data (it is not calibration-based);
+``nvidia_awq`` needs NVIDIA ModelOpt and a CUDA device, neither of which this toolkit can assume.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgepeft.ui import stage
+
+LAST = "/lm_head/MatMul"
+_PAST = re.compile(r"^past_key_values\.\d+\.(key|value)$")
+MAX_TOKENS = 256  # per calibration text: the builder's attention and our Hessians stay small
+
+
+class Feeds:
+    """The calibration inputs, one ORT feed per text: an empty KV history and, for separate mode, one
+    adapter's LoRA tensors (the adapters take turns)."""
+
+    def __init__(self, model: Path, ids: list[list[int]], adapters: Sequence[dict] = ()):
+        import onnx
+
+        graph = onnx.load(str(model), load_external_data=False).graph
+        from onnx import numpy_helper
+
+        inits = {i.name: i for i in graph.initializer}
+        self.inputs = {i.name: i for i in graph.input if i.name not in inits}
+        # LoRA slots and their rank-0 defaults (a module this adapter does not train stays off)
+        self.lora = {i.name: numpy_helper.to_array(inits[i.name]) for i in graph.input if i.name in inits}
+        self.ids, self.adapters, self.folder = ids, list(adapters), Path(model).parent
+
+    def _kv(self, i) -> np.ndarray:
+        import json
+
+        dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
+        if not (dims[1] and dims[3]):  # symbolic: the builder's genai_config says
+            dec = json.loads((self.folder / "genai_config.json").read_text())["model"]["decoder"]
+            dims = [1, int(dec["num_key_value_heads"]), 0, int(dec["head_size"])]
+        return np.zeros((1, dims[1], 0, dims[3]), dtype=np.float32)
+
+    def feed(self, k: int) -> dict:
+        ids = self.ids[k]
+        out = {"input_ids": np.asarray([ids], dtype=np.int64)}
+        for name, i in self.inputs.items():
+            if name == "attention_mask":
+                out[name] = np.ones((1, len(ids)), dtype=np.int64)
+            elif name == "position_ids":
+                out[name] = np.arange(len(ids), dtype=np.int64)[None]
+            elif _PAST.match(name):
+                out[name] = self._kv(i)
+        if self.adapters:  # every slot fed, so the session's input list is the same for every text
+            params = self.adapters[k % len(self.adapters)]
+            out.update({n: params.get(n, default) for n, default in self.lora.items()})
+        return out
+
+    def __iter__(self):
+        return (self.feed(k) for k in range(len(self.ids)))
+
+
+def quantize_folder(req, base, src: Path, out: Path, adapters: Sequence[dict] = ()) -> dict:
+    """``src`` (an fp32 builder folder) -> ``out`` at int4 GPTQ, on :func:`edgepeft.calib.select_calibration`'s data;
+    ``adapters``: each adapter's LoRA tensors (separate mode), one active per calibration text, in turn.
+    Returns the record entries (``calibration``, ``gptq``)."""
+    import shutil
+
+    from edgepeft.calib import select_calibration
+
+    tok = base.load_tokenizer()
+    cal = select_calibration(req, tok)
+    feeds = Feeds(src / "model.onnx", calibration_ids(tok, cal.texts), adapters)
+    info = gptq(src / "model.onnx", out / "model.onnx", feeds, block_size=req.block_size,
+                accuracy_level=req.accuracy_level, last_int8=req.quant_algo.endswith("_last"))
+    for f in src.iterdir():  # genai_config.json, tokenizer files: the fp32 build's, unchanged by quantizing
+        if f.is_file() and not f.name.startswith("model.onnx"):
+            shutil.copy2(f, out / f.name)
+    info["adapters_active"] = len(adapters)
+    return {"calibration": cal.record(), "gptq": info}
+
+
+def calibration_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each chat-rendered calibration text (special tokens parsed, no BOS of our own)."""
+    out = []
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"][:MAX_TOKENS]
+        if len(ids) >= 2:
+            out.append(list(ids))
+    return out
+
+
+def gptq(model: Path, out: Path, feeds: Feeds, *, block_size: int, accuracy_level: int,
+         last_int8: bool = True) -> dict:
+    """Quantize ``model`` (fp32 ONNX) into ``out`` (``model.onnx`` + ``model.onnx.data``) with ORT's GPTQ.
+
+    The solver and the MatMulNBits packing are ORT's (``neural_compressor.weight_only``: ``gptq``,
+    ``quant_tensor``, ``make_matmul_weight_only_node``). The driver is ours for one reason: ORT's
+    ``gptq_quantize`` runs the whole model once per distinct MatMul input per text (121 x 64 forward
+    passes on smollm2-135m, hours on 2 cores); here one pass per text collects every Hessian at once,
+    accumulated exactly as ORT does (rows averaged per text, scaled by 2)."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization.neural_compressor import weight_only as W
+
+    m = onnx.load(str(model))  # weights in memory: the quantizer reads them as arrays
+    # the LoRA slots lose their rank-0 defaults while ORT calibrates (every text feeds an adapter, and ORT
+    # takes only plain inputs in a feed that fixes the input list); they get them back afterwards
+    defaults = [i for i in m.graph.initializer if i.name in feeds.lora]
+    for d in defaults:
+        m.graph.initializer.remove(d)
+    inits = {i.name: i for i in m.graph.initializer}
+    body = [(k, n) for k, n in enumerate(m.graph.node) if n.op_type == "MatMul" and n.input[1] in inits
+            and len(inits[n.input[1]].dims) == 2 and not (last_int8 and n.name == LAST)]
+    hessians = _hessians(m, sorted({n.input[0] for _, n in body}), feeds)
+    with stage(f"GPTQ int4 (onnxruntime's solver, {len(body)} MatMuls, {len(feeds.ids)} calibration texts)",
+               total=len(body), unit="MatMuls") as st:
+        for k, node in body:
+            w_name = node.input[1]  # node is rewritten in place below
+            weight = numpy_helper.to_array(inits[w_name]).astype(np.float32)
+            q = W.gptq(weight, hessians[node.input[0]], num_bits=4, group_size=block_size, scheme="asym",
+                       blocksize=128, percdamp=0.01, actorder=False, mse=False, perchannel=True)
+            k_blocks = (weight.shape[0] + block_size - 1) // block_size
+            q = W.pad_tensor(q, block_size, k_blocks)
+            qw, scale, zp = W.quant_tensor(q.T, 4, block_size, "asym", "uint")
+            new, new_inits = W.make_matmul_weight_only_node(
+                node=node, weight_shape=weight.shape, num_bits=4, group_size=block_size, k_blocks=k_blocks,
+                q_weight=qw.astype("uint8"), scale=scale.astype(np.float32), zero_point=zp,
+                accuracy_level=accuracy_level)
+            m.graph.node[k].CopyFrom(new)  # in place: the graph stays topologically sorted
+            m.graph.initializer.remove(inits[w_name])
+            m.graph.initializer.extend(new_inits)
+            st.advance()
+    m.graph.initializer.extend(defaults)
+    if last_int8 and any(n.name == LAST and n.op_type == "MatMul" for n in m.graph.node):
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
+
+        others = [n.name for n in m.graph.node if n.name != LAST]
+        quant = MatMulNBitsQuantizer(m, bits=8, block_size=block_size, is_symmetric=False,
+                                     accuracy_level=accuracy_level, nodes_to_exclude=others,
+                                     algo_config=DefaultWeightOnlyQuantConfig(block_size=block_size, bits=8,
+                                                                              is_symmetric=False,
+                                                                              accuracy_level=accuracy_level))
+        quant.process()
+        m = quant.model.model
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(m, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=out.name + ".data", size_threshold=0)
+    return {"algorithm": "gptq", "solver": "onnxruntime.quantization.neural_compressor.weight_only.gptq",
+            "quantized_matmuls": len(body), "last_matmul": "int8 rtn" if last_int8 else "int4 gptq",
+            "calibration_texts": len(feeds.ids), "calibration_tokens": sum(map(len, feeds.ids))}
+
+
+def _hessians(m, names: list[str], feeds: Feeds) -> dict[str, np.ndarray]:
+    """Every MatMul input's GPTQ Hessian from one ORT pass per text (the model's own outputs dropped)."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del probe
+    hs: dict[str, np.ndarray] = {}
+    n = 0
+    with stage("collect MatMul input statistics in onnxruntime", total=len(feeds.ids), unit="texts") as st:
+        for feed in feeds:
+            outs = sess.run(names, feed)
+            n += 1
+            for name, x in zip(names, outs):
+                x = np.sqrt(2 / n) * x.reshape(-1, x.shape[-1]).astype(np.float64)
+                h = hs.get(name)
+                hs[name] = x.T @ x if h is None else h * ((n - 1) / n) + x.T @ x
+            st.advance()
+    return hs
