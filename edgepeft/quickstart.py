@@ -93,7 +93,7 @@ def run(out: Path, fast: bool = False, base: str = "smollm2-135m") -> dict:
         bundle_dir = make_bundle(out)
     timings["total"] = round(time.perf_counter() - t_all, 1)
     summary = {"base": base, "fast": fast, "plan": asdict(plan), "train": _train_summary(trained),
-               "evaluate": evals, "exports": {k: _export_summary(v) for k, v in exports.items()},
+               "evaluate": evals, "accuracy": task_scores(doc), "exports": {k: _export_summary(v) for k, v in exports.items()},
                "bench": str(out / "bench.json"), "chart": str(chart), "bundle": str(bundle_dir),
                "seconds": timings}
     where = out / "summary.json"  # stored paths are relative to it; the returned summary's open from here
@@ -153,6 +153,23 @@ def evaluate_demo(cfg) -> dict:
 def _evals(ref: dict) -> dict:
     by = {r["adapter"]: r["accuracy"] for r in ref["records"]}
     return {"adapter": _acc(by[ADAPTER_NAME]), "base": _acc(by["none"])}
+
+
+def task_scores(doc: dict) -> list[dict]:
+    """Demo exact match of PyTorch (with the adapter) and of every artifact with it (the merged one, the
+    separate one with the adapter active), all on the same examples, with the gap to PyTorch in points."""
+    rows = [r for r in doc["records"] if isinstance(r.get("accuracy"), dict)
+            and (r["adapter"] == ADAPTER_NAME or (r["adapter"] == "none" and ADAPTER_NAME in (r.get("merged_adapters") or [])))]
+    ref = next((r["accuracy"] for r in rows if r.get("reference")), None)
+    out = []
+    for r in rows:
+        a = r["accuracy"]
+        out.append({"artifact": "pytorch" if r.get("reference") else Path(r["artifact"]).name, "runtime": r["runtime"],
+                    **_acc(a), "points_vs_pytorch": None if ref is None or r.get("reference")
+                    else round(100 * (a["accuracy"] - ref["accuracy"]), 1)})
+    if ref is not None and any(o["total"] != ref["total"] for o in out):
+        raise EdgepeftError("the quickstart scored its rows on different example counts", "Report this as a bug")
+    return out
 
 
 def _acc(r: dict) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import assert_clean_error
 
 
@@ -84,3 +85,22 @@ def test_eval_cli_rejects_bad_task_files(cli, tiny_llama, tmp_path):
     (tmp_path / "ok.jsonl").write_text('{"prompt": "x", "completion": "y"}\n')
     assert_clean_error(cli("eval", "--base", tiny_llama, "--task", "ok.jsonl", "--split", "train", cwd=tmp_path),
                        "split", "train", "eval")
+
+
+def test_quickstart_reports_pytorch_and_every_artifact_with_the_adapter_on_the_same_examples():
+    from edgepeft.quickstart import task_scores
+
+    def rec(artifact, adapter, acc, merged=(), ref=False, total=50):
+        return {"artifact": artifact, "runtime": "pytorch" if ref else "x", "adapter": adapter, "reference": ref,
+                "merged_adapters": list(merged), "accuracy": {"accuracy": acc, "correct": int(acc * total), "total": total}}
+
+    doc = {"records": [rec("pytorch:b", "none", 0.0, ref=True), rec("pytorch:b", "demo", 0.96, ref=True),
+                       rec("/o/gguf-merged", "none", 0.94, merged=["demo"]), rec("/o/gguf-separate", "none", 0.0),
+                       rec("/o/gguf-separate", "demo", 0.96), rec("/o/onnx-separate", "demo", 0.9)]}
+    got = {(r["artifact"], r["points_vs_pytorch"]) for r in task_scores(doc)}
+    assert got == {("pytorch", None), ("gguf-merged", -2.0), ("gguf-separate", 0.0), ("onnx-separate", -6.0)}
+    doc["records"].append(rec("/o/onnx-merged", "none", 0.9, merged=["demo"], total=20))
+    from edgepeft.errors import EdgepeftError
+
+    with pytest.raises(EdgepeftError, match="different example counts"):
+        task_scores(doc)

@@ -40,4 +40,7 @@ def command(out, fast, base, as_json):
     ev = summary["evaluate"]
     click.echo(f"demo exact match (PyTorch, every row above scored on the same {ev['adapter']['total']} examples): "
                f"base {ev['base']['accuracy']:.0%} -> adapter {ev['adapter']['accuracy']:.0%}")
+    click.echo("demo exact match with the adapter: " + ", ".join(
+        f"{a['artifact']} {a['accuracy']:.0%}" + (f" ({a['points_vs_pytorch']:+.0f} pt)" if a["points_vs_pytorch"] is not None
+                                                  else "") for a in summary["accuracy"]))
     info(f"chart {summary['chart']}, bundle {summary['bundle']} (verified), total {summary['seconds']['total']:.0f} s")
