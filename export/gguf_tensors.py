@@ -23,7 +23,8 @@ from edgepeft.errors import EdgepeftError
 # rope_type values llama.cpp needs no extra tensor for; "llama3" (Llama 3.1/3.2) also works on the
 # llama architecture, through the generated rope_freqs tensor below
 _PLAIN_ROPE = (None, "default", "linear", "yarn")
-ROPE_FREQS_HF = "(generated) rope_freqs"  # TensorOut.hf_name of the tensor no checkpoint stores
+# rope types llama.cpp reads from generated tensors (see generated_tensors), per GGUF architecture
+_TENSOR_ROPE = {("llama3", "LLAMA"), ("longrope", "PHI3"), ("su", "PHI3")}
 
 
 @dataclass(frozen=True)
@@ -133,9 +134,10 @@ def add_hparams(writer, cfg: dict, arch: Arch, file_type) -> None:
     """The architecture keys llama.cpp reads, as llama.cpp's converter writes them for ``arch``."""
     rope = rope_params(cfg)
     rope_type = rope_kind(cfg)
-    if rope_type not in _PLAIN_ROPE and not (rope_type == "llama3" and arch.gguf_arch.lower() == "llama"):
+    if rope_type not in _PLAIN_ROPE and (rope_type, arch.gguf_arch) not in _TENSOR_ROPE:
         raise EdgepeftError(f"rope_type {rope_type!r} is not supported by the GGUF writer for {arch.gguf_arch.lower()}",
-                            f"Supported: {', '.join(str(r) for r in _PLAIN_ROPE if r)}, and llama3 on llama")
+                            f"Supported: {', '.join(str(r) for r in _PLAIN_ROPE if r)}, llama3 on llama, "
+                            "longrope on phi3")
     n_head, n_kv = heads(cfg)
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(cfg.get("max_position_embeddings", 2048))
@@ -202,18 +204,47 @@ def layer_types(cfg: dict) -> list[str]:
     return ["full_attention"] * cfg["num_hidden_layers"]
 
 
-def _phi3_hparams(writer, cfg: dict) -> None:
+def _phi3_rope(cfg: dict) -> tuple[int, int | None]:
+    """(rotary dims per head, original context) of a Phi-3 / Phi-4-mini config."""
     rope = rope_params(cfg)
-    if rope.get("long_factor") or rope.get("short_factor"):
-        raise EdgepeftError("phi3 with LongRoPE factors (128k-context Phi-3, Phi-4-mini) is not supported by the GGUF "
-                            "writer yet", "Use a 4k-context Phi-3 checkpoint, or llama.cpp's convert_hf_to_gguf.py")
-    n_head = cfg["num_attention_heads"]
     rot = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0
     orig = rope.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+    return int(rot * cfg["hidden_size"]) // cfg["num_attention_heads"], orig
+
+
+def _phi3_hparams(writer, cfg: dict) -> None:
+    dims, orig = _phi3_rope(cfg)
     if orig is not None:
         writer.add_rope_scaling_orig_ctx_len(int(orig))
-    writer.add_rope_dimension_count(int(rot * cfg["hidden_size"]) // n_head)
+    writer.add_rope_dimension_count(dims)
     writer.add_sliding_window(int(cfg.get("sliding_window") or 0))
+    factors = longrope_factors(cfg)
+    if factors is not None:
+        writer.add_rope_scaling_attn_factors(factors[2])
+
+
+def longrope_factors(cfg: dict) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """LongRoPE (128k Phi-3, Phi-4-mini): (long, short, attention factor), or None without one.
+
+    HF rescales the rotary frequencies by ``short_factor`` up to ``original_max_position_embeddings``
+    and by ``long_factor`` beyond, and scales cos/sin by the attention factor; llama.cpp reads the two
+    as ``rope_factors_{long,short}.weight`` and picks one by the context size it is given (a context
+    above the original one uses the long factors even for a short sequence, where HF would not).
+    Same values and formula as the pinned convert_hf_to_gguf.py (the peer test holds them equal).
+    """
+    rope = rope_params(cfg)
+    long, short = rope.get("long_factor"), rope.get("short_factor")
+    if not long:
+        return None
+    kind = (rope.get("rope_type") or rope.get("type") or "").lower()
+    dims, orig = _phi3_rope(cfg)
+    if kind not in ("longrope", "su") or not short or not orig or not len(long) == len(short) == dims // 2:
+        raise EdgepeftError(f"phi3 rope {kind!r} with {len(long)} long / {len(short or [])} short factors and "
+                            f"original_max_position_embeddings {orig}: expected longrope with {dims // 2} of each",
+                            "Check the checkpoint's config.json rope_parameters")
+    scale = cfg["max_position_embeddings"] / orig
+    attn = float(np.sqrt(1 + np.log(scale) / np.log(orig))) if scale > 1.0 else 1.0
+    return np.asarray(long, dtype=np.float32), np.asarray(short, dtype=np.float32), attn
 
 
 def _smollm3_hparams(writer, cfg: dict) -> None:
@@ -271,11 +302,14 @@ def generated_tensors(cfg: dict) -> list[tuple[TensorOut, np.ndarray]]:
     """Tensors llama.cpp needs that no checkpoint stores; written first, as llama.cpp's converter does."""
     import gguf
 
+    made = []
     freqs = rope_freqs(cfg)
-    if freqs is None:
-        return []
-    name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-    return [(TensorOut(ROPE_FREQS_HF, name, tuple(freqs.shape), gguf.GGMLQuantizationType.F32), freqs)]
+    if freqs is not None:
+        made.append((gguf.MODEL_TENSOR.ROPE_FREQS, freqs))
+    if cfg.get("model_type") == "phi3" and (factors := longrope_factors(cfg)) is not None:
+        made += [(gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, factors[0]), (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, factors[1])]
+    return [(TensorOut(f"(generated) {gguf.TENSOR_NAMES[t]}", gguf.TENSOR_NAMES[t] + ".weight", tuple(v.shape),
+                       gguf.GGMLQuantizationType.F32), v) for t, v in made]
 
 
 def base_tensor_plan(base, arch: Arch, float_type) -> list[TensorOut]:

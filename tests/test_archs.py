@@ -32,8 +32,10 @@ from test_gguf import (
     eval_ids,
     export,
     gguf_logits,
+    llama_runtime,
     model_meta,
     peft_logits,
+    runtime_logits,
     verifications,
 )
 from test_onnx import Ort
@@ -45,7 +47,7 @@ CONFIGS = {
     "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "num_hidden_layers": 6, "sliding_window": 32,
                     "tie_word_embeddings": True},
     "qwen3": {"head_dim": 32, "tie_word_embeddings": True},
-    "phi3": {"original_max_position_embeddings": 256},  # = max_position_embeddings: no LongRoPE
+    "phi3": {"original_max_position_embeddings": 256},  # = max_position_embeddings: no LongRoPE (see LONGROPE)
     "smollm3": {"num_hidden_layers": 4},
 }
 
@@ -196,6 +198,54 @@ def test_per_tensor_transforms_on_base_and_lora_b(arch, tiny_new, new_adapters, 
     np.testing.assert_array_equal(_data(g_base["blk.1.attn_q.weight"]), want_w)
     np.testing.assert_array_equal(_data(g_ad["blk.1.attn_q.weight.lora_b"]), want_b)
     np.testing.assert_array_equal(_data(g_ad["blk.1.attn_q.weight.lora_a"]), lora[q + ".lora_A.weight"])
+
+
+# --- Phi-4-mini's LongRoPE ------------------------------------------------------------------------
+
+# Phi-4-mini's shape of rope: partial rotary (0.75), long/short factors per rotary frequency, an
+# original context (256 here, 4096 there) below the maximum (x4: attention factor sqrt(1.25))
+LONGROPE = {"partial_rotary_factor": 0.75, "max_position_embeddings": 1024, "original_max_position_embeddings": 256,
+            "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                "original_max_position_embeddings": 256,
+                                "short_factor": [1.0, 1.3, 1.9, 2.6, 3.5, 4.0],
+                                "long_factor": [1.5, 3.0, 6.0, 12.0, 24.0, 40.0]}}
+
+
+def test_phi4_mini_longrope_matches_peft_and_peer(tokenizer_dir, llama_cpp_src, tmp_path):  # noqa: F811
+    """Both factor sets reach llama.cpp: a context up to the original one runs the short factors (HF:
+    sequences up to it), a longer context the long ones (HF: longer sequences); base and adapter."""
+    import shutil
+
+    base = make_tiny("phi3", tmp_path / "fused-qkv-longrope", tokenizer_dir, **LONGROPE)
+    ad = make_lora(base, tmp_path / "ad", seed=1, r=8, alpha=16, b_std=0.3, targets=ARCHS["phi3"].lora_targets)
+    rec = export(base, tmp_path / "s", [ad], mode="separate", quant="f32", adapter_type="f32", names=["ad"],
+                 verify=True)
+    verifications(rec)
+    base_gguf, ad_gguf = (Path(f) for f in rec["files"])
+    short, long = eval_ids(tokenizer_dir, n_chunks=1), eval_ids(tokenizer_dir, n_chunks=1, chunk=300)
+    assert len(short[0]) < 256 < len(long[0])
+    for ids, n_ctx in ((short, 256), (long, 512)):
+        rt = llama_runtime(base_gguf, {"ad": ad_gguf}, n_ctx=n_ctx)
+        try:
+            for name, want in ((None, peft_logits(base, None, ids)), ("ad", peft_logits(base, ad, ids))):
+                _, top1, max_abs = agreement(want, runtime_logits(rt, ids, name))
+                assert top1 >= 0.99 and max_abs <= SEPARATE_BOUND, (n_ctx, name, top1, max_abs)
+        finally:
+            rt.close()
+    # the factor sets differ in effect: the short sequence in a long context (llama.cpp: long factors)
+    rt = llama_runtime(base_gguf, n_ctx=512)
+    try:
+        assert agreement(peft_logits(base, None, short), runtime_logits(rt, short))[2] > 10 * F32_BOUND
+    finally:
+        rt.close()
+    peer = shutil.copytree(base, tmp_path / "fused-qkv-longrope-bpe")  # GPT2Tokenizer: see the converter test
+    tc = json.loads((peer / "tokenizer_config.json").read_text())
+    (peer / "tokenizer_config.json").write_text(json.dumps({**tc, "tokenizer_class": "GPT2Tokenizer"}))
+    run_peer("convert_hf_to_gguf.py", peer, "--outtype", "f32", "--outfile", tmp_path / "peer.gguf")
+    assert_same_tensors(base_gguf, tmp_path / "peer.gguf")
+    ours, theirs = model_meta(base_gguf), model_meta(tmp_path / "peer.gguf")
+    keys = [k for k in theirs if k.startswith("phi3.")]
+    assert "phi3.rope.scaling.attn_factor" in keys and {k: ours.get(k) for k in keys} == {k: theirs[k] for k in keys}
 
 
 # --- ONNX through the onnxruntime-genai builder ----------------------------------------------------
