@@ -82,24 +82,38 @@ def run(out: Path, fast: bool = False, base: str = "smollm2-135m") -> dict:
     with _step("evaluate", timings):
         reference = evaluate_demo(cfg)
     evals = _evals(reference)
-    exports = {}
+    exports, skipped = {}, skipped_artifacts(base)
     for folder, fmt, mode, quant in ARTIFACTS:
+        if folder in skipped:
+            info(f"skip {folder}: {skipped[folder]}")
+            continue
         with _step(f"export {folder}", timings):
             exports[folder] = export_one(base, adapter, out / folder, fmt, mode, quant, plan)
     with _step("bench", timings):
-        doc = bench_all(out, [out / f for f, *_ in ARTIFACTS], cfg, reference)
+        doc = bench_all(out, [out / f for f in exports], cfg, reference)
     with _step("chart + bundle", timings):
         chart = _chart(doc, out / "quickstart.png")
         bundle_dir = make_bundle(out)
     timings["total"] = round(time.perf_counter() - t_all, 1)
     summary = {"base": base, "fast": fast, "plan": asdict(plan), "train": _train_summary(trained),
                "evaluate": evals, "accuracy": task_scores(doc), "exports": {k: _export_summary(v) for k, v in exports.items()},
+               "skipped": skipped,
                "bench": str(out / "bench.json"), "chart": str(chart), "bundle": str(bundle_dir),
                "seconds": timings}
     where = out / "summary.json"  # stored paths are relative to it; the returned summary's open from here
     atomic.write_json(where, {**summary, "train": {**summary["train"], "adapter": to_record(adapter, where)},
                               **{k: to_record(summary[k], where) for k in ("bench", "chart", "bundle")}})
     return summary
+
+
+def skipped_artifacts(base: str) -> dict[str, str]:
+    """Artifacts the installed tools cannot build for ``base``, each with the reason (ONNX for an
+    architecture the onnxruntime-genai builder refuses): reported and left out, not a failed run."""
+    from edgepeft.models import resolve_base
+
+    refusal = resolve_base(base).arch.onnx_refusal
+    return {f: f"ONNX export is not supported for this architecture: {refusal}"
+            for f, fmt, *_ in ARTIFACTS if fmt == "onnx" and refusal}
 
 
 # ----------------------------------------------------------------------------- steps
@@ -212,8 +226,8 @@ def make_bundle(out: Path) -> Path:
     bases = [p for p in sorted(sep.glob("*.gguf")) if not p.name.endswith(adapter_filename(""))]
     if len(bases) != 1:
         raise EdgepeftError(f"{sep} holds {len(bases)} base GGUFs, expected 1", "Re-run the quickstart into a new --out")
-    pack(PackInput(base=bases[0], adapters=[sep / adapter_filename(ADAPTER_NAME)], onnx=[out / "onnx-separate"]),
-         out / "bundle")
+    onnx = [out / "onnx-separate"] if (out / "onnx-separate").is_dir() else []  # absent when skipped
+    pack(PackInput(base=bases[0], adapters=[sep / adapter_filename(ADAPTER_NAME)], onnx=onnx), out / "bundle")
     load_checked(out / "bundle")
     return out / "bundle"
 

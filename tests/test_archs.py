@@ -284,6 +284,17 @@ def test_onnx_refuses_what_the_builder_cannot_build(arch, tiny_new, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_quickstart_skips_only_the_onnx_the_builder_refuses(tiny_new):
+    """The quickstart on SmolLM3 leaves out both ONNX artifacts with the builder's reason (and bench and
+    bundle go on with the GGUF ones); on Gemma 3, which the builder now builds, nothing is skipped."""
+    from edgepeft.quickstart import skipped_artifacts
+
+    skipped = skipped_artifacts(str(tiny_new["smollm3"]))
+    assert sorted(skipped) == ["onnx-merged", "onnx-separate"], skipped
+    assert all("NoPE" in why and "onnxruntime-genai 0.18" in why for why in skipped.values()), skipped
+    assert skipped_artifacts(str(tiny_new["gemma3_text"])) == {}
+
+
 # --- train, and the one-line refusal --------------------------------------------------------------
 
 @pytest.mark.slow
