@@ -38,6 +38,9 @@ def silence_libraries() -> None:
         os.environ.setdefault(name, value)
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # some log through the root logger itself (onnxruntime.quantization's logging.warning("Please consider
+    # to run pre-processing ..."), six lines per QNN export); edgepeft logs nothing, so the root may be quiet
+    logging.getLogger().setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
 
 

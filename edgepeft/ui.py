@@ -272,6 +272,35 @@ def native_stdout_to_stderr(enabled: bool = True):
         os.close(saved)
 
 
+@contextlib.contextmanager
+def native_quiet():
+    """Send what a native library prints from C/C++ (fd 1 and 2) to a scratch file while it runs.
+
+    For libraries whose banner gives the user nothing to do: the QNN HTP libraries print
+    ``# LIBNATIVE: No alternate configuration present in libnative_tls.conf ...`` to fd 1 on every
+    session. A failure still reaches the user, as the Python exception the call raises. Under
+    ``--debug`` the output goes to stderr instead.
+    """
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        target = saved[1] if STATE.debug else sink.fileno()
+        os.dup2(target, 1)
+        os.dup2(target, 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
 def print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 

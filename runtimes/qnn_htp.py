@@ -72,4 +72,7 @@ def htp_session(model_path: Path, target: HtpTarget, ctx_out: Path | None = None
         so.add_session_config_entry("ep.context_embed_mode", "0")  # separate .bin: the context binary ships as is
     so.add_provider_for_devices([dev], {"backend_path": htp, "soc_model": target.soc_model,
                                         "htp_arch": target.htp_arch})
-    return ort.InferenceSession(str(model_path), so)
+    from edgepeft.ui import native_quiet
+
+    with native_quiet():  # the HTP libraries' "# LIBNATIVE: ..." banner on fd 1
+        return ort.InferenceSession(str(model_path), so)

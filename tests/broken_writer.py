@@ -11,6 +11,9 @@ could have, and each must make the export's own verification fail (tests/test_ve
   which is what llama.cpp's convert_lora_to_gguf.py does;
 - ``tokenizer``: the tokenizer written with two vocabulary entries swapped (" the" and " of");
 - ``bias``: q/k/v biases (qwen2) written as zeros.
+
+QNN HTP (``--target qnn-htp``) gets the same defects where its writer has them: the scale (through the
+shared merge), the tokenizer file, the biases of the model its static graphs are traced from.
 """
 
 from __future__ import annotations
@@ -70,6 +73,51 @@ def tokenizer() -> None:
         (out / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
 
     onnx.build_genai = build_swapped
+    _before_qnn_verify(lambda out: _swap_file_vocab(out / "tokenizer.json"))
+
+
+def _swap_file_vocab(path) -> None:
+    import json
+
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    _swap_vocab(tj["model"]["vocab"])
+    path.write_text(json.dumps(tj), encoding="utf-8")
+
+
+def _before_qnn_verify(defect) -> None:
+    """QNN HTP: ``defect(out)`` once the graphs and tokenizer are written, right before the export verifies them."""
+    from edgepeft.export import qnn
+
+    verify = qnn._verify
+
+    def broken_verify(req, record, out, base, plans):
+        defect(out)
+        return verify(req, record, out, base, plans)
+
+    qnn._verify = broken_verify
+
+
+def _qnn_model_defect(defect) -> None:
+    """QNN HTP: ``defect(hf_model)`` on the model the static graphs are traced from."""
+    from edgepeft.export import qnn
+
+    static = qnn.StaticLM
+
+    class Broken:
+        def __new__(cls, hf_model, kind):
+            defect(hf_model)
+            return static(hf_model, kind)
+
+    qnn.StaticLM = Broken
+
+
+def _zero_biases(model) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()
 
 
 def bias() -> None:
@@ -101,6 +149,7 @@ def bias() -> None:
             build(copy, out, **kw)
 
     onnx.build_genai = build_no_bias
+    _qnn_model_defect(_zero_biases)
 
 
 DEFECTS = {"qk_permutation": qk_permutation, "lora_scale": lora_scale, "tokenizer": tokenizer, "bias": bias}

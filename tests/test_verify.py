@@ -61,18 +61,25 @@ CASES = [
     ("lora_scale", "onnx", "fp32", "separate", "tiny_llama", True, "max_abs_logit_diff"),
     ("tokenizer", "onnx", "fp32", "merged", "tiny_llama", False, "tokenizer_agreement"),
     ("bias", "onnx", "fp32", "merged", "biased_qwen2", False, "max_abs_logit_diff"),
+    # QNN HTP (int8 static graphs in the HTP simulator; lossy, so top-1 and perplexity are its checks)
+    ("lora_scale", "qnn", "int8", "merged", "tiny_llama", True, "top1_agreement"),
+    ("tokenizer", "qnn", "int8", "merged", "tiny_llama", False, "tokenizer_agreement"),
+    ("bias", "qnn", "int8", "merged", "biased_qwen2", False, "top1_agreement"),
 ]
+QNN = ["--target", "qnn-htp", "--device", "snapdragon-8-gen-3"]
 
 
 @pytest.mark.parametrize("defect,fmt,quant,mode,base,adapter,metric", CASES,
                          ids=[f"{c[1]}-{c[3]}-{c[0]}" for c in CASES])
 def test_broken_writer_fails_the_export(defect, fmt, quant, mode, base, adapter, metric, request, rslora, tmp_path):
     base_dir = request.getfixturevalue(base)
-    args = ["export", "--format", fmt, "--base", base_dir, "--quant", quant, "--mode", mode, "--out", "out"]
+    args = ["export", "--format", "onnx" if fmt == "qnn" else fmt, "--base", base_dir, "--quant", quant, "--mode", mode,
+            "--out", "out", *(QNN if fmt == "qnn" else [])]
     if adapter:
         args += ["--adapter", rslora, "--name", "rs", "--merge-into", "original"]
     proc = broken(defect, *args, "--quiet", cwd=tmp_path)  # quiet: no progress lines, the error is the one line
     assert_clean_error(proc, "failed verification", metric)
+    assert not proc.stdout.strip(), proc.stdout  # no native library banner either (QNN's "# LIBNATIVE: ...")
     assert not (tmp_path / "out").exists(), list((tmp_path / "out").rglob("*"))
     # control: the same export without the defect passes and records every check
     ok = run_cli(*args, "--json", cwd=tmp_path)
