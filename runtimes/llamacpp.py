@@ -171,9 +171,11 @@ class LlamaCppRuntime:
     def logits(self) -> np.ndarray:
         if self._rows == 0:
             raise EdgepeftError("no logits yet", "Call prefill first")
-        rows = [np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self.ctx, self._first + i), shape=(self.n_vocab,))
-                for i in range(self._rows)]
-        return np.stack(rows).astype(np.float32, copy=True)
+        # llama.cpp keeps the output rows of one batch contiguous, in batch order (get_logits_ith(j) is
+        # logits + j * n_vocab): one copy of the block. Row by row plus a stack was two copies and a
+        # Python loop, 1.2-1.7 s for 64 rows of Gemma 3's 262k vocabulary on the loaded machine.
+        block = self._ll.llama_get_logits_ith(self.ctx, self._first)
+        return np.ctypeslib.as_array(block, shape=(self._rows, self.n_vocab)).copy()
 
     # -------------------------------------------------------------- adapters
     def set_adapter(self, name: str | None) -> None:
