@@ -145,6 +145,7 @@ class Stage:
 def _progress():
     from rich.console import Console
     from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn
+    from rich.table import Column
     from rich.text import Text
 
     class Bar(BarColumn):  # a bar only where the total is known; a spinner says "running" otherwise
@@ -176,8 +177,12 @@ def _progress():
             m, sec = divmod(int(left), 60)
             return Text(f"ETA {m}:{sec:02d}", style="progress.remaining")
 
+    def fixed():  # counts and times never fold: a long note (a final loss) shrinks the name column instead
+        return Column(no_wrap=True)
+
     return Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}"), Bar(bar_width=30),
-                    Count(), Elapsed(), Eta(), TextColumn("{task.fields[note]}", markup=False),
+                    Count(table_column=fixed()), Elapsed(table_column=fixed()), Eta(table_column=fixed()),
+                    TextColumn("{task.fields[note]}", markup=False),
                     console=Console(file=sys.stderr, highlight=False), transient=False, refresh_per_second=8)
 
 
