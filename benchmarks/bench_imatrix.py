@@ -159,12 +159,14 @@ def gguf_row(base, run: Path, quant: str, mode: str, keep: str | None, matrix: b
     return row
 
 
-def bench_adapter(name: str, base, run: Path, examples, ids, max_new: int, work: Path) -> dict:
+def bench_adapter(name: str, base, run: Path, examples, ids, max_new: int, work: Path, rows_wanted, save) -> dict:
     print(f"[{name}] PyTorch reference on {len(examples)} examples", flush=True)
     ref = torch_reference(base, run / "adapter", examples, ids, max_new)
     print(json.dumps(ref), flush=True)
     rows = []
-    for i, (quant, mode, keep) in enumerate(ROWS):
+    entry = {"adapter": name, "run": str(run), "pytorch": ref, "examples": len(examples), "rows": rows}
+    save(entry)
+    for i, (quant, mode, keep) in enumerate(r for r in ROWS if rows_wanted is None or _row_name(r) in rows_wanted):
         order = (True, False) if i % 2 == 0 else (False, True)  # A B, B A, ...
         if keep:
             order = (True,)  # the override row only on top of the matrix
@@ -173,8 +175,14 @@ def bench_adapter(name: str, base, run: Path, examples, ids, max_new: int, work:
             row["vs_pytorch_points"] = round(100 * (row["exact_match"] - ref["demo_exact_match"]), 1)
             row["ppl_ratio"] = round(row["perplexity"] / ref["perplexity"], 4)
             rows.append(row)
+            save(entry)  # partial results survive a stopped run
             print(json.dumps(row), flush=True)
-    return {"adapter": name, "run": str(run), "pytorch": ref, "examples": len(examples), "rows": rows}
+    return entry
+
+
+def _row_name(row) -> str:
+    quant, mode, keep = row
+    return f"{quant}-{mode}" + ("-keep" if keep else "")
 
 
 def markdown(result: dict) -> str:
@@ -203,6 +211,8 @@ def main():
     ap.add_argument("--examples", type=int, default=100)
     ap.add_argument("--wiki-tokens", type=int, default=4096)
     ap.add_argument("--base", default="smollm2-135m")
+    ap.add_argument("--rows", default=None, help="comma-separated subset of: " + ", ".join(map(_row_name, ROWS)))
+    ap.add_argument("--chat-examples", type=int, default=None, help="default: --examples")
     args = ap.parse_args()
     if args.prepare_chat:
         prepare_chat(args.prepare_chat)
@@ -219,15 +229,27 @@ def main():
               "platform": platform.platform(), "load_avg_at_start": os.getloadavg()},
               "wikitext": {"file": str(WIKI_FULL), "char_offset": WIKI_OFFSET, "tokens": len(ids)},
               "adapters": []}
+    wanted = set(args.rows.split(",")) if args.rows else None
+    running = {n for n, a in (("demo", args.demo_run), ("chat", args.chat_run)) if a}
+    if RESULTS.is_file():  # adapters measured by an earlier invocation stay
+        kept = [a for a in json.loads(RESULTS.read_text()).get("adapters", []) if a["adapter"] not in running]
+        result["adapters"].extend(kept)
+        result["earlier_invocations_kept"] = [a["adapter"] for a in kept]
+
+    def save(entry: dict) -> None:
+        if entry not in result["adapters"]:
+            result["adapters"].append(entry)
+        result["machine"]["load_avg_now"] = os.getloadavg()
+        RESULTS.write_text(json.dumps(result, indent=1))
+
     demo = get_task("demo")
     if args.demo_run:
-        result["adapters"].append(bench_adapter("demo", base, args.demo_run, demo.examples("eval")[:args.examples],
-                                                ids, demo.max_new_tokens, work))
-        RESULTS.write_text(json.dumps(result, indent=1))
+        bench_adapter("demo", base, args.demo_run, demo.examples("eval")[:args.examples], ids, demo.max_new_tokens,
+                      work, wanted, save)
     if args.chat_run:
         ev = args.chat_eval or (args.chat_run.parent / "chat-eval.jsonl")
-        result["adapters"].append(bench_adapter("chat", base, args.chat_run, chat_examples(ev, args.examples), ids,
-                                                32, work))
+        bench_adapter("chat", base, args.chat_run, chat_examples(ev, args.chat_examples or args.examples), ids, 32,
+                      work, wanted, save)
     result["machine"]["load_avg_at_end"] = os.getloadavg()
     RESULTS.write_text(json.dumps(result, indent=1))
     print(markdown(result))
