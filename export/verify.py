@@ -3,9 +3,12 @@
 Any :class:`~edgepeft.runtimes.base.Artifact` (GGUF file or export folder, ONNX folder, QNN
 static graphs, bundle) is loaded in the first runtime ``FORMAT_RUNTIMES`` lists for its
 format, the same ``runtimes.Runtime`` implementation ``edgepeft bench`` measures. It sees
-the same token ids as a PyTorch fp32 model built from the base with the adapters applied as
-the export applied them (in place, one weight at a time: one fp32 copy of the model at most,
-freed before the runtime loads).
+the same token ids as the PyTorch fp32 model of the base with the adapters applied as the
+export applied them, computed layer by layer from the base's safetensors
+(:mod:`edgepeft.export.reference`: one decoder layer in fp32 at a time, never the whole model)
+in a thread while the runtime runs (an export starts it before writing: ``Reference.prefetch``).
+Both sides are reduced at once to what the checks read (top-1 per position, summed NLL, and
+the full logit rows only where max |Δlogit| is bounded).
 
 Per model variant (the base, then each adapter; or the merged model) the checks are:
 
@@ -24,7 +27,8 @@ follow the shared verification record (``passed``, ``runtime``, ``reference``, `
 
 from __future__ import annotations
 
-import contextlib
+import atexit
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,13 +69,21 @@ class Reference:
     merged: list[AdapterPlan] = field(default_factory=list)
     merge_target: str = "original"
     adapters: dict[str, AdapterPlan] = field(default_factory=dict)
+    _job: _Job | None = field(default=None, init=False, repr=False, compare=False)
+
+    def prefetch(self, variants: Sequence[str | None], fmt: str, quant: str) -> None:
+        """Start computing the reference now, in a thread: an export overlaps it with writing the artifact."""
+        self._job = _Job(self, list(variants), _keep_rows(bounds_for(fmt, quant)))
+
+    def job(self, variants: Sequence[str | None], keep_rows: bool) -> _Job:
+        """The running (or finished) computation for ``variants``; started here unless prefetched."""
+        if self._job is None or (self._job.variants, self._job.keep_rows) != (list(variants), keep_rows):
+            self._job = _Job(self, list(variants), keep_rows)
+        return self._job
 
 
-@dataclass
-class _RefOut:
-    prompt_logits: list[np.ndarray]  # full rows: max |Δlogit| needs them
-    held_argmax: list[np.ndarray]
-    held_nll: float  # summed over the held-out positions
+def _keep_rows(b: Bounds) -> bool:
+    return b.max_abs_logit is not None  # full logit rows only where max |Δlogit| is bounded
 
 
 # ------------------------------------------------------------------ token ids
@@ -86,96 +98,63 @@ def held_out_ids(tokenizer) -> list[list[int]]:
     return [toks[i * n: (i + 1) * n] for i in range(HELD_OUT_CHUNKS) if len(toks) >= (i + 1) * n]
 
 
-# ------------------------------------------------------------------ PyTorch reference
-def _delta(m):
-    """s·B·A written out here, not through the writers' helpers, so a writer's wrong scale cannot hide."""
-    return m.scale * (m.b.float() @ m.a.float())
+# ------------------------------------------------------------------ PyTorch reference (export/reference.py)
+_RUNNING: set[_Job] = set()
 
 
-def _weights(model) -> dict:
-    return dict(model.named_parameters(remove_duplicate=False))
+@atexit.register
+def _cancel_running() -> None:  # a failed export must not leave torch working in a thread at shutdown
+    for job in list(_RUNNING):
+        job.cancel.set()
+        job.thread.join(timeout=30)
 
 
-def _merge_in_place(model, plans: Sequence[AdapterPlan], target: str) -> None:
-    import torch
+class _Job:
+    """Tokenize the fixed texts, then compute the reference's SeqStats per variant, in a thread."""
 
-    from edgepeft.export.merge import is_nf4_quantized, nf4_round_trip
+    def __init__(self, ref: Reference, variants: list, keep_rows: bool):
+        self.ref, self.variants, self.keep_rows = ref, variants, keep_rows
+        self.cancel = threading.Event()
+        self.tokenized = threading.Event()
+        self.error: BaseException | None = None
+        self.tokenizer = self.prompts = self.held = self.stats = None
+        self.thread = threading.Thread(target=self._run, name="edgepeft-reference", daemon=True)
+        _RUNNING.add(self)
+        self.thread.start()
 
-    params = _weights(model)
-    with torch.no_grad():
-        if target == "dequantized":  # the NF4 weights training saw (the surgery's definition of the target)
-            for name, w in params.items():
-                if is_nf4_quantized(name, tuple(w.shape)):
-                    w.copy_(nf4_round_trip(w.detach()))
-        for plan in plans:
-            for t, m in plan.modules.items():
-                params[t + ".weight"].add_(_delta(m))
+    def _run(self) -> None:
+        from edgepeft.export.reference import reference_stats
 
+        try:
+            tok = self.ref.base.load_tokenizer()
+            self.prompts, self.held = [_ids(tok, p) for p in PROMPTS], held_out_ids(tok)
+            self.tokenizer = tok
+            self.tokenized.set()
+            seqs = self.prompts + self.held
+            n = len(self.prompts)
+            self.stats = reference_stats(
+                self.ref.base, self.ref.merged, self.ref.merge_target, self.ref.adapters, self.variants, seqs,
+                keep_rows=[self.keep_rows and k < n for k in range(len(seqs))], nll=[k >= n for k in range(len(seqs))],
+                cancelled=self.cancel.is_set)
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread
+            self.error = e
+        finally:
+            self.tokenized.set()
+            _RUNNING.discard(self)
 
-@contextlib.contextmanager
-def _applied(model, plan: AdapterPlan | None):
-    """Add ``plan``'s ΔW to the weights, subtract it after: no second copy of the model."""
-    import torch
+    def inputs(self):
+        """(tokenizer, prompt ids, held-out ids) once tokenized."""
+        self.tokenized.wait()
+        if self.tokenizer is None:
+            self.thread.join()
+            raise self.error
+        return self.tokenizer, self.prompts, self.held
 
-    if plan is None:
-        yield
-        return
-    params = _weights(model)
-    saved = {}
-    with torch.no_grad():
-        for t, m in plan.modules.items():
-            w = params[t + ".weight"]
-            saved[t] = w[...].clone()  # the touched weights only
-            w.add_(_delta(m))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for t, w0 in saved.items():
-                params[t + ".weight"].copy_(w0)
-
-
-def _load_fp32(folder: Path):
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a failed check must stay one line on stderr
-    try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
-def reference_outputs(ref: Reference, variants: Sequence[str | None], prompts, held) -> dict:
-    import torch
-
-    model = _load_fp32(ref.base.path)
-    _merge_in_place(model, ref.merged, ref.merge_target)
-    out = {}
-    try:
-        with torch.no_grad():
-            for v in variants:
-                with _applied(model, ref.adapters[v] if v else None):
-                    pl = [model(input_ids=torch.tensor([ids])).logits[0].float().numpy() for ids in prompts]
-                    am, nll = [], 0.0
-                    for ids in held:
-                        lg = model(input_ids=torch.tensor([ids])).logits[0].double()
-                        am.append(lg.argmax(-1).numpy())
-                        nll += _nll(lg.numpy(), ids)
-                    out[v] = _RefOut(pl, am, nll)
-    finally:
-        del model
-    return out
-
-
-def _nll(logits: np.ndarray, ids: Sequence[int]) -> float:
-    """Summed next-token NLL of ``ids[1:]`` given the logits of ``ids[:-1]``."""
-    from edgepeft.calib import token_nll
-
-    return float(token_nll(logits[: len(ids) - 1], ids[1:]).sum())
+    def result(self) -> dict:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.stats
 
 
 # ------------------------------------------------------------------ runtime side
@@ -184,6 +163,14 @@ def sequence_logits(rt, ids: Sequence[int]) -> np.ndarray:
     from edgepeft.calib import runtime_logits
 
     return runtime_logits(rt)(list(ids))
+
+
+def _runtime_stats(rt, seqs, n_prompts: int, keep_rows: bool) -> list:
+    """SeqStats of the runtime's logits per sequence, reduced as the reference's are (one sequence resident)."""
+    from edgepeft.export.reference import stats
+
+    return [stats(sequence_logits(rt, ids), ids, keep_rows and k < n_prompts, nll=k >= n_prompts)
+            for k, ids in enumerate(seqs)]
 
 
 def _tokenizer_agreement(rt, tokenizer, prompts_text) -> float:
@@ -198,26 +185,24 @@ def _tokenizer_agreement(rt, tokenizer, prompts_text) -> float:
     return same / len(prompts_text)
 
 
-def _metrics(rt, tokenizer, ref: _RefOut, prompts, held) -> dict:
+def _metrics(got: list, ref: list, seqs, n_prompts: int) -> dict:
     agree = total = 0
-    max_abs = 0.0
-    for ids, r in zip(prompts, ref.prompt_logits):
-        g = sequence_logits(rt, ids)
-        if g.shape != r.shape:
-            return {"shape_mismatch": f"runtime logits {g.shape} vs reference {r.shape}"}
-        agree += int((g.argmax(-1) == r.argmax(-1)).sum())
+    max_abs, nll, ref_nll = 0.0, 0.0, 0.0
+    for k, (ids, g, r) in enumerate(zip(seqs, got, ref)):
+        if (len(g.argmax), g.vocab) != (len(ids), r.vocab):
+            return {"shape_mismatch": f"runtime logits {(len(g.argmax), g.vocab)} vs reference {(len(ids), r.vocab)}"}
+        agree += int((g.argmax == r.argmax).sum())
         total += len(ids)
-        max_abs = max(max_abs, float(np.abs(g - r).max()))
-    nll = 0.0
-    for ids, r_am in zip(held, ref.held_argmax):
-        g = sequence_logits(rt, ids)
-        agree += int((g.argmax(-1) == r_am).sum())
-        total += len(ids)
-        nll += _nll(g, ids)
-    n_held = sum(len(ids) - 1 for ids in held)
-    ppl_ratio = float(np.exp((nll - ref.held_nll) / max(n_held, 1)))
-    return {"tokenizer_agreement": _tokenizer_agreement(rt, tokenizer, PROMPTS), "top1_agreement": agree / total,
-            "max_abs_logit_diff": max_abs, "ppl_ratio": ppl_ratio, "positions": total}
+        if r.rows is not None:
+            max_abs = max(max_abs, float(np.abs(g.rows - r.rows).max()))
+        if k >= n_prompts:
+            nll, ref_nll = nll + g.nll, ref_nll + r.nll
+    n_held = sum(len(ids) - 1 for ids in seqs[n_prompts:])
+    values = {"top1_agreement": agree / total, "ppl_ratio": float(np.exp((nll - ref_nll) / max(n_held, 1))),
+              "positions": total}
+    if ref and ref[0].rows is not None:
+        values["max_abs_logit_diff"] = max_abs
+    return values
 
 
 # ------------------------------------------------------------------ checks
@@ -243,30 +228,33 @@ def verify(artifact: Artifact, ref: Reference, *, fmt: str, quant: str, label: s
     b = bounds_for(fmt, quant)
     if variants is None:
         variants = [None, *[n for n in artifact.adapters if n in ref.adapters]]
-    tokenizer = ref.base.load_tokenizer()
-    prompts = [_ids(tokenizer, p) for p in PROMPTS]
-    held = held_out_ids(tokenizer)
-    refs = reference_outputs(ref, variants, prompts, held)  # freed model before the runtime loads
+    job = ref.job(variants, _keep_rows(b))  # the PyTorch side runs in a thread while the runtime works
     name = runtime or FORMAT_RUNTIMES[artifact.format][0]
     rt = get_runtime(name)
-    longest = max(len(x) for x in prompts + held)
-    rt.load(artifact, None, n_ctx=longest + 8)
-    records = []
+    tokenizer, prompts, held = job.inputs()
+    seqs, n = prompts + held, len(prompts)
+    rt.load(artifact, None, n_ctx=max(len(x) for x in seqs) + 8)
+    got = {}
     try:
         for v in variants:
             rt.set_adapter(v)
-            values = _metrics(rt, tokenizer, refs[v], prompts, held)
-            rec = {"passed": False, "runtime": name, "reference": REFERENCE,
-                   "artifact": label or str(artifact.path), "adapter": v, "format": fmt, "quant": quant,
-                   "positions": values.get("positions", 0), "checks": []}
-            if "shape_mismatch" in values:
-                rec["error"] = values["shape_mismatch"]
-            else:
-                rec["checks"] = checks(values, b)
-                rec["passed"] = all(c["passed"] for c in rec["checks"])
-            records.append(rec)
+            got[v] = (_runtime_stats(rt, seqs, n, job.keep_rows), _tokenizer_agreement(rt, tokenizer, PROMPTS))
     finally:
         rt.close()
+    refs = job.result()
+    records = []
+    for v in variants:
+        values = _metrics(got[v][0], refs[v], seqs, n)
+        values["tokenizer_agreement"] = got[v][1]
+        rec = {"passed": False, "runtime": name, "reference": REFERENCE,
+               "artifact": label or str(artifact.path), "adapter": v, "format": fmt, "quant": quant,
+               "positions": values.get("positions", 0), "checks": []}
+        if "shape_mismatch" in values:
+            rec["error"] = values["shape_mismatch"]
+        else:
+            rec["checks"] = checks(values, b)
+            rec["passed"] = all(c["passed"] for c in rec["checks"])
+        records.append(rec)
     return records
 
 

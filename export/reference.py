@@ -1,0 +1,377 @@
+"""The verifier's PyTorch fp32 reference, computed layer by layer from the base's safetensors.
+
+The checks (export/verify.py) need, per model variant and per fixed token sequence: the top-1
+token at every position, the summed next-token NLL, and for float types the full logit rows.
+Holding an fp32 model for that costs 4 bytes per parameter. Here transformers builds the model
+with its parameters on the meta device (buffers such as rotary tables and Gemma's embedding
+scale are real), and
+
+1. the embedding rows the sequences use are read; the decoder's own ``forward`` runs once per
+   batch of sequences with every decoder layer stubbed to record what it is called with (masks,
+   rotary embeddings, whatever this architecture passes), so transformers still decides all
+   but the weights;
+2. layer by layer: its weights are read in fp32 with the adapters' ΔW added exactly as the
+   export's reference defines them (the NF4 round trip first for the ``dequantized`` target, then
+   every merged plan in order, then the variant's own adapter), the layer runs on every batch of
+   every variant, and its weights go back to meta;
+3. the final norm, then the output matrix in row chunks: each chunk's logits are reduced at
+   once (running argmax and log-sum-exp, the target logits, the rows the checks keep).
+
+Resident: one decoder layer in fp32, one chunk of the output matrix, the activations and the
+kept rows. Reads are plain ``pread`` s (``TensorEntry``), so no page of the weight files stays in
+this process. Sequences are right-padded into a few batches: under a causal mask a position
+never sees the padding after it, so every kept logit is the unpadded sequence's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from edgepeft.export.plan import AdapterPlan
+    from edgepeft.models import ResolvedBase
+
+HEAD_CHUNK_BYTES = 32 << 20  # fp32 bytes of output-matrix rows per step (vocab chunk)
+PAD_SLACK = 1.3  # a batch computes at most this many padded positions per real one
+
+
+@dataclass
+class SeqStats:
+    """What the checks read of one sequence's logits (reference or runtime)."""
+
+    argmax: np.ndarray  # (n,) top-1 token per position (first maximum, as numpy's argmax)
+    nll: float  # summed -log p(ids[t+1] | ids[:t+1]), t < n-1, in float64
+    vocab: int
+    rows: np.ndarray | None = None  # (n, vocab) float32, where max |Δlogit| is checked
+
+
+class Reducer:
+    """Argmax, log-sum-exp and target logits of (n, vocab) logits fed in vocabulary chunks."""
+
+    def __init__(self, ids: Sequence[int], vocab: int, keep_rows: bool, nll: bool = True):
+        n = len(ids)
+        self.ids, self.vocab, self.want_nll = np.asarray(ids), vocab, nll
+        self.best = np.full(n, -np.inf, np.float64)
+        self.arg = np.zeros(n, np.int64)
+        self.m = np.full(n, -np.inf, np.float64)
+        self.s = np.zeros(n, np.float64)
+        self.target = np.zeros(max(n - 1, 0), np.float64)
+        self.rows = np.empty((n, vocab), np.float32) if keep_rows else None
+
+    def add(self, c0: int, chunk: np.ndarray) -> None:
+        k = chunk.shape[1]
+        if self.rows is not None:
+            self.rows[:, c0:c0 + k] = chunk
+        x = chunk.astype(np.float64)
+        a = x.argmax(-1)
+        v = x[np.arange(len(x)), a]
+        better = ~(v <= self.best)  # strictly greater keeps the first maximum; a NaN wins, as in argmax
+        self.arg[better], self.best[better] = a[better] + c0, v[better]
+        if not self.want_nll:
+            return
+        mx = x.max(-1)
+        new_m = np.maximum(self.m, mx)
+        with np.errstate(invalid="ignore", over="ignore"):
+            self.s = self.s * np.exp(self.m - new_m) + np.exp(x - new_m[:, None]).sum(-1)
+        self.m = new_m
+        tgt = self.ids[1:]
+        inside = (tgt >= c0) & (tgt < c0 + k)
+        rows = np.nonzero(inside)[0]
+        self.target[rows] = x[rows, tgt[rows] - c0]
+
+    def result(self) -> SeqStats:
+        if not self.want_nll:
+            return SeqStats(self.arg, 0.0, self.vocab, self.rows)
+        lse = self.m[:-1] + np.log(self.s[:-1])
+        return SeqStats(self.arg, float((lse - self.target).sum()), self.vocab, self.rows)
+
+
+def stats(logits: np.ndarray, ids: Sequence[int], keep_rows: bool, nll: bool = True) -> SeqStats:
+    """SeqStats of full (len(ids), vocab) logits (the runtime side)."""
+    r = Reducer(ids, logits.shape[1], keep_rows, nll)
+    r.add(0, np.asarray(logits, dtype=np.float32))
+    return r.result()
+
+
+# ------------------------------------------------------------------ weights
+def delta(m):
+    """s·B·A written out here, not through the writers' helpers, so a writer's wrong scale cannot hide."""
+    return m.scale * (m.b.float() @ m.a.float())
+
+
+def _row_delta(m, rows):
+    return m.scale * (m.b.float()[rows] @ m.a.float())
+
+
+def _by_weight(plans: Sequence[AdapterPlan]) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for plan in plans:
+        for t, m in plan.modules.items():
+            out.setdefault(t + ".weight", []).append(m)
+    return out
+
+
+_TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+class Weights:
+    """fp32 tensors of the reference model by safetensors name: the base's bytes (read, not mapped),
+    the NF4 round trip where the ``dequantized`` target asks for it, then every merged plan's ΔW."""
+
+    def __init__(self, base: ResolvedBase, merged: Sequence[AdapterPlan], target: str):
+        self.entries = {t.name: t for t in base.tensors()}
+        self.deltas = _by_weight(merged)
+        self.target = target
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def _tensor(self, buf, dtype: str, shape):
+        import torch
+
+        if dtype not in _TORCH_DTYPES:
+            from edgepeft.errors import EdgepeftError
+
+            raise EdgepeftError(f"the reference reads float weights; {dtype} found", "Save the base in a float type")
+        return torch.frombuffer(buf, dtype=getattr(torch, _TORCH_DTYPES[dtype])).reshape(shape).float()
+
+    def get(self, name: str):
+        from edgepeft.export.merge import is_nf4_quantized, nf4_round_trip
+
+        e = self.entries[name]
+        w = self._tensor(e.read(), e.dtype, e.shape)
+        if self.target == "dequantized" and is_nf4_quantized(name, tuple(e.shape)):
+            w = nf4_round_trip(w)
+        for m in self.deltas.get(name, ()):
+            w.add_(delta(m))
+        return w
+
+    def rows(self, name: str, rows: np.ndarray, extra: Sequence = ()):
+        """Rows ``rows`` (sorted, unique) of a 2-D weight; ``extra`` modules' ΔW rows added after the merged ones.
+
+        Never the NF4 target: embeddings and the output matrix are not quantized in QLoRA training."""
+        e = self.entries[name]
+        width = int(np.prod(e.shape[1:]))
+        item = (e.end - e.start) // max(e.numel, 1)
+        buf = bytearray(len(rows) * width * item)
+        view = memoryview(buf)
+        fd = os.open(e.file, os.O_RDONLY)
+        try:
+            at = 0
+            for lo, hi in _runs(rows):  # one read per run of consecutive rows
+                n = (hi - lo) * width * item
+                if os.preadv(fd, [view[at:at + n]], e.start + lo * width * item) != n:
+                    from edgepeft.errors import IntegrityError
+
+                    raise IntegrityError(f"{e.file} ends inside tensor {name}", "The file is truncated")
+                at += n
+        finally:
+            os.close(fd)
+        w = self._tensor(buf, e.dtype, (len(rows), *e.shape[1:]))
+        for m in (*self.deltas.get(name, ()), *extra):
+            w.add_(_row_delta(m, rows))
+        return w
+
+
+def _runs(rows: np.ndarray):
+    start = prev = int(rows[0])
+    for r in rows[1:]:
+        r = int(r)
+        if r != prev + 1:
+            yield start, prev + 1
+            start = r
+        prev = r
+    yield start, prev + 1
+
+
+# ------------------------------------------------------------------ the model, on meta
+def _skeleton(base: ResolvedBase):
+    """transformers' model for ``base``: parameters on meta, buffers computed as its __init__ does."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base.path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def _assign(module, tensors: dict) -> None:
+    module.load_state_dict(tensors, strict=True, assign=True)
+
+
+def _release(module) -> None:
+    import torch
+
+    _assign(module, {n: torch.empty(p.shape, device="meta") for n, p in module.named_parameters()})
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture(decoder, layers, input_ids, tuple_out: bool):
+    """Run the decoder's forward with every layer stubbed: (embeddings, [(args, kwargs) per layer])."""
+    calls: list = []
+
+    def stub(i):
+        def forward(hidden_states, *args, **kwargs):
+            calls.append((hidden_states, args, kwargs))
+            if i == len(layers) - 1:
+                raise _Stop
+            return (hidden_states,) if tuple_out else hidden_states
+
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = stub(i)
+    try:
+        decoder(input_ids=input_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for layer in layers:
+            del layer.forward
+    h0 = calls[0][0]
+    if any(c[0] is not h0 for c in calls):  # the model did not pass our output on as the next input
+        return None
+    return h0, [(a, k) for _, a, k in calls]
+
+
+def _batches(seqs: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Indices of ``seqs`` grouped (longest first) so padding adds at most PAD_SLACK x the real positions."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g and len(seqs[g[0]]) * (len(g) + 1) <= PAD_SLACK * (sum(len(seqs[j]) for j in g) + len(seqs[i])):
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+@dataclass
+class _Batch:
+    index: list[int]  # into the sequences
+    lengths: list[int]
+    calls: list  # (args, kwargs) per decoder layer
+    hidden: dict  # variant -> (b, L, hidden) fp32
+
+
+def _plus(w, mods, rows=None):
+    """w + each module's ΔW in turn (the rows ``rows`` of it), as a new tensor; ``w`` itself when none."""
+    for m in mods:
+        w = w + (delta(m) if rows is None else _row_delta(m, rows))
+    return w
+
+
+def _module_names(model) -> tuple[str, str, bool]:
+    """(input embedding weight, output matrix weight, tied) as transformers names them."""
+    where = {m: n for n, m in model.named_modules()}
+    emb = where[model.get_input_embeddings()] + ".weight"
+    out = model.get_output_embeddings()
+    tied_keys = getattr(model, "all_tied_weights_keys", None)  # transformers 5; before, tying shares the tensor
+    tied = (where[out] + ".weight") in tied_keys if tied_keys is not None else out.weight is model.get_input_embeddings().weight
+    return emb, where[out] + ".weight", tied
+
+
+def reference_stats(base: ResolvedBase, merged: Sequence[AdapterPlan], merge_target: str,
+                    adapters: dict[str, AdapterPlan], variants: Sequence[str | None], seqs: Sequence[Sequence[int]],
+                    keep_rows: Sequence[bool], nll: Sequence[bool], cancelled: Callable[[], bool] = lambda: False,
+                    ) -> dict[str | None, list[SeqStats]]:
+    """Per variant (None: the model with ``merged`` folded in; a name: that adapter on top), SeqStats per sequence."""
+    import torch
+
+    model = _skeleton(base)
+    decoder = model.get_decoder()
+    prefix = next(n for n, m in model.named_modules() if m is decoder)
+    prefix = prefix + "." if prefix else ""
+    layers = decoder.layers
+    W = Weights(base, merged, merge_target)
+    embed_name, out_name, tied = _module_names(model)
+    head_name = embed_name if tied else out_name
+    names = [n for n, _ in model.named_parameters() if not (tied and n == out_name)]
+    missing = [n for n in names if n not in W]
+    if missing:
+        from edgepeft.errors import EdgepeftError
+
+        raise EdgepeftError(f"base {base.spec}: its safetensors hold no tensor {missing[0]}, which transformers' "
+                            f"{type(model).__name__} expects", "Re-save the base with save_pretrained")
+    own = {v: (_by_weight([adapters[v]]) if v else {}) for v in variants}
+
+    with torch.no_grad():
+        # --- 1. the layers' inputs, per batch (and per variant where an adapter changes the embedding)
+        small = {n.removeprefix(prefix): W.get(n) for n in names
+                 if n.startswith(prefix) and not n.startswith(prefix + "layers.") and n != embed_name}
+        decoder.load_state_dict(small, strict=False, assign=True)  # the final norm (and any other small tensor)
+        embed = model.get_input_embeddings()
+        embed.padding_idx = None  # forward only: the gathered rows are fewer than the vocabulary
+        batches = []
+        for idx in _batches(seqs):
+            lengths = [len(seqs[i]) for i in idx]
+            ids = np.zeros((len(idx), max(lengths)), np.int64)
+            for r, i in enumerate(idx):
+                ids[r, :lengths[r]] = seqs[i]
+            uniq, inv = np.unique(ids, return_inverse=True)
+            inv = torch.from_numpy(inv.reshape(ids.shape))
+            hidden, calls = {}, None
+            for v in variants:
+                embed.weight = torch.nn.Parameter(W.rows(embed_name, uniq, own[v].get(embed_name, ())),
+                                                  requires_grad=False)
+                got = _capture(decoder, layers, inv, tuple_out=False) or _capture(decoder, layers, inv, tuple_out=True)
+                hidden[v], calls = got
+            batches.append(_Batch(idx, lengths, calls, hidden))
+        _release(embed)
+
+        # --- 2. layer by layer
+        for i, layer in enumerate(layers):
+            if cancelled():
+                raise InterruptedError("reference cancelled")
+            lp = f"{prefix}layers.{i}."
+            sd = {n: W.get(lp + n) for n, _ in layer.named_parameters()}
+            for v in variants:
+                _assign(layer, {n: _plus(w, own[v].get(lp + n, ())) for n, w in sd.items()})
+                for b in batches:
+                    args, kwargs = b.calls[i]
+                    out = layer(b.hidden[v], *args, **kwargs)
+                    b.hidden[v] = out[0] if isinstance(out, tuple) else out
+            _release(layer)
+            del sd
+
+        # --- 3. the final norm, then the output matrix in row chunks
+        flat, spans = {}, []  # variant -> (positions, hidden); (sequence index, its first row in flat)
+        for v in variants:
+            parts, at = [], 0
+            for b in batches:
+                h = decoder.norm(b.hidden[v])
+                for r, (i, n) in enumerate(zip(b.index, b.lengths)):
+                    parts.append(h[r, :n])
+                    if v == variants[0]:
+                        spans.append((i, at))
+                    at += n
+            flat[v] = torch.cat(parts)
+        vocab, width = (int(d) for d in W.entries[head_name].shape)
+        red = {v: [Reducer(s, vocab, k, t) for s, k, t in zip(seqs, keep_rows, nll)] for v in variants}
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        step = max(1024, HEAD_CHUNK_BYTES // (4 * width))
+        for c0 in range(0, vocab, step):
+            if cancelled():
+                raise InterruptedError("reference cancelled")
+            rows = np.arange(c0, min(vocab, c0 + step))
+            w = W.rows(head_name, rows)
+            for v in variants:
+                logits = flat[v] @ _plus(w, own[v].get(head_name, ()), rows).T
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+                logits = logits.numpy()
+                for i, at in spans:
+                    red[v][i].add(c0, logits[at:at + len(seqs[i])])
+            del w
+    return {v: [r.result() for r in red[v]] for v in variants}
