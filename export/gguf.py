@@ -135,6 +135,9 @@ def _export_into(req, base, plans, quant, arch, out: Path, imx: MatrixPlan) -> d
                                 "extra_bytes": sum(k["extra_bytes"] for k in kept)}
         info(f"--keep-delta {req.keep_delta}: {len(kept)} adapter-touched weights kept at {overrides.KEEP_TYPE}")
     if req.mode == "merged":
+        target = "original" if req.merge_into == "auto" else req.merge_into  # as write_merged decides it
+        early = _prefetch(req, quant, Reference(base, merged=plans, merge_target=target), [None]) \
+            if req.merge_into != "auto" or not plans else None  # auto with adapters picks its target while writing
         path, merge = write_merged(base, plans, out, quant.name, req.merge_into, req.calib, imx=imx)
         record["files"].append(str(path))
         record["merge"] = merge
@@ -142,8 +145,10 @@ def _export_into(req, base, plans, quant, arch, out: Path, imx: MatrixPlan) -> d
         from edgepeft.runtimes.base import Artifact
 
         _verify(req, record, Artifact(path, "gguf", path, {}, quant.name),
-                Reference(base, merged=plans, merge_target=merge["target"]))
+                early or Reference(base, merged=plans, merge_target=merge["target"]))
     else:
+        ref = _prefetch(req, quant, Reference(base, adapters={p.name: p for p in plans}),
+                        [None, *(p.name for p in plans)])
         base_path = out / f"base-{quant.name}.gguf"
         imx.variants = [([p], c, "original") for p, c in zip(plans, imx.calibrations, strict=False)]
         base_path = write_model(base, [], base_path, quant.name, imx=imx)
@@ -158,8 +163,16 @@ def _export_into(req, base, plans, quant, arch, out: Path, imx: MatrixPlan) -> d
 
         art = Artifact(base_path, "gguf", base_path, {a["name"]: Path(a["path"]) for a in record["adapter_files"]},
                        quant.name)
-        _verify(req, record, art, Reference(base, adapters={p.name: p for p in plans}))
+        _verify(req, record, art, ref)
     return record
+
+
+def _prefetch(req, quant, ref: Reference, variants) -> Reference:
+    """Start the verifier's PyTorch side now: it needs only the base and the plans, so it runs while
+    the files are written."""
+    if req.verify:
+        ref.prefetch(variants, "gguf", quant.name)
+    return ref
 
 
 def _verify(req, record: dict, artifact, reference) -> None:

@@ -284,9 +284,11 @@ def _module_names(model) -> tuple[str, str, bool]:
 
 def reference_stats(base: ResolvedBase, merged: Sequence[AdapterPlan], merge_target: str,
                     adapters: dict[str, AdapterPlan], variants: Sequence[str | None], seqs: Sequence[Sequence[int]],
-                    keep_rows: Sequence[bool], nll: Sequence[bool], cancelled: Callable[[], bool] = lambda: False,
+                    keep_rows: Sequence[bool], nll: Sequence[bool], step: Callable[[], None] = lambda: None,
                     ) -> dict[str | None, list[SeqStats]]:
-    """Per variant (None: the model with ``merged`` folded in; a name: that adapter on top), SeqStats per sequence."""
+    """Per variant (None: the model with ``merged`` folded in; a name: that adapter on top), SeqStats per sequence.
+
+    ``step`` is called before each layer and each output chunk (the child process adjusts its threads there)."""
     import torch
 
     model = _skeleton(base)
@@ -332,8 +334,7 @@ def reference_stats(base: ResolvedBase, merged: Sequence[AdapterPlan], merge_tar
 
         # --- 2. layer by layer
         for i, layer in enumerate(layers):
-            if cancelled():
-                raise InterruptedError("reference cancelled")
+            step()
             lp = f"{prefix}layers.{i}."
             sd = {n: W.get(lp + n) for n, _ in layer.named_parameters()}
             for v in variants:
@@ -360,11 +361,10 @@ def reference_stats(base: ResolvedBase, merged: Sequence[AdapterPlan], merge_tar
         vocab, width = (int(d) for d in W.entries[head_name].shape)
         red = {v: [Reducer(s, vocab, k, t) for s, k, t in zip(seqs, keep_rows, nll)] for v in variants}
         cap = getattr(model.config, "final_logit_softcapping", None)
-        step = max(1024, HEAD_CHUNK_BYTES // (4 * width))
-        for c0 in range(0, vocab, step):
-            if cancelled():
-                raise InterruptedError("reference cancelled")
-            rows = np.arange(c0, min(vocab, c0 + step))
+        per = max(1024, HEAD_CHUNK_BYTES // (4 * width))
+        for c0 in range(0, vocab, per):
+            step()
+            rows = np.arange(c0, min(vocab, c0 + per))
             w = W.rows(head_name, rows)
             for v in variants:
                 logits = flat[v] @ _plus(w, own[v].get(head_name, ()), rows).T
@@ -375,3 +375,61 @@ def reference_stats(base: ResolvedBase, merged: Sequence[AdapterPlan], merge_tar
                     red[v][i].add(c0, logits[at:at + len(seqs[i])])
             del w
     return {v: [r.result() for r in red[v]] for v in variants}
+
+
+# ------------------------------------------------------------------ the child process verify.py starts
+def _serve(request_file: str) -> None:
+    """Read the pickled request; send ("ids", prompts, held, bos) then ("stats", {variant: [SeqStats]}),
+    pickled, on the original stdout (anything printed goes to stderr); ("error", ...) on a failure.
+
+    Threads: the idle cores but one (left to the export's writer and quantizer) until the parent
+    closes this process's stdin, which it does when it only waits for the result; then the idle
+    cores (``verify.free_cores``: on a saturated machine, one thread is several times faster)."""
+    import pickle
+    import select
+    import sys
+
+    import torch
+
+    from edgepeft.export.verify import free_cores
+
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    full = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(full, free_cores() - 1)))
+    waiting = [False]
+
+    def step():
+        if not waiting[0] and select.select([sys.stdin], [], [], 0)[0]:  # stdin closed: the parent waits
+            waiting[0] = True
+            torch.set_num_threads(max(1, min(full, torch.get_num_threads() + free_cores())))
+
+    try:
+        with open(request_file, "rb") as f:
+            req = pickle.load(f)
+        from edgepeft.export.verify import PROMPTS, _ids, held_out_ids
+
+        tok = req["base"].load_tokenizer()
+        prompts, held = [_ids(tok, p) for p in PROMPTS], held_out_ids(tok)
+        pickle.dump(("ids", prompts, held, getattr(tok, "bos_token_id", None)), out)
+        out.flush()
+        del tok
+        seqs, n = prompts + held, len(prompts)
+        stats = reference_stats(req["base"], req["merged"], req["merge_target"], req["adapters"], req["variants"],
+                                seqs, keep_rows=[req["keep_rows"] and k < n for k in range(len(seqs))],
+                                nll=[k >= n for k in range(len(seqs))], step=step)
+        pickle.dump(("stats", stats), out, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:  # noqa: BLE001 -- reported to the parent, which raises it
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        pickle.dump(("error", type(e).__name__, getattr(e, "problem", str(e)), getattr(e, "fix", None)), out)
+    out.flush()
+
+
+if __name__ == "__main__":
+    import sys
+
+    from edgepeft.export import reference  # by its package name, so SeqStats unpickles in the parent
+
+    reference._serve(sys.argv[1])

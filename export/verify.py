@@ -6,7 +6,7 @@ format, the same ``runtimes.Runtime`` implementation ``edgepeft bench`` measures
 the same token ids as the PyTorch fp32 model of the base with the adapters applied as the
 export applied them, computed layer by layer from the base's safetensors
 (:mod:`edgepeft.export.reference`: one decoder layer in fp32 at a time, never the whole model)
-in a thread while the runtime runs (an export starts it before writing: ``Reference.prefetch``).
+in a child process while the runtime runs (an export starts it before writing: ``Reference.prefetch``).
 Both sides are reduced at once to what the checks read (top-1 per position, summed NLL, and
 the full logit rows only where max |Δlogit| is bounded).
 
@@ -28,7 +28,6 @@ follow the shared verification record (``passed``, ``runtime``, ``reference``, `
 from __future__ import annotations
 
 import atexit
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,12 +71,14 @@ class Reference:
     _job: _Job | None = field(default=None, init=False, repr=False, compare=False)
 
     def prefetch(self, variants: Sequence[str | None], fmt: str, quant: str) -> None:
-        """Start computing the reference now, in a thread: an export overlaps it with writing the artifact."""
+        """Start computing the reference now, in a child process: an export overlaps it with writing the artifact."""
         self._job = _Job(self, list(variants), _keep_rows(bounds_for(fmt, quant)))
 
     def job(self, variants: Sequence[str | None], keep_rows: bool) -> _Job:
         """The running (or finished) computation for ``variants``; started here unless prefetched."""
         if self._job is None or (self._job.variants, self._job.keep_rows) != (list(variants), keep_rows):
+            if self._job is not None:
+                self._job.close()
             self._job = _Job(self, list(variants), keep_rows)
         return self._job
 
@@ -103,58 +104,138 @@ _RUNNING: set[_Job] = set()
 
 
 @atexit.register
-def _cancel_running() -> None:  # a failed export must not leave torch working in a thread at shutdown
+def _stop_running() -> None:  # a failed export leaves no reference child behind
     for job in list(_RUNNING):
-        job.cancel.set()
-        job.thread.join(timeout=30)
+        job.close()
 
 
 class _Job:
-    """Tokenize the fixed texts, then compute the reference's SeqStats per variant, in a thread."""
+    """The reference in a child process (``python -m edgepeft.export.reference``): it tokenizes the
+    fixed texts, sends the ids, then computes SeqStats per variant and sends them.
+
+    A process, not a thread: importing transformers, loading the tokenizer and building the model
+    are mostly Python, and in a thread they took turns on the GIL with the writer (measured: the
+    tokenizer took 25 s beside a 5 s tensor write under load). This process never needs torch or
+    the Hugging Face tokenizer for the check: the child sends the ids.
+    """
 
     def __init__(self, ref: Reference, variants: list, keep_rows: bool):
-        self.ref, self.variants, self.keep_rows = ref, variants, keep_rows
-        self.cancel = threading.Event()
-        self.tokenized = threading.Event()
-        self.error: BaseException | None = None
-        self.tokenizer = self.prompts = self.held = self.stats = None
-        self.thread = threading.Thread(target=self._run, name="edgepeft-reference", daemon=True)
-        _RUNNING.add(self)
-        self.thread.start()
+        import pickle
+        import subprocess
+        import sys
+        import tempfile
 
-    def _run(self) -> None:
-        from edgepeft.export.reference import reference_stats
+        from edgepeft.ui import STATE
+
+        self.variants, self.keep_rows = variants, keep_rows
+        self._inputs = self._stats = None
+        with tempfile.NamedTemporaryFile(prefix="edgepeft-reference-", suffix=".pickle", delete=False) as f:
+            # a file, not stdin: plans can be large and the child unpickles them only after importing torch
+            pickle.dump({"base": ref.base, "merged": ref.merged, "merge_target": ref.merge_target,
+                         "adapters": ref.adapters, "variants": variants, "keep_rows": keep_rows}, f)
+        self._request = Path(f.name)
+        self._log = None if STATE.debug else tempfile.TemporaryFile()  # noqa: SIM115 -- closed in close()
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgepeft.export.reference", str(self._request)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        _RUNNING.add(self)
+
+    def _receive(self):
+        import pickle
 
         try:
-            tok = self.ref.base.load_tokenizer()
-            self.prompts, self.held = [_ids(tok, p) for p in PROMPTS], held_out_ids(tok)
-            self.tokenizer = tok
-            self.tokenized.set()
-            seqs = self.prompts + self.held
-            n = len(self.prompts)
-            self.stats = reference_stats(
-                self.ref.base, self.ref.merged, self.ref.merge_target, self.ref.adapters, self.variants, seqs,
-                keep_rows=[self.keep_rows and k < n for k in range(len(seqs))], nll=[k >= n for k in range(len(seqs))],
-                cancelled=self.cancel.is_set)
-        except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread
-            self.error = e
-        finally:
-            self.tokenized.set()
-            _RUNNING.discard(self)
+            msg = pickle.load(self.proc.stdout)
+        except EOFError:
+            self.proc.wait()
+            err = b""
+            if self._log is not None:
+                self._log.seek(0)
+                err = self._log.read()
+            lines = err.decode(errors="replace").strip().splitlines()
+            self.close()
+            raise RuntimeError("the PyTorch reference process ended without a result (exit status "
+                               f"{self.proc.returncode}): {lines[-1] if lines else 'no output'}") from None
+        if msg[0] == "error":
+            self.close()
+            _, kind, problem, fix = msg
+            from edgepeft import errors
+
+            cls = getattr(errors, kind, None)
+            if isinstance(cls, type) and issubclass(cls, errors.EdgepeftError) and kind != "VerificationError":
+                try:
+                    raise cls(problem, fix)
+                except TypeError:
+                    pass
+                raise errors.EdgepeftError(problem, fix)
+            raise RuntimeError(f"the PyTorch reference failed: {kind}: {problem}")
+        return msg[1:]
 
     def inputs(self):
-        """(tokenizer, prompt ids, held-out ids) once tokenized."""
-        self.tokenized.wait()
-        if self.tokenizer is None:
-            self.thread.join()
-            raise self.error
-        return self.tokenizer, self.prompts, self.held
+        """(prompt ids, held-out ids, the tokenizer's BOS id) once the child has tokenized."""
+        if self._inputs is None:
+            self._inputs = self._receive()
+        return self._inputs
 
     def result(self) -> dict:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.stats
+        """The reference's SeqStats per variant; from now on the child may use every core."""
+        if self._stats is None:
+            self.inputs()
+            self.proc.stdin.close()
+            (self._stats,) = self._receive()
+            self.proc.wait()
+            self.close()
+        return self._stats
+
+    def close(self) -> None:
+        """Stop the child if it still runs; remove its request file. Safe to call twice."""
+        _RUNNING.discard(self)
+        if self.proc.poll() is None and self._stats is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            pipe.close()
+        self._request.unlink(missing_ok=True)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+# ------------------------------------------------------------------ threads
+def free_cores(window: float = 0.05) -> int:
+    """Cores idle right now: /proc/stat over ``window`` seconds (every core where it cannot be read); may be 0.
+
+    The verifier's compute is small and its threads synchronise often: on a saturated machine a
+    second thread made both torch (1.5 -> 9.6 CPU-s for the smollm2-135m reference) and llama.cpp
+    (1.3 -> 7.1 CPU-s for the 238 positions) several times slower, so it takes only idle cores."""
+    import os
+    import time
+
+    n = os.cpu_count() or 1
+
+    def times():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)  # idle + iowait, total
+
+    try:
+        i0, t0 = times()
+        time.sleep(window)
+        i1, t1 = times()
+    except (OSError, ValueError, IndexError):
+        return n
+    return min(n, round(n * (i1 - i0) / max(t1 - t0, 1)))
+
+
+def _runtime_device(name: str):
+    """The device options the verifier's runtime loads with: llama.cpp on the idle physical cores."""
+    if name != "llama.cpp":
+        return None
+    from types import SimpleNamespace
+
+    from edgepeft.profiles import RuntimeSpec
+    from edgepeft.runtimes.llamacpp import physical_cores
+
+    threads = max(1, min(physical_cores(), free_cores()))
+    return SimpleNamespace(runtimes={name: RuntimeSpec(name, options={"n_threads": threads})})
 
 
 # ------------------------------------------------------------------ runtime side
@@ -173,16 +254,15 @@ def _runtime_stats(rt, seqs, n_prompts: int, keep_rows: bool) -> list:
             for k, ids in enumerate(seqs)]
 
 
-def _tokenizer_agreement(rt, tokenizer, prompts_text) -> float:
-    bos = getattr(tokenizer, "bos_token_id", None)
+def _tokenizer_agreement(rt, prompt_ids, bos: int | None) -> float:
+    """Share of the fixed prompts the runtime's own tokenizer turns into the Hugging Face ids."""
     same = 0
-    for text in prompts_text:
-        want = _ids(tokenizer, text)
+    for text, want in zip(PROMPTS, prompt_ids):
         got = list(rt.tokenize(text))
         if got[:1] == [bos] and want[:1] != [bos]:  # the runtime adds the model's BOS; the text is what counts
             got = got[1:]
         same += int(got == want)
-    return same / len(prompts_text)
+    return same / len(PROMPTS)
 
 
 def _metrics(got: list, ref: list, seqs, n_prompts: int) -> dict:
@@ -228,20 +308,20 @@ def verify(artifact: Artifact, ref: Reference, *, fmt: str, quant: str, label: s
     b = bounds_for(fmt, quant)
     if variants is None:
         variants = [None, *[n for n in artifact.adapters if n in ref.adapters]]
-    job = ref.job(variants, _keep_rows(b))  # the PyTorch side runs in a thread while the runtime works
+    job = ref.job(variants, _keep_rows(b))  # the PyTorch side, in a child process (unless already started)
     name = runtime or FORMAT_RUNTIMES[artifact.format][0]
     rt = get_runtime(name)
-    tokenizer, prompts, held = job.inputs()
+    prompts, held, bos = job.inputs()
     seqs, n = prompts + held, len(prompts)
-    rt.load(artifact, None, n_ctx=max(len(x) for x in seqs) + 8)
+    refs = job.result()  # first: llama.cpp's threads beside torch's took 63 s for what takes 2 s alone (2 cores)
+    rt.load(artifact, _runtime_device(name), n_ctx=max(len(x) for x in seqs) + 8)
     got = {}
     try:
         for v in variants:
             rt.set_adapter(v)
-            got[v] = (_runtime_stats(rt, seqs, n, job.keep_rows), _tokenizer_agreement(rt, tokenizer, PROMPTS))
+            got[v] = (_runtime_stats(rt, seqs, n, job.keep_rows), _tokenizer_agreement(rt, prompts, bos))
     finally:
         rt.close()
-    refs = job.result()
     records = []
     for v in variants:
         values = _metrics(got[v][0], refs[v], seqs, n)

@@ -9,8 +9,6 @@ sequence at a time. On every architecture the verifier supports, with adapters o
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from conftest import make_tiny
