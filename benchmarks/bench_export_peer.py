@@ -51,27 +51,44 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 """
 
 
+# Linux carries a process's peak RSS across fork and exec (this script holds torch after preparing the
+# folders), so each command is forked from a small trampoline and wait4 on that child reports its own
+# peak and its CPU seconds (user + system, the waited-for descendants included).
+_TRAMPOLINE = """
+import os, sys
+report, argv = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    os.execv(argv[0], argv)
+_, status, ru = os.wait4(pid, 0)
+with open(report, "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {ru.ru_maxrss} {ru.ru_utime + ru.ru_stime}")
+"""
+
+
 def measured(argv, env=None) -> dict:
-    """Run ``argv``; wall seconds, the largest single process's peak RSS (wait4) and the tree's (sampled)."""
+    """Run ``argv``: wall seconds, CPU seconds, the largest single process's peak RSS and the tree's (sampled)."""
     import tempfile
 
-    with tempfile.TemporaryFile() as so, tempfile.TemporaryFile() as se:  # files: nothing blocks on a full pipe
+    with tempfile.TemporaryFile() as so, tempfile.TemporaryFile() as se, tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "rusage"
         t0 = time.perf_counter()
-        proc = subprocess.Popen([str(a) for a in argv], stdout=so, stderr=se, env=env)
+        proc = subprocess.Popen([sys.executable, "-c", _TRAMPOLINE, report, *map(str, argv)], stdout=so, stderr=se,
+                                env=env)  # files, not pipes: nothing blocks on a full pipe
         done, tree_peak = threading.Event(), [0]
         th = threading.Thread(target=_sample_tree, args=(proc.pid, done, tree_peak), daemon=True)
         th.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc.wait()
         wall = time.perf_counter() - t0
         done.set()
         th.join()
+        rc, maxrss, cpu = report.read_text().split()
         so.seek(0), se.seek(0)
         out, err = so.read(), se.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{argv[:4]} failed ({proc.returncode}): {err.decode()[-2000:]}")
-    return {"seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "tree_peak_mib": tree_peak[0] / 2**20,
-            "stdout": out.decode()}
+    if int(rc) != 0:
+        raise RuntimeError(f"{argv[:4]} failed ({rc}): {err.decode()[-2000:]}")
+    return {"seconds": wall, "cpu_seconds": float(cpu), "peak_rss_mib": int(maxrss) / 1024,
+            "tree_peak_mib": tree_peak[0] / 2**20, "stdout": out.decode()}
 
 
 def _sample_tree(pid: int, done: threading.Event, peak: list) -> None:
@@ -121,6 +138,7 @@ def peer(folder: Path, out: Path) -> dict:
     env.pop("PYTHONPATH")
     b = measured([sys.executable, "-c", PEER_QUANTIZE, f32, q], env)
     r = {"seconds": a["seconds"] + b["seconds"], "convert_seconds": a["seconds"], "quantize_seconds": b["seconds"],
+         "cpu_seconds": a["cpu_seconds"] + b["cpu_seconds"],
          "peak_rss_mib": max(a["peak_rss_mib"], b["peak_rss_mib"]),
          "tree_peak_mib": max(a["tree_peak_mib"], b["tree_peak_mib"]),
          "artifact_bytes": q.stat().st_size, "intermediate_bytes": f32.stat().st_size}
@@ -199,14 +217,16 @@ def main() -> None:
                 r = fn(folder, WORK / f"out-{name}")
                 r.update(round=rnd, loadavg_before=load, loadavg_after=os.getloadavg())
                 runs[name].append(r)
-                print(f"{alias} round {rnd} {name}: {r['seconds']:.1f} s, {r['peak_rss_mib']:.0f} MiB "
+                print(f"{alias} round {rnd} {name}: {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} CPU-s), "
+                      f"{r['peak_rss_mib']:.0f} MiB "
                       f"(tree {r['tree_peak_mib']:.0f}), load {load[0]:.1f}", file=sys.stderr)
-        summary = {name: {"seconds": med(rs, "seconds"), "peak_rss_mib": med(rs, "peak_rss_mib"),
+        summary = {name: {"seconds": med(rs, "seconds"), "cpu_seconds": med(rs, "cpu_seconds"),
+                          "peak_rss_mib": med(rs, "peak_rss_mib"),
                           "tree_peak_mib": med(rs, "tree_peak_mib"), "artifact_bytes": rs[0]["artifact_bytes"]}
                    for name, rs in runs.items()}
         o, p = summary["ours"], summary["peer"]
         rss_bound = max(p["peak_rss_mib"], 1.5 * o["artifact_bytes"] / 2**20)
-        verdict = {"time_ratio": o["seconds"] / p["seconds"],
+        verdict = {"time_ratio": o["seconds"] / p["seconds"], "cpu_ratio": o["cpu_seconds"] / p["cpu_seconds"],
                    "rss_ratio": o["peak_rss_mib"] / p["peak_rss_mib"],
                    "tree_rss_ratio": o["tree_peak_mib"] / p["tree_peak_mib"],
                    "no_verify_time_ratio": summary["ours_no_verify"]["seconds"] / p["seconds"],

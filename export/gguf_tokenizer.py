@@ -187,13 +187,7 @@ class TokenizerJob:
         self.close()
 
     def _disk_cache(self) -> Path:
-        from importlib.metadata import version
-
-        from edgepeft.models import cache_dir
-
-        versions = f"transformers={version('transformers')} tokenizers={version('tokenizers')}"
-        key = hashlib.sha256(f"{self.key}\0{versions}".encode()).hexdigest()[:32]
-        return cache_dir() / "tokenizers" / f"{key}.json"
+        return _disk_cache_path(self.key)
 
     def _load_disk_cache(self) -> bool:
         try:
@@ -211,6 +205,24 @@ class TokenizerJob:
             atomic.write_text(path, text)
         except (OSError, EdgepeftError):  # only a cache: an unwritable one costs the next export a child
             pass
+
+
+def _disk_cache_path(key: str) -> Path:
+    from importlib.metadata import version
+
+    from edgepeft.models import cache_dir
+
+    versions = f"transformers={version('transformers')} tokenizers={version('tokenizers')}"
+    key = hashlib.sha256(f"{key}\0{versions}".encode()).hexdigest()[:32]
+    return cache_dir() / "tokenizers" / f"{key}.json"
+
+
+def cached_tokenizer_text(folder: Path) -> str | None:
+    """The effective tokenizer.json of ``folder`` as an earlier job stored it on disk, or None (no child started)."""
+    try:
+        return _disk_cache_path(_content_key(Path(folder))).read_text(encoding="utf-8")
+    except OSError:
+        return None
 
 
 def _content_key(folder: Path) -> str:

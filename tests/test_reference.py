@@ -119,3 +119,22 @@ def test_reduced_stats_match_full_rows(tiny_llama, fixed_seqs):
         assert s.rows is None and (s.argmax == f.argmax).all() and s.nll == pytest.approx(f.nll, rel=1e-12)
         one = stats(f.rows, ids, keep_rows=False)  # the runtime side's reduction, all in one chunk
         assert (one.argmax == f.argmax).all() and one.nll == pytest.approx(f.nll, rel=1e-12)
+
+
+def test_fixed_ids_from_the_cached_tokenizer_equal_autotokenizer(tiny_llama, tmp_path):
+    """Once a GGUF export has cached the effective tokenizer.json, the reference tokenizes through
+    ``tokenizers`` on it: the same ids and BOS as AutoTokenizer."""
+    from conftest import run_cli
+    from transformers import AutoTokenizer
+
+    from edgepeft.export import verify as V
+    from edgepeft.export.gguf_tokenizer import cached_tokenizer_text
+    from edgepeft.export.reference import fixed_ids
+    from edgepeft.models import resolve_base
+
+    assert run_cli("export", "--base", tiny_llama, "--quant", "f32", "--out", "o", "--no-verify",
+                   cwd=tmp_path).returncode == 0
+    base = resolve_base(str(tiny_llama))
+    assert cached_tokenizer_text(base.path) is not None
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    assert fixed_ids(base) == ([V._ids(tok, p) for p in V.PROMPTS], V.held_out_ids(tok), tok.bos_token_id)
