@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from edgepeft.export.plan import AdapterPlan
     from edgepeft.models import ResolvedBase
 
-HEAD_CHUNK_BYTES = 32 << 20  # fp32 bytes of output-matrix rows per step (vocab chunk)
+HEAD_CHUNK_BYTES = 8 << 20  # fp32 bytes of output-matrix rows per step (vocab chunk)
 PAD_SLACK = 1.3  # a batch computes at most this many padded positions per real one
 
 
