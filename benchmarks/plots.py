@@ -133,9 +133,26 @@ def plot_bench(doc: dict, path: Path = RESULTS / "bench_runtimes.png") -> Path:
     return bench.chart(doc, path)
 
 
+def plot_adapter_cost(result: dict, path: Path = RESULTS / "adapter_cost.png") -> Path:
+    """Separate-mode decode and prefill as a fraction of the base alone, per adapter variant, with the
+    0.90 target line; the variants are sorted by adapter bytes."""
+    plt = _plt()
+    rows = sorted(result["variants"].items(), key=lambda kv: -kv[1]["adapter_bytes"])
+    names = [f"{n} ({v['adapter_bytes'] / 1e6:.1f} MB, {v['modules']} mod)" for n, v in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.9 + 0.34 * len(rows)))
+    for ax, key, title in zip(axes, ("adapter_tg_ratio", "adapter_pp_ratio"),
+                              ("decode (tg) vs base alone", "prefill (pp) vs base alone")):
+        _bar_panel(ax, names, [v[key] for _, v in rows], title, "{:.2f}x", first=ax is axes[0])
+        ax.axvline(result.get("target", 0.9), color="#c44e52", linestyle="--", linewidth=1.2)
+        ax.set_xlim(0, 1.15)
+    fig.suptitle(f"cost of a separate adapter: {result.get('base_file')} + LoRA in llama.cpp "
+                 f"({result.get('cpu')}, median of {result.get('rounds')} rounds)", fontsize=9)
+    return _save(fig, path)
+
+
 def main() -> None:
     for name, plot in (("gguf", plot_gguf), ("onnx", plot_onnx), ("train", plot_train),
-                       ("bench_runtimes", plot_bench)):
+                       ("bench_runtimes", plot_bench), ("adapter_cost", plot_adapter_cost)):
         src = RESULTS / f"{name}.json"
         if src.is_file():
             print(f"wrote {plot(json.loads(src.read_text()), RESULTS / f'{name}.png')}")

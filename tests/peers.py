@@ -46,19 +46,26 @@ def peer_dir(members=_MEMBERS) -> Path:
     if marker.is_file():
         return src
     root.mkdir(parents=True, exist_ok=True)
-    dl = root / "sdist"
-    tarballs = list(dl.glob("llama_cpp_python-*.tar.gz"))
-    if not tarballs:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                        f"llama-cpp-python=={ver}", "-d", str(dl), "-q"], check=True, timeout=1800)
-        tarballs = list(dl.glob("llama_cpp_python-*.tar.gz"))
-    with tarfile.open(tarballs[0]) as tf:
+    with tarfile.open(sdist()) as tf:
         prefix = f"llama_cpp_python-{ver}/"
         picked = [m for m in tf.getmembers()
                   if any(m.name.startswith(prefix + want) for want in members) and (m.isfile() or m.isdir())]
         tf.extractall(root, members=picked, filter="data")
     marker.write_text(ver)
     return src
+
+
+def sdist() -> Path:
+    """The pinned llama-cpp-python sdist tarball (``pip download`` into the peer cache once)."""
+    ver = version("llama_cpp_python")
+    dl = cache_root() / f"llama-cpp-python-{ver}" / "sdist"
+    tarballs = list(dl.glob("llama_cpp_python-*.tar.gz"))
+    if not tarballs:
+        dl.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                        f"llama-cpp-python=={ver}", "-d", str(dl), "-q"], check=True, timeout=1800)
+        tarballs = list(dl.glob("llama_cpp_python-*.tar.gz"))
+    return tarballs[0]
 
 
 def run_peer(script: str, *args, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
