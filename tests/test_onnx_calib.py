@@ -52,6 +52,7 @@ def test_gptq_export_is_calibrated_verified_and_keeps_lora_float(mode, tiny_llam
     assert g["adapters_active"] == (1 if mode == "separate" else 0)
     ops, float_matmuls = _ops(out)
     assert ops["MatMulNBits"] == g["quantized_matmuls"] + 1  # + lm_head at int8
+    assert ops["GatherBlockQuantized"] == 1 and g["embedding"] == "int4 rtn"  # no fp32 embedding table left
     # only the LoRA MatMuls stay float (separate), so adapters still plug in
     assert all("lora_" in n for n in float_matmuls) and (bool(float_matmuls) == (mode == "separate"))
     checks = rec["verification"]["checks"] if mode == "merged" else rec["verifications"][1]["checks"]
