@@ -9,7 +9,9 @@ then goes through, interleaved round by round (A B C, A B C, ...):
 - ``peer``: llama.cpp's ``convert_hf_to_gguf.py FOLDER --outtype f32`` (the vendored sdist, as
   tests/peers.py finds it) then ``llama_model_quantize`` to Q4_K_M (the function llama-quantize
   calls), unverified; f32 is the intermediate our writer uses for an fp32 base;
-- ``ours_no_verify``: the same export with ``--no-verify`` (what the verification costs).
+- ``ours_no_imatrix``: the same with ``--imatrix none`` (the importance matrix of issue 18, which the
+  peer has no counterpart of, off; still verified);
+- ``ours_no_verify``: ``--imatrix none --no-verify`` (what the verification costs).
 
 Per run: wall time, peak RSS of the largest single process (``wait4``; what the export record's
 ``peak_rss_mb`` reports) and of the whole process tree (sampled every 20 ms), the artifact size
@@ -17,7 +19,7 @@ and ``os.getloadavg()``. Medians over rounds, and ratios ours/peer. Targets: tim
 peak RSS <= max(peer, 1.5 x the largest artifact written). Threads are left to each tool's
 default (all cores), as a user runs them.
 
-    python benchmarks/bench_export_peer.py [--rounds 3] [--bases smollm2-135m,gemma3-270m] [--parity]
+    python benchmarks/bench_export_peer.py [--rounds 2] [--rounds-per-base gemma3-270m=1] [--bases ...] [--parity]
 
 ``--parity`` also records the streamed reference against the full fp32 model on each base (the
 oracle of tests/test_reference.py): max |Δlogit|, top-1 and NLL equality.
@@ -110,10 +112,10 @@ def _sample_tree(pid: int, done: threading.Event, peak: list) -> None:
         pass
 
 
-def ours(folder: Path, out: Path, verify: bool) -> dict:
+def ours(folder: Path, out: Path, verify: bool, *extra) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     argv = [sys.executable, "-m", "edgepeft", "export", "--format", "gguf", "--base", folder, "--quant", QUANT,
-            "--out", out, "--quiet", "--json"] + ([] if verify else ["--no-verify"])
+            "--out", out, "--quiet", "--json", *extra] + ([] if verify else ["--no-verify"])
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     r = measured(argv, env)
     rec = json.loads(r.pop("stdout"))
@@ -198,8 +200,9 @@ def med(runs: list[dict], key: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--bases", default="smollm2-135m,gemma3-270m")
+    ap.add_argument("--rounds-per-base", default="", help="e.g. gemma3-270m=1 (overrides --rounds)")
     ap.add_argument("--parity", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -207,11 +210,16 @@ def main() -> None:
     t_start = time.perf_counter()
     doc = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
            "loadavg_start": os.getloadavg(), "rounds": args.rounds, "quant": QUANT, "bases": {}}
-    cases = (("ours", lambda f, o: ours(f, o, True)), ("peer", peer), ("ours_no_verify", lambda f, o: ours(f, o, False)))
+    # the default export collects an importance matrix (issue 18) that the peer has no counterpart of:
+    # ours_no_imatrix is the same verified export without it, ours_no_verify without both
+    cases = (("ours", lambda f, o: ours(f, o, True)), ("peer", peer),
+             ("ours_no_imatrix", lambda f, o: ours(f, o, True, "--imatrix", "none")),
+             ("ours_no_verify", lambda f, o: ours(f, o, False, "--imatrix", "none")))
+    rounds = {k: int(v) for k, v in (x.split("=") for x in args.rounds_per_base.split(",") if x)}
     for alias in args.bases.split(","):
         folder, info = prepare(alias)
         runs: dict[str, list] = {name: [] for name, _ in cases}
-        for rnd in range(args.rounds):
+        for rnd in range(rounds.get(alias, args.rounds)):
             for name, fn in cases:
                 load = os.getloadavg()
                 r = fn(folder, WORK / f"out-{name}")
@@ -226,17 +234,24 @@ def main() -> None:
                    for name, rs in runs.items()}
         o, p = summary["ours"], summary["peer"]
         rss_bound = max(p["peak_rss_mib"], 1.5 * o["artifact_bytes"] / 2**20)
+        ni = summary["ours_no_imatrix"]
         verdict = {"time_ratio": o["seconds"] / p["seconds"], "cpu_ratio": o["cpu_seconds"] / p["cpu_seconds"],
+                   "no_imatrix_time_ratio": ni["seconds"] / p["seconds"],
+                   "no_imatrix_cpu_ratio": ni["cpu_seconds"] / p["cpu_seconds"],
+                   "no_imatrix_rss_ratio": ni["peak_rss_mib"] / p["peak_rss_mib"],
                    "rss_ratio": o["peak_rss_mib"] / p["peak_rss_mib"],
                    "tree_rss_ratio": o["tree_peak_mib"] / p["tree_peak_mib"],
                    "no_verify_time_ratio": summary["ours_no_verify"]["seconds"] / p["seconds"],
-                   "verification_seconds": o["seconds"] - summary["ours_no_verify"]["seconds"],
+                   "verification_seconds": ni["seconds"] - summary["ours_no_verify"]["seconds"],
+                   "verification_cpu_seconds": ni["cpu_seconds"] - summary["ours_no_verify"]["cpu_seconds"],
                    "rss_bound_mib": rss_bound,
                    "time_target_met": o["seconds"] <= p["seconds"],
                    "rss_target_met": o["peak_rss_mib"] <= rss_bound,
                    "tree_rss_target_met": o["tree_peak_mib"] <= max(p["tree_peak_mib"],
                                                                     1.5 * o["artifact_bytes"] / 2**20),
-                   "verified": all(r["verification"]["passed"] for r in runs["ours"])}
+                   "no_imatrix_rss_target_met": ni["peak_rss_mib"] <= rss_bound,
+                   "no_imatrix_time_target_met": ni["seconds"] <= p["seconds"],
+                   "verified": all(r["verification"]["passed"] for n in ("ours", "ours_no_imatrix") for r in runs[n])}
         entry = {**info, "median": summary, "verdict": verdict, "runs": runs}
         if args.parity:
             entry["reference_parity"] = parity(folder)
