@@ -120,7 +120,11 @@ def render(record: dict, console, folder: str | Path | None = None) -> None:
             artifact = str(Path(folder) / artifact)
         runtimes = sorted({v.get("runtime", "?") for v in group})
         # the path is a line of its own, never a table cell: it folds, it is never cut
-        console.print(f"verified {escape(artifact)} in {', '.join(runtimes)} against PyTorch fp32", soft_wrap=True)
+        if all(v.get("skipped") for v in group):
+            console.print(f"not verified: {escape(artifact)} (no run in {', '.join(runtimes)} against PyTorch fp32)",
+                          soft_wrap=True)
+        else:
+            console.print(f"verified {escape(artifact)} in {', '.join(runtimes)} against PyTorch fp32", soft_wrap=True)
         t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
         for col, just in (("adapter", "left"), ("metric", "left"), ("value", "right"), ("bound", "right"),
                           ("result", "left")):

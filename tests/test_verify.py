@@ -97,6 +97,9 @@ def test_no_verify_is_the_way_out(tiny_llama, tmp_path):
     v = json.loads(proc.stdout)["verification"]
     assert v["passed"] is None and v["skipped"] == "--no-verify" and v["checks"] == [], v
     assert (tmp_path / "out" / "base-merged-f32.gguf").is_file()
+    shown = run_cli("export", "--base", tiny_llama, "--quant", "f32", "--out", "out2", "--no-verify", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "not verified: out2/base-merged-f32.gguf" in shown.stdout and "verified out2" not in shown.stdout, shown.stdout
 
 
 # --- edgepeft verify ARTIFACT --reference: artifacts other tools made, and ours -----------------------
