@@ -204,6 +204,7 @@ def main() -> None:
     ap.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
                     help="use this finished training run for adapter NAME (copied into --work) instead of training")
     ap.add_argument("--modes", default="merged,separate")
+    ap.add_argument("--algos", default="k_quant_last,gptq_last")
     ap.add_argument("--no-pytorch", action="store_true", help="skip the PyTorch row (another process measures it)")
     ap.add_argument("--verify", action="store_true", help="run the export verifier too (its seconds count in export_s)")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, help="only merge these result files into --out")
@@ -233,7 +234,7 @@ def main() -> None:
         if not args.no_pytorch:
             rows.append(pytorch_row(n, runs[n], task, args))
         for mode in args.modes.split(","):
-            for algo in ("k_quant_last", "gptq_last"):  # A B per mode: k-quant and GPTQ side by side
+            for algo in args.algos.split(","):  # A B per mode: k-quant and GPTQ side by side
                 rows.append(onnx_row(n, runs[n], task, mode, algo, args.work, args))
         _write(rows, args)
     print(markdown(json.loads(args.out.read_text())["rows"]) if not args.no_pytorch else "")
