@@ -55,7 +55,10 @@ TOLERANCES: dict[tuple[str, str], Bounds] = {
     ("gguf", "q6_k"): Bounds(top1=0.85, ppl_ratio=1.08),  # smol 0.958/5.0/1.000 = peer; tiny 0.903/0.58/1.003 (q8_0 fallback)
     # q5_k_m on this base is the known outlier (docs: Q5_1 fallback on 576-wide rows re-gridding the Q4_1 source)
     ("gguf", "q5_k_m"): Bounds(top1=0.55, ppl_ratio=1.35),  # smol 0.840/9.1/1.190 = peer; tiny 0.618/3.2/1.008
-    ("gguf", "q4_k_m"): Bounds(top1=0.50, ppl_ratio=1.30),  # smol 0.903/9.4/1.055 = peer; tiny 0.571/5.5/1.002
+    # q4_k_m ppl_ratio 1.30 -> 1.15 with issue 18's numbers: smol + trained demo adapter, merged, with the task's
+    # importance matrix 0.891 top-1 / ppl 0.925, without 0.845 / 0.993 (benchmarks/results/imatrix.json); tiny
+    # llama + adapter with/without the matrix 0.748 / 1.0025 and 0.727 / 1.0035; top-1 stays at the tiny floor
+    ("gguf", "q4_k_m"): Bounds(top1=0.50, ppl_ratio=1.15),  # smol 0.903/9.4/1.055 = peer; tiny 0.571/5.5/1.002
     ("gguf", "q4_0"): Bounds(top1=0.25, ppl_ratio=1.50),  # smol 0.677/30/1.295 = peer; tiny 0.324/4.5/1.001
     # issue 18's types (importance matrix from the task's data; provisional until bench_imatrix measures smol)
     ("gguf", "iq4_xs"): Bounds(top1=0.25, ppl_ratio=1.50),  # as q4_0 (its 576-wide rows fall back to IQ4_NL)
