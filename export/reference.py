@@ -449,7 +449,7 @@ def _serve(request_file: str) -> None:
 
     try:
         with open(request_file, "rb") as f:
-            req = pickle.load(f)
+            req = pickle.load(f)  # pickle-ok: own child process (the parent wrote it: O_EXCL, 0600)
         prompts, held, bos = fixed_ids(req["base"])
         pickle.dump(("ids", prompts, held, bos), out)
         out.flush()

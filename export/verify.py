@@ -146,7 +146,7 @@ class _Job:
         import pickle
 
         try:
-            msg = pickle.load(self.proc.stdout)
+            msg = pickle.load(self.proc.stdout)  # pickle-ok: own child process (its stdout pipe)
         except EOFError:
             self.proc.wait()
             err = b""

@@ -159,9 +159,11 @@ def test_no_pickle_is_loaded_by_default():
     import ast
 
     root = Path(__file__).parents[1]
-    offenders = []
+    offenders, private = [], []
     for f in [*root.glob("edgepeft/**/*.py"), *root.glob("export/*.py"), *root.glob("runtimes/*.py")]:
-        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+        src = f.read_text()
+        lines = src.splitlines()
+        for node in ast.walk(ast.parse(src, str(f))):
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
                 continue
             owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
@@ -170,5 +172,9 @@ def test_no_pickle_is_loaded_by_default():
             if call in ("pickle.load", "pickle.loads", "joblib.load", "dill.load", "cloudpickle.load") or \
                     (call == "np.load" and kw.get("allow_pickle") is True) or \
                     (call == "torch.load" and kw.get("weights_only") is not True):
-                offenders.append(f"{f.relative_to(root)}:{node.lineno} {call}")
+                where = f"{f.relative_to(root)}:{node.lineno} {call}"
+                # the one exception, marked at the call: the verifier's reference child and its parent
+                # exchange pickles they wrote themselves (an O_EXCL 0600 temp file, then a pipe); no user file
+                (private if "pickle-ok: own child process" in lines[node.lineno - 1] else offenders).append(where)
     assert not offenders, offenders
+    assert len(private) == 2, private  # the request the child reads, the results the parent reads
