@@ -219,15 +219,16 @@ def _chart(doc: dict, path: Path) -> Path:
 
 def make_bundle(out: Path) -> Path:
     """Base Q4_K_M + demo adapter GGUF + the ONNX separate folder, packed and verified."""
+    from edgepeft.artifacts import GGUFFolder, discover
     from edgepeft.bundle import PackInput, load_checked, pack
-    from edgepeft.export.gguf import adapter_filename
 
     sep = out / "gguf-separate"
-    bases = [p for p in sorted(sep.glob("*.gguf")) if not p.name.endswith(adapter_filename(""))]
-    if len(bases) != 1:
-        raise EdgepeftError(f"{sep} holds {len(bases)} base GGUFs, expected 1", "Re-run the quickstart into a new --out")
+    found = discover(sep)  # the one detector: base model, adapter files (the importance matrix is neither)
+    if not isinstance(found, GGUFFolder) or ADAPTER_NAME not in found.adapters:
+        raise EdgepeftError(f"{sep} is not a GGUF export folder with adapter {ADAPTER_NAME!r}",
+                            "Re-run the quickstart into a new --out")
     onnx = [out / "onnx-separate"] if (out / "onnx-separate").is_dir() else []  # absent when skipped
-    pack(PackInput(base=bases[0], adapters=[sep / adapter_filename(ADAPTER_NAME)], onnx=onnx), out / "bundle")
+    pack(PackInput(base=found.model, adapters=[found.adapters[ADAPTER_NAME]], onnx=onnx), out / "bundle")
     load_checked(out / "bundle")
     return out / "bundle"
 
