@@ -247,6 +247,6 @@ def _export_summary(r: dict) -> dict:
 
 def print_table(doc: dict) -> None:
     from edgepeft import bench
-    from edgepeft.ui import result_console
+    from edgepeft.ui import print_result
 
-    result_console().print(bench.table(doc))
+    print_result(bench.table(doc))

@@ -67,6 +67,19 @@ def result_console():
     return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
+def print_result(renderable) -> None:
+    """A result table on stdout, never with a value cut: in a terminal narrower than the table the
+    console takes the table's width and the terminal wraps its lines (rich would shorten cells to "14…")."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = result_console()
+    need = Measurement.get(console, console.options.update_width(1000), renderable).maximum
+    if sys.stdout.isatty() and need > console.width:
+        console = Console(highlight=False, width=need)
+    console.print(renderable)
+
+
 def info(msg: str) -> None:
     """Status line (suppressed by --quiet), to stderr so stdout stays data. Never parsed as markup; every
     line passes :func:`esc` (a newline in ``msg`` starts a new status line, one inside a name must be escaped

@@ -65,3 +65,29 @@ def test_bench_compare_table_keeps_long_names_whole(tmp_path):
     proc = run_cli("bench", "--compare", tmp_path / "a.json", tmp_path / "b.json", env=NARROW)
     assert proc.returncode == 0, proc.stderr
     _whole(proc.stdout, *names, *(r["adapter"] for r in _doc(names, 1)["records"]))
+
+
+def test_result_table_in_a_narrow_terminal_cuts_no_value(monkeypatch):
+    """A table wider than the terminal is printed at its own width (the terminal wraps lines): rich alone
+    shortened the quickstart's perplexity and top-1 cells to '14…' and '0.…' at 110 columns."""
+    import io
+
+    from rich.table import Table
+
+    from edgepeft import ui
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    monkeypatch.setattr("sys.stdout", out)
+    monkeypatch.setenv("COLUMNS", "60")
+    t = Table()
+    values = [f"{i}.{i}234567 ± 19.{i}" for i in range(8)]
+    for i in range(8):
+        t.add_column(f"column {i}")
+    t.add_row(*values)
+    ui.print_result(t)
+    text = out.getvalue()
+    assert "…" not in text and all(v in text for v in values), text

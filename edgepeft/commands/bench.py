@@ -131,6 +131,6 @@ def _emit(doc: dict, json_out: str | None, png: str | None) -> None:
 
 
 def _show(renderable) -> None:
-    from edgepeft.ui import result_console
+    from edgepeft.ui import print_result
 
-    result_console().print(renderable)
+    print_result(renderable)
