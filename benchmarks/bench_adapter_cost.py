@@ -76,6 +76,7 @@ def main():
 
     from edgepeft import atomic
     from edgepeft.security import check_gguf_header
+    from edgepeft.train.kernels import cpu_model
 
     WORK.mkdir(parents=True, exist_ok=True)
     adapter = Path(args.adapter) if args.adapter else None
@@ -108,7 +109,7 @@ def main():
             "tg_ratio_per_round": [r[key]["adapter_tg_ratio"] for r in rounds],
             "tg": statistics.median(r[key]["tg"]["mean"] for r in rounds)}
     doc = {"what": "separate-mode adapter decode/prefill over the base alone, llama.cpp, interleaved per repetition",
-           "adapter": f"{kind} ({adapter})", "base_file": base_file.name, "cpu": _cpu(), "rounds": args.rounds,
+           "adapter": f"{kind} ({adapter})", "base_file": base_file.name, "cpu": cpu_model(), "rounds": args.rounds,
            "shape": {"prompt_tokens": 128, "gen_tokens": 64, "repetitions": args.repetitions},
            "base_tg": statistics.median(r["none"]["tg"]["mean"] for r in rounds), "target": 0.9,
            "loadavg": loads, "loadavg_end": os.getloadavg(), "wall_s": round(time.perf_counter() - t0, 1),
@@ -119,16 +120,6 @@ def main():
     for name, v in variants.items():
         print(f"{name:22s} {v['adapter_bytes'] / 1e6:6.2f} MB {v['modules']:4d} modules  tg {v['adapter_tg_ratio']:.3f}x"
               f"  pp {v['adapter_pp_ratio']:.3f}x")
-
-
-def _cpu() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name"))
-        return f"{model}, {os.cpu_count()} CPUs"
-    except (OSError, subprocess.SubprocessError, StopIteration):
-        return f"{os.cpu_count()} CPUs"
-
 
 if __name__ == "__main__":
     main()

@@ -24,24 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PATHS = ("dequantize-fp32", "fused-bf16")
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
-                    platform.processor())
-    except OSError:
-        return platform.processor()
-
 
 def train_run(base: str, out: Path, steps: int, pinned: bool):
     import edgepeft.train.kernels as K
@@ -150,7 +138,7 @@ def main() -> None:
     from edgepeft.export.adapter import load_adapter
     from edgepeft.export.merge import merge_into_folder
     from edgepeft.models import resolve_base
-    from edgepeft.train.kernels import cpu_flags
+    from edgepeft.train.kernels import cpu_flags, cpu_model
     from edgepeft.train.tasks import get_task
 
     torch.manual_seed(0)
@@ -159,7 +147,7 @@ def main() -> None:
     task = get_task("demo")
     examples = task.examples("eval")[: args.eval]
     fused_ok = bool(BF.has_avx512bf16())
-    result: dict = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "flags": cpu_flags(),
+    result: dict = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "flags": cpu_flags(),
                                 "bitsandbytes_has_avx512bf16": fused_ok, "loadavg_start": os.getloadavg()},
                     "base": args.base}
     with tempfile.TemporaryDirectory() as tmp:

@@ -209,7 +209,9 @@ def main() -> None:
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    doc = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
+    from edgepeft.train.kernels import cpu_model
+
+    doc = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
            "loadavg_start": os.getloadavg(), "rounds": args.rounds, "quant": QUANT, "bases": {}}
     # the default export collects an importance matrix (issue 18) that the peer has no counterpart of:
     # ours_no_imatrix is the same verified export without it, ours_no_verify without both
@@ -266,17 +268,6 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(args.out)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
 
 if __name__ == "__main__":
     main()

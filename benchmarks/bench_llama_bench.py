@@ -107,6 +107,7 @@ def main():
 
     from edgepeft import atomic
     from edgepeft.runtimes.llamacpp import physical_cores
+    from edgepeft.train.kernels import cpu_model
 
     WORK.mkdir(parents=True, exist_ok=True)
     binary, build = build_llama_bench()
@@ -138,7 +139,7 @@ def main():
         row["loadavg_1m"] = runs[q]["load"]
         rows[q] = row
     doc = {"what": "edgepeft bench vs llama-bench (built from the pinned sdist) on the same GGUF, interleaved",
-           "shape": SHAPE, "threads": threads, "rounds": args.rounds, "build": build, "cpu": _cpu(),
+           "shape": SHAPE, "threads": threads, "rounds": args.rounds, "build": build, "cpu": cpu_model(),
            "wall_s": round(time.perf_counter() - t0, 1), "loadavg_end": os.getloadavg(), "quants": rows}
     OUT.mkdir(parents=True, exist_ok=True)
     atomic.write_json(OUT / "llama_bench.json", doc)
@@ -146,16 +147,6 @@ def main():
         print(f"{q:7s} pp {r['pp']['edgepeft_median']:8.1f} vs {r['pp']['llama_bench_median']:8.1f} "
               f"ratio {r['pp']['ratio_median']:.3f}   tg {r['tg']['edgepeft_median']:7.1f} vs "
               f"{r['tg']['llama_bench_median']:7.1f} ratio {r['tg']['ratio_median']:.3f}")
-
-
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-        return f"{model}, {os.cpu_count()} CPUs"
-    except (OSError, subprocess.SubprocessError, StopIteration):
-        return f"{os.cpu_count()} CPUs"
-
 
 if __name__ == "__main__":
     main()

@@ -169,9 +169,10 @@ def main():
     import torch
 
     from edgepeft import atomic
+    from edgepeft.train.kernels import cpu_model
 
     threads = torch.get_num_threads()
-    doc: dict = {"threads": threads, "cpu": _cpu(), "loadavg": {"start": os.getloadavg()}}
+    doc: dict = {"threads": threads, "cpu": cpu_model(), "loadavg": {"start": os.getloadavg()}}
     doc["bound"] = {"fp32_gflops": mm_gflops(torch.float32), "bf16_gflops": mm_gflops(torch.bfloat16),
                     "how": "torch.mm 1024^3, best of 5"}
     trainer = build()
@@ -236,17 +237,6 @@ def convergence(data: list[dict]) -> dict:
     out["lr"] = 1e-3
     out["note"] = "constant lr 1e-3 (the demo recipe's peak; AdamW from edgepeft's recipe), dropout 0.05"
     return out
-
-
-def _cpu() -> str:
-    import subprocess
-
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.SubprocessError, StopIteration):
-        return "unknown"
-
 
 if __name__ == "__main__":
     main()

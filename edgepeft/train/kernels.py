@@ -53,6 +53,21 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, bool]:
     return {name: name in flags for name in CPU_FLAGS}
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """This machine's CPU model name (``lscpu``'s "Model name"), for benchmark records; the platform's
+    processor string where /proc/cpuinfo is absent."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def bnb_default_cpu_path() -> str:
     """The path bitsandbytes itself would take for CPU inference here (before edgepeft pins it)."""
     from bitsandbytes.functional import has_avx512bf16
