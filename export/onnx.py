@@ -280,7 +280,7 @@ def build_genai(hf_dir: Path, out: Path, *, quant: str, ep: str, block_size: int
     what = "build + quantize" if quant in ("int4", "int8") else "build"
     try:
         # the builder prints progress to stdout, which must stay data under --json
-        with stage(f"{what} {quant} ONNX (onnxruntime-genai builder)"), _quiet(not STATE.debug):
+        with stage(f"{what} {quant} ONNX (onnxruntime-genai builder)"), _quiet(not STATE.debug), chunked_k_quant():
             from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
             parsed = parse_extra_options(None, str(hf_dir), str(out), quant, ep, str(cache), kv)
@@ -307,6 +307,64 @@ def builder_config(config) -> None:
         local = rope.get("sliding_attention") or rope["full_attention"]
         config.rope_local_base_freq = local["rope_theta"]
         config.rope_parameters = dict(rope["full_attention"])
+
+
+# weights per call of ORT's k-quant: matrices up to this size go to it whole (every body MatMul of the
+# supported models), larger ones in row chunks. 4M weights keep its ~20 temporaries near 16 MiB each.
+K_QUANT_CHUNK = 1 << 22
+
+
+def k_quant_in_chunks(k_quant, data, num_bits: int = 4, group_size: int = 32, chunk: int | None = None):
+    """ORT's ``quant_tensor_k_quant_*(data, num_bits, group_size)`` on row chunks of ``data``, same result.
+
+    ``data`` is a MatMul weight transposed (N output rows x K inputs, K padded to whole groups). ORT's
+    k-quant reshapes it into groups of ``group_size`` consecutive inputs of one output row and picks each
+    group's scale and minimum from that group alone, so quantizing rows in chunks gives the same bytes
+    as one call. One call on Gemma 3's tied 262144 x 640 lm_head held ~20 arrays of that size (a
+    +5.5 GB peak, 10 GB for the quickstart's int4 build). Returns ``(q_weight, scale, zero_point)``
+    shaped as ORT's, with the quantized levels as uint8 (ORT returns float64 integers; its caller casts
+    them to uint8 at once).
+    """
+    import numpy as np
+
+    rows, cols = data.shape if data.ndim == 2 else (0, 0)
+    step = max(1, (chunk or K_QUANT_CHUNK) // max(cols, 1))
+    if rows <= step or cols % group_size:
+        return k_quant(data, num_bits, group_size)
+    per_row = cols // group_size
+    q = np.empty((rows * per_row, group_size), dtype=np.uint8)
+    scale = zp = None
+    for r in range(0, rows, step):
+        q_c, s_c, z_c = k_quant(data[r:r + step], num_bits, group_size)
+        if scale is None:
+            scale = np.empty((rows * per_row, *s_c.shape[1:]), dtype=s_c.dtype)
+            zp = np.empty((rows * per_row, *z_c.shape[1:]), dtype=z_c.dtype)
+        sl = slice(r * per_row, r * per_row + len(q_c))
+        q[sl], scale[sl], zp[sl] = q_c, s_c, z_c
+    return q, scale, zp
+
+
+@contextlib.contextmanager
+def chunked_k_quant():
+    """While the builder runs, ORT's k-quant (the builder's ``k_quant*`` algorithms) goes through
+    :func:`k_quant_in_chunks`: the same quantized bytes, a fraction of the memory on large matrices.
+
+    ``rtn_quantize`` calls ``quant_tensor_k_quant_cuda`` (CuPy when present, else its CPU twin) by its
+    module-global name; that name is what is swapped, and restored afterwards. An onnxruntime without
+    it leaves the builder's quantizer as it is.
+    """
+    from onnxruntime.quantization.neural_compressor import weight_only as W
+
+    name = "quant_tensor_k_quant_cuda"
+    original = getattr(W, name, None)
+    if original is None:
+        yield
+        return
+    setattr(W, name, partial(k_quant_in_chunks, original))
+    try:
+        yield
+    finally:
+        setattr(W, name, original)
 
 
 _DEVNULL = None
