@@ -52,7 +52,24 @@ def main(argv=None):
         from edgepeft.quiet import silence_libraries
 
         silence_libraries()
-    cli.main(args=args, prog_name="edgepeft")
+    try:
+        cli.main(args=args, prog_name="edgepeft", standalone_mode=False)
+    except click.UsageError as e:
+        # click's own usage error is four lines (usage, hint, blank, error); ours is one, as for
+        # every other bad input: what was asked, what was found, where the options are listed.
+        from edgepeft.ui import fail
+
+        sub = next((a for a in args if not a.startswith("-")), None)
+        path = e.ctx.command_path if e.ctx is not None and e.ctx.parent is not None else (
+            f"edgepeft {sub}" if sub in COMMANDS else "edgepeft")
+        fail(f"{path}: {e.format_message().rstrip('.')}. Run '{path} --help' for its options", e.exit_code)
+    except click.ClickException as e:
+        from edgepeft.ui import fail
+
+        fail(e.format_message(), e.exit_code)
+    except click.Abort:
+        click.echo("edgepeft: interrupted", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -281,3 +281,14 @@ def test_train_malformed_jsonl(tiny_llama, tmp_path):
 def test_quickstart_output_is_a_file(tmp_path):
     (tmp_path / "taken").write_text("x")
     bad(tmp_path, "quickstart", "--fast", "--out", tmp_path / "taken", needles=["is a file"])
+
+
+@pytest.mark.parametrize("args,needles", [
+    (("trian",), ("No such command 'trian'", "edgepeft --help")),
+    (("export", "nowhere", "--format", "gguf"), ("edgepeft export", "Missing option '--base'")),
+    (("bench", "--task"), ("edgepeft bench", "'--task' requires an argument")),
+    (("verify", "--no-such-flag"), ("edgepeft verify", "No such option")),
+])
+def test_click_usage_errors_are_one_line(tmp_path, args, needles):
+    """click's own usage errors (unknown command, missing/unknown option) follow the same one-line rule."""
+    bad(tmp_path, *args, needles=needles)
