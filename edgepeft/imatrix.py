@@ -26,7 +26,7 @@ columns, so the HF order of x is the GGUF order.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +42,13 @@ KV_DATASETS = "imatrix.datasets"
 KV_CHUNK_COUNT = "imatrix.chunk_count"
 KV_CHUNK_SIZE = "imatrix.chunk_size"
 MAX_TOKENS = 256  # per calibration text: the chunk size the file records
+BATCH_POSITIONS = 2048  # padded positions per collection forward (activations: 2048 x the widest linear, fp32)
+PAD_SLACK = 1.3  # a batch computes at most this many padded positions per real one
+# calibration texts per matrix (per adapter in separate mode). The cost is one fp32 forward per token;
+# on smollm2-135m + the demo adapter, Q4_K_M merged, the verifier's top-1 / ppl ratio from 8, 16, 32 and
+# 64 texts were 0.887/0.925, 0.861/0.937, 0.870/0.922, 0.870/0.926 (none: 0.845/0.993), so 32
+# (benchmarks/bench_imatrix_cost.py, results/imatrix_cost.json)
+TEXTS = 32
 
 
 @dataclass
@@ -56,10 +63,12 @@ class ImportanceMatrix:
     meta: dict = field(default_factory=dict)  # edgepeft.* keys the file carries (calibration source, hash)
 
     def means(self) -> dict[str, np.ndarray]:
-        """name -> float32 mean of x_j² per column: what ``llama_model_quantize`` takes."""
+        """name -> float32 mean of x_j² per column: what ``llama_model_quantize`` takes (as llama-quantize's
+        load_imatrix: sums / count, and 1 for every column of an entry that counted no token)."""
         import numpy as np
 
-        return {k: (v / max(self.counts[k], 1)).astype(np.float32) for k, v in self.sums.items()}
+        return {k: (v / self.counts[k] if self.counts[k] > 0 else np.ones_like(v)).astype(np.float32)
+                for k, v in self.sums.items()}
 
     def add(self, other: ImportanceMatrix) -> None:
         for k, v in other.sums.items():
@@ -74,19 +83,69 @@ class ImportanceMatrix:
 
 # ------------------------------------------------------------------ collect
 
-def linear_names(base) -> dict[str, str]:
-    """HF module path -> GGUF weight name, for every 2-D ``blk.*`` weight of ``base`` (a ResolvedBase)."""
+def _linears(base) -> list:
+    """The TensorOut of every 2-D ``blk.*`` weight of ``base`` (a ResolvedBase), from the safetensors headers."""
     import gguf
 
     from edgepeft.export import gguf_tensors as gt
 
     outs = gt.base_tensor_plan(base, base.arch, gguf.GGMLQuantizationType.F32)
-    return {o.hf_name.removesuffix(".weight"): o.gguf_name for o in outs
-            if o.gguf_name.startswith("blk.") and len(o.shape) == 2 and o.hf_name.endswith(".weight")}
+    return [o for o in outs
+            if o.gguf_name.startswith("blk.") and len(o.shape) == 2 and o.hf_name.endswith(".weight")]
 
 
-def collect(model, names: dict[str, str], token_lists: Sequence[Sequence[int]]) -> ImportanceMatrix:
-    """Run ``token_lists`` through ``model`` (a transformers causal LM) and sum x_j² at each named linear."""
+def linear_names(base) -> dict[str, str]:
+    """HF module path -> GGUF weight name, for every 2-D ``blk.*`` weight of ``base`` (a ResolvedBase)."""
+    return {o.hf_name.removesuffix(".weight"): o.gguf_name for o in _linears(base)}
+
+
+def check_matches(matrix: ImportanceMatrix, base, path: Path, required: bool = False) -> ImportanceMatrix:
+    """``matrix`` (read from ``path``) if it is one of ``base``'s weights: every entry names a ``blk.*`` weight
+    with that many input columns (``required``: and every such weight has one). Else one line: a matrix of
+    another model would reach llama.cpp's quantizer as a size error or, for a missing name, silently none."""
+    columns = {o.gguf_name: int(o.shape[-1]) for o in _linears(base)}
+    fix = "Pass the imatrix .gguf written for this base (beside its GGUF export), or --imatrix auto"
+    for name in sorted(matrix.sums):
+        if name not in columns:
+            raise IntegrityError(f"--imatrix {path} has an entry {name}, which {base.path.name} has no weight of "
+                                 "(a matrix of another model)", fix)
+        if matrix.sums[name].shape[0] != columns[name]:
+            raise IntegrityError(f"--imatrix {path} has {matrix.sums[name].shape[0]} columns for {name}, but "
+                                 f"{base.path.name}'s weight has {columns[name]} (a matrix of another model)", fix)
+    missing = sorted(set(columns) - set(matrix.sums))
+    if required and missing:
+        raise IntegrityError(f"--imatrix {path} has no entry for {missing[0]} ({len(missing)} of {len(columns)} "
+                             "weights missing), and this quant type needs one for every weight", fix)
+    return matrix
+
+
+def batches(lengths: Sequence[int], budget: int = BATCH_POSITIONS) -> list[list[int]]:
+    """Indices grouped longest first, each group at most ``budget`` padded positions and at most PAD_SLACK x
+    its real ones (sorted by length, a group pads little: the demo data's 64 texts are 71-82 tokens)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        width = lengths[g[0]] if g else 0
+        if g and width * (len(g) + 1) <= budget and \
+                width * (len(g) + 1) <= PAD_SLACK * (sum(lengths[j] for j in g) + lengths[i]):
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def collect(model, names: dict[str, str], token_lists: Sequence[Sequence[int]], budget: int = BATCH_POSITIONS,
+            threads: Callable[[], int] | None = None) -> ImportanceMatrix:
+    """Run ``token_lists`` through ``model`` (a transformers causal LM) and sum x_j² at each named linear.
+
+    Texts run in right-padded batches (``batches``) with an attention mask: under the causal mask a real
+    position never sees the padding after it, and rotary positions start at 0 as for the text alone, so
+    every real position's input is the unbatched one; padded positions are dropped before the sum and
+    the count. Sums are float32 within a batch (at most ``budget`` rows) and float64 across batches.
+    ``threads()``, when given, is the torch thread count for the next batch (the export passes the idle
+    cores: on a saturated machine a second thread made each forward several times slower).
+    """
     import numpy as np
     import torch
 
@@ -97,23 +156,38 @@ def collect(model, names: dict[str, str], token_lists: Sequence[Sequence[int]]) 
     if missing:
         raise EdgepeftError(f"the model has no module {missing[0]} for the importance matrix",
                             "This checkpoint layout is not supported for --imatrix; pass --imatrix none")
+    real: list = [None]  # the current batch's flat indices of real (unpadded) positions; None: all real
 
     def hook(gname: str):
         def pre(_mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            s = (x * x).sum(0)
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1])
+            if real[0] is not None:
+                x = x.index_select(0, real[0])
+            s = torch.square(x.float()).sum(0).double()
             sums[gname] = sums[gname] + s if gname in sums else s
             counts[gname] = counts.get(gname, 0) + x.shape[0]
         return pre
 
+    seqs = [list(ids)[:MAX_TOKENS] for ids in token_lists]
+    seqs = [s for s in seqs if s]
     handles = [modules[h].register_forward_pre_hook(hook(g)) for h, g in names.items()]
     try:
         with torch.no_grad():
-            for ids in token_lists:
-                if ids:
-                    # no hooked weight is the lm_head: its logits for one position, not all (Gemma 3's
-                    # 262k vocab makes it 60% of a 64-token fp32 forward, benchmarks/bench_gemma_vocab.py)
-                    model(input_ids=torch.tensor([list(ids)[:MAX_TOKENS]]), logits_to_keep=1)
+            for group in batches([len(s) for s in seqs], budget):
+                if threads is not None:
+                    torch.set_num_threads(max(1, threads()))
+                width = len(seqs[group[0]])
+                ids = torch.zeros((len(group), width), dtype=torch.long)
+                mask = torch.zeros((len(group), width), dtype=torch.long)
+                for row, i in enumerate(group):
+                    ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+                    mask[row, :len(seqs[i])] = 1
+                flat = mask.reshape(-1).bool()
+                real[0] = None if bool(flat.all()) else flat.nonzero().reshape(-1)
+                # no hooked weight is the lm_head: its logits for one position, not all (Gemma 3's
+                # 262k vocab makes it 60% of a 64-token fp32 forward, benchmarks/bench_gemma_vocab.py)
+                model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -130,24 +204,26 @@ def calibration_tokens(tokenizer, pairs) -> list[list[int]]:
     return [list(tokenizer(p + c, add_special_tokens=False)["input_ids"])[:MAX_TOKENS] for p, c in pairs]
 
 
-def collect_for_export(base, variants: Sequence[tuple[Sequence, object, str]], dataset: str) -> ImportanceMatrix:
+def collect_for_export(base, variants: Sequence[tuple[Sequence, object, str]], dataset: str,
+                       tokenizer=None) -> ImportanceMatrix:
     """The matrix of the model that will be quantized.
 
     ``base`` is the folder whose weights get quantized (a ResolvedBase); ``variants`` is one
     (plans, calibration, merge_target) per forward pass: the plans' ΔW are added to the weights
     (merge_target ``dequantized`` first rounds NF4-trained weights as training saw them) and the
     calibration's texts run through. Merged mode passes one variant with every plan; separate mode
-    one variant per adapter.
+    one variant per adapter. ``tokenizer``: the one the calibration was rendered with, when already loaded.
     """
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from edgepeft.export.merge import is_nf4_quantized, nf4_round_trip
+    from edgepeft.export.verify import free_cores
     from edgepeft.ui import stage
 
     names = linear_names(base)
-    tok = base.load_tokenizer()
+    tok = tokenizer if tokenizer is not None else base.load_tokenizer()
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # stderr carries edgepeft's own lines only
     try:
@@ -156,6 +232,7 @@ def collect_for_export(base, variants: Sequence[tuple[Sequence, object, str]], d
         if was:
             hf_logging.enable_progress_bar()
     params = dict(model.named_parameters(remove_duplicate=False))
+    full = torch.get_num_threads()
     total = ImportanceMatrix({}, {}, datasets=[dataset])
     n_texts = sum(len(c.pairs) for _, c, _ in variants)
     with stage(f"importance matrix in PyTorch ({n_texts} calibration texts)"):
@@ -172,8 +249,10 @@ def collect_for_export(base, variants: Sequence[tuple[Sequence, object, str]], d
                         saved.setdefault(t + ".weight", w.detach().clone())
                         w.add_(m.delta())
             try:
-                total.add(collect(model, names, calibration_tokens(tok, calibration.pairs)))
+                total.add(collect(model, names, calibration_tokens(tok, calibration.pairs),
+                                  threads=lambda: min(full, free_cores())))
             finally:
+                torch.set_num_threads(full)
                 with torch.no_grad():
                     for name, w0 in saved.items():
                         params[name].copy_(w0)

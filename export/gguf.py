@@ -229,6 +229,7 @@ class MatrixPlan:
     variants: list = field(default_factory=list)  # (plans, calibration, merge target) per forward pass
     overrides: dict = field(default_factory=dict)  # regex -> ggml type (--keep-delta)
     meta: dict = field(default_factory=dict)  # edgepeft.imatrix.* keys for the model file
+    tokenizer: object = None  # the one the calibration was rendered with (loaded once)
 
     def build(self, base, final: Path) -> Path | None:
         """Collect (or read) the matrix, write ``<final stem>.imatrix.gguf`` beside ``final``; None when off."""
@@ -245,7 +246,7 @@ class MatrixPlan:
         else:
             data_sha = ",".join(dict.fromkeys(c.sha256 for c in self.calibrations))
             source = " + ".join(dict.fromkeys(c.source for c in self.calibrations))
-            matrix = IM.collect_for_export(base, self.variants, source)
+            matrix = IM.collect_for_export(base, self.variants, source, tokenizer=self.tokenizer)
         matrix.meta = {EdgepeftKeys.IMATRIX_DATA_SHA256: data_sha, EdgepeftKeys.IMATRIX_SOURCE: source}
         path = final.parent / (final.name.removesuffix(".gguf") + IMATRIX_SUFFIX)
         IM.write(matrix, path)
@@ -269,19 +270,23 @@ def _matrix_plan(req, base, plans, quant) -> MatrixPlan:
         info("importance matrix: off (--imatrix none)")
         return MatrixPlan(record={"used": False, "reason": "--imatrix none"})
     if req.imatrix != "auto":
-        from edgepeft.imatrix import read
+        from edgepeft.imatrix import check_matches, read
 
-        read(Path(req.imatrix))  # a bad file is one line now, not a quantizer failure later
+        # a bad file, or one of another model, is one line now, not a quantizer failure later
+        check_matches(read(Path(req.imatrix)), base, Path(req.imatrix), required=quant.imatrix == "requires")
         return MatrixPlan(file=Path(req.imatrix), record={"used": True, "calibration": None})
     from edgepeft.calib import CalibRequest, select_calibration
 
+    from edgepeft.imatrix import TEXTS
+
     tok = base.load_tokenizer()
     if req.mode == "separate":  # one pass per adapter, each on its own run's data
-        cals = [select_calibration(CalibRequest(adapters=[p.source] if p.source else [], calib=req.calib), tok)
-                for p in plans]
+        cals = [select_calibration(CalibRequest(adapters=[p.source] if p.source else [], calib=req.calib,
+                                                calib_limit=TEXTS), tok) for p in plans]
     else:
-        cals = [select_calibration(req, tok)]
-    return MatrixPlan(calibrations=cals, record={"used": True, "calibration": [c.record() for c in cals]})
+        cals = [select_calibration(CalibRequest(adapters=req.adapters, calib=req.calib, calib_limit=TEXTS), tok)]
+    return MatrixPlan(calibrations=cals, record={"used": True, "calibration": [c.record() for c in cals]},
+                      tokenizer=tok)
 
 
 # --- model files (base or merged) --------------------------------------------------------------

@@ -34,9 +34,10 @@ def vendored_read(path: Path) -> dict:
     code = ("import json, sys, gguf\n"
             "r = gguf.GGUFReader(sys.argv[1])\n"
             "kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith('GGUF.')}\n"
+            "types = {k: [t.name for t in f.types] for k, f in r.fields.items() if not k.startswith('GGUF.')}\n"
             "t = {x.name: {'type': x.tensor_type.name, 'ne': [int(n) for n in x.shape],"
             " 'sum': float(x.data.astype('float64').sum()) if x.tensor_type.name == 'F32' else None} for x in r.tensors}\n"
-            "print(json.dumps({'kv': kv, 'tensors': t}, default=str))\n")
+            "print(json.dumps({'kv': kv, 'types': types, 'tensors': t}, default=str))\n")
     env = dict(os.environ, PYTHONPATH=str(peer_dir() / "gguf-py"))
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, check=True)
     return json.loads(proc.stdout)
@@ -69,15 +70,19 @@ def test_matrix_from_the_run_data_in_llama_cpp_format(exports, run_dir):
     assert imx["used"] and imx["calibration"][0]["kind"] == "run-sample"
     assert imx["data_sha256"] == manifest["data"]["sha256"] == imx["calibration"][0]["sha256"]
     status = [ln for ln in err.splitlines() if "calibration:" in ln]
-    assert len(status) == 1 and "training run data" in status[0] and "all 40 rows" in status[0]  # 40 <= 64
+    assert len(status) == 1 and "training run data" in status[0] and "32-sample of 40" in status[0]  # imatrix.TEXTS
     path = out / "run-merged-q4_k_m.imatrix.gguf"
     assert path.is_file() and sha256(path) == imx["sha256"]
     stored = json.loads((out / "gguf-export.json").read_text())["imatrix"]
     assert stored["path"] == path.name  # relative to the record
 
     got = vendored_read(path)
-    assert got["kv"]["general.type"] == "imatrix" and got["kv"]["imatrix.chunk_count"] == 40
+    assert got["kv"]["general.type"] == "imatrix" and got["kv"]["imatrix.chunk_count"] == 32
     assert got["kv"]["imatrix.chunk_size"] == 256 and got["kv"]["imatrix.datasets"] == [imx["source"]]
+    # what llama.cpp's reader (common/imatrix-loader.cpp) asks of the keys: gguf_get_val_u32 on the chunk
+    # keys (it asserts the type), an array of strings for the datasets; all three for has_metadata
+    assert got["types"]["imatrix.chunk_count"] == got["types"]["imatrix.chunk_size"] == ["UINT32"]
+    assert got["types"]["imatrix.datasets"] == ["ARRAY", "STRING"]
     names = {f"blk.{i}.{n}.weight" for i in range(2) for n in LINEARS}
     assert set(got["tensors"]) == {n + s for n in names for s in (".in_sum2", ".counts")}
     for n in names:
@@ -178,3 +183,86 @@ def test_keep_delta_keeps_the_most_changed_weights_within_the_budget(run_dir, ti
     assert all(abs(sizes[k["weight"]] - k["extra_bytes"]) == 0 for k in kept) and per > 0
     assert set(patterns.values()) == {"q8_0"}
     assert [k["weight"] for k in kept] == [w for w in sizes if any(re.search(p, w) for p in patterns)]
+
+
+def test_batched_collection_equals_one_text_at_a_time(tiny_llama):
+    """Right-padded batches (edgepeft.imatrix.batches) give the sums and counts of each text run alone:
+    padded positions add nothing, real positions see what they see unbatched."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgepeft.imatrix import batches, collect, linear_names
+    from edgepeft.models import resolve_base
+
+    base = resolve_base(str(tiny_llama))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    names = linear_names(base)
+    rng = random.Random(0)
+    lengths = (37, 5, 64, 12, 12, 50, 1, 29)
+    seqs = [[rng.randrange(1, base.config["vocab_size"]) for _ in range(n)] for n in lengths]
+    groups = batches(lengths, 256)
+    assert len(groups) < len(seqs) and any(len({lengths[i] for i in g}) > 1 for g in groups)  # padding happens
+    assert batches(lengths, 1) == [[i] for i in sorted(range(len(lengths)), key=lambda i: -lengths[i])]
+    alone = collect(model, names, seqs, budget=1)
+    batched = collect(model, names, seqs, budget=256)
+    assert set(alone.sums) == set(batched.sums) == set(names.values())
+    assert alone.counts == batched.counts == {g: sum(lengths) for g in names.values()}
+    for k, v in alone.sums.items():
+        np.testing.assert_allclose(batched.sums[k], v, rtol=1e-5, err_msg=k)
+        assert v.dtype == np.float64 and (v > 0).all()
+
+
+def test_matrix_file_reuse_gives_the_same_quantized_tensors(exports, run_dir, tiny_llama):
+    """--imatrix FILE: the matrix one export wrote, passed to a second one (as typed, relative), quantizes
+    every tensor to the same bytes, with no calibration data read; the record names the file's data."""
+    import gguf
+
+    rec, _, out = exports["with"]
+    cwd = run_dir.parent
+    proc = run_cli("export", "--base", tiny_llama, "--adapter", "run", "--quant", "q4_k_m", "--merge-into",
+                   "original", "--no-verify", "--json", "--out", "out-reuse", "--imatrix",
+                   f"{out.name}/run-merged-q4_k_m.imatrix.gguf", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    assert "calibration:" not in proc.stderr
+    imx = json.loads(proc.stdout)["imatrix"]
+    assert imx["used"] and imx["data_sha256"] == rec["imatrix"]["data_sha256"]
+    assert imx["source"] == rec["imatrix"]["source"] and imx["sha256"] == rec["imatrix"]["sha256"]
+
+    def tensors(path: Path) -> dict:
+        return {t.name: (t.tensor_type, bytes(t.data.tobytes())) for t in gguf.GGUFReader(str(path)).tensors}
+
+    first, again = tensors(out / "run-merged-q4_k_m.gguf"), tensors(cwd / "out-reuse" / "run-merged-q4_k_m.gguf")
+    none = tensors(exports["none"][2] / "run-merged-q4_k_m.gguf")
+    assert set(first) == set(again) and sum(t.name not in ("F32", "F16") for t, _ in first.values()) >= 10
+    assert [n for n in first if first[n] != again[n]] == []
+    assert [n for n in first if first[n] != none[n]]  # the reused matrix was applied, not dropped
+
+
+def test_bad_matrix_file_is_one_line_and_writes_nothing(exports, run_dir, tiny_llama, tmp_path):
+    """Garbage, a model GGUF, or a matrix of another model's shapes: one line, exit 2, no --out."""
+    from edgepeft.imatrix import ImportanceMatrix, write
+
+    (tmp_path / "junk.imatrix.gguf").write_bytes(b"not a gguf file\n" * 64)
+    model = exports["with"][2] / "run-merged-q4_k_m.gguf"
+    write(ImportanceMatrix({"blk.0.attn_q.weight": np.ones(32)}, {"blk.0.attn_q.weight": 10}),
+          tmp_path / "narrow.imatrix.gguf")
+    write(ImportanceMatrix({"blk.7.attn_q.weight": np.ones(64)}, {"blk.7.attn_q.weight": 10}),
+          tmp_path / "deeper.imatrix.gguf")
+    cases = {"junk.imatrix.gguf": ("junk.imatrix.gguf", "not a GGUF file"),
+             str(model): ("general.type", "not 'imatrix'"),
+             "narrow.imatrix.gguf": ("32 columns for blk.0.attn_q.weight", "has 64", "another model"),
+             "deeper.imatrix.gguf": ("blk.7.attn_q.weight", "no weight of", "another model")}
+    for matrix, needles in cases.items():
+        proc = run_cli("export", "--base", tiny_llama, "--adapter", run_dir, "--quant", "q4_k_m", "--imatrix", matrix,
+                       "--out", "out", cwd=tmp_path)
+        assert_clean_error(proc, *needles)
+        assert not (tmp_path / "out").exists()
+    # a type that needs a matrix for every weight refuses a partial one
+    write(ImportanceMatrix({"blk.0.attn_q.weight": np.ones(64)}, {"blk.0.attn_q.weight": 10}),
+          tmp_path / "partial.imatrix.gguf")
+    proc = run_cli("export", "--base", tiny_llama, "--adapter", run_dir, "--quant", "iq3_xxs", "--imatrix",
+                   "partial.imatrix.gguf", "--out", "out", cwd=tmp_path)
+    assert_clean_error(proc, "partial.imatrix.gguf", "no entry for", "13 of 14")
+    assert not (tmp_path / "out").exists()
