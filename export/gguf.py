@@ -276,7 +276,6 @@ def _matrix_plan(req, base, plans, quant) -> MatrixPlan:
         check_matches(read(Path(req.imatrix)), base, Path(req.imatrix), required=quant.imatrix == "requires")
         return MatrixPlan(file=Path(req.imatrix), record={"used": True, "calibration": None})
     from edgepeft.calib import CalibRequest, select_calibration
-
     from edgepeft.imatrix import TEXTS
 
     tok = base.load_tokenizer()
