@@ -84,6 +84,29 @@ def test_completion_mask_covers_every_assistant_turn_only(tokenizer_dir):
     assert ids == tok(tok.apply_chat_template(rec.messages, tokenize=False), add_special_tokens=False).input_ids
 
 
+def test_template_less_tokenizer_ends_each_assistant_turn_with_eos(tmp_path):
+    """Without a chat template (Gemma 3 270M's base) the plain transcript closes each assistant turn with
+    EOS, in training's mask and in the prompt every runtime completes, so a trained model stops."""
+    from conftest import make_gemma_tokenizer
+    from transformers import AutoTokenizer
+
+    from edgepeft.evaluate import cut, stop_markers
+    from edgepeft.train.chat import render_prompt
+    from edgepeft.train.data import parse_line, tokenize_record
+
+    tok = AutoTokenizer.from_pretrained(make_gemma_tokenizer(tmp_path / "tok"))
+    assert not getattr(tok, "chat_template", None) and tok.eos_token == "<eos>"
+    turns = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "A1"},
+             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "A2"}]
+    ids, mask = tokenize_record(tok, parse_line({"messages": turns}, "x:1"))
+    learned = [i for i, m in zip(ids, mask) if m]
+    assert learned.count(tok.eos_token_id) == 2, tok.decode(learned)
+    assert tok.decode(learned).replace(" ", "") == "A1<eos>\nA2<eos>\n"
+    prompt = render_prompt(tok, turns[:3])
+    assert prompt == "user: q1\nassistant: A1<eos>\nuser: q2\nassistant: "
+    assert cut("A2<eos>\nassistant: A2", stop_markers(tok)) == "A2"
+
+
 # -- training ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

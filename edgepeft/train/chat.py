@@ -27,17 +27,22 @@ def render_prompt(tokenizer, prompt: str | list[dict]) -> str:
     ``tokenize(text.encode(), add_bos=False, special=True)``).
     """
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return render_messages(tokenizer, messages, add_generation_prompt=True)
+
+
+def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """``messages`` as the model sees them: the tokenizer's chat template, or without one (Gemma 3 270M's
+    base GGUF has none) a plain transcript, ``role: content`` lines.
+
+    In the plain transcript every assistant turn ends with the tokenizer's EOS, so training teaches the
+    model to stop and generation stops there (:func:`edgepeft.evaluate.stop_markers`). Without it the
+    Gemma 3 adapter answered correctly, then repeated the answer up to the token limit and scored 0 %."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # No template (rare for bases we support): a plain transcript, the same one training used.
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-
-
-def stop_strings(tokenizer) -> list[str]:
-    """Strings that end an assistant turn (EOS and end-of-turn markers) for runtimes without EOS ids."""
-    stops = {tokenizer.eos_token} if getattr(tokenizer, "eos_token", None) else set()
-    stops |= {t for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>") if t in tokenizer.get_vocab()}
-    return sorted(stops)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    eos = getattr(tokenizer, "eos_token", None)
+    end = eos if isinstance(eos, str) else ""
+    text = "".join(f"{m['role']}: {m['content']}{end if m['role'] == 'assistant' else ''}\n" for m in messages)
+    return text + ("assistant: " if add_generation_prompt else "")
 
 
 @dataclass(frozen=True)

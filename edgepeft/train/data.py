@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgepeft.errors import EdgepeftError
-from edgepeft.train.chat import Example
+from edgepeft.train.chat import Example, render_messages
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -110,13 +110,6 @@ def data_sha256(records: list[Record]) -> str:
     return h.hexdigest()
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    return text + ("assistant: " if add_generation_prompt else "")
-
-
 def tokenize_record(tokenizer, record: Record) -> tuple[list[int], list[int]]:
     """(input_ids, completion_mask) for one conversation; mask=1 on assistant tokens and their end marker."""
     msgs = record.messages
@@ -126,8 +119,8 @@ def tokenize_record(tokenizer, record: Record) -> tuple[list[int], list[int]]:
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        prefix = _render(tokenizer, msgs[:i], add_generation_prompt=True)
-        upto = _render(tokenizer, msgs[: i + 1], add_generation_prompt=False)
+        prefix = render_messages(tokenizer, msgs[:i], add_generation_prompt=True)
+        upto = render_messages(tokenizer, msgs[: i + 1], add_generation_prompt=False)
         if not prefix.startswith(done) or not upto.startswith(prefix):
             raise EdgepeftError(f"{record.where}: the chat template re-renders earlier turns, so assistant tokens "
                                 "cannot be located", "Use prompt/completion lines for this base")
@@ -136,7 +129,7 @@ def tokenize_record(tokenizer, record: Record) -> tuple[list[int], list[int]]:
             ids += new
             mask += [is_completion] * len(new)
         done = upto
-    full = _render(tokenizer, msgs, add_generation_prompt=False)
+    full = render_messages(tokenizer, msgs, add_generation_prompt=False)
     tail = tokenizer(full[len(done):], add_special_tokens=False)["input_ids"] if full.startswith(done) else []
     ids += tail  # trailing non-assistant turns: context only
     mask += [0] * len(tail)
