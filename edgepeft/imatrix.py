@@ -218,7 +218,7 @@ def collect_for_export(base, variants: Sequence[tuple[Sequence, object, str]], d
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from edgepeft.export.merge import is_nf4_quantized, nf4_round_trip
+    from edgepeft.export.merge import merged_in_place
     from edgepeft.export.verify import free_cores
     from edgepeft.ui import stage
 
@@ -231,31 +231,17 @@ def collect_for_export(base, variants: Sequence[tuple[Sequence, object, str]], d
     finally:
         if was:
             hf_logging.enable_progress_bar()
-    params = dict(model.named_parameters(remove_duplicate=False))
     full = torch.get_num_threads()
     total = ImportanceMatrix({}, {}, datasets=[dataset])
     n_texts = sum(len(c.pairs) for _, c, _ in variants)
     with stage(f"importance matrix in PyTorch ({n_texts} calibration texts)"):
         for plans, calibration, target in variants:
-            saved = {}
-            with torch.no_grad():
-                for name, w in params.items():
-                    if target == "dequantized" and is_nf4_quantized(name, tuple(w.shape)):
-                        saved.setdefault(name, w.detach().clone())
-                        w.copy_(nf4_round_trip(w.detach()))
-                for plan in plans:
-                    for t, m in plan.modules.items():
-                        w = params[t + ".weight"]
-                        saved.setdefault(t + ".weight", w.detach().clone())
-                        w.add_(m.delta())
-            try:
-                total.add(collect(model, names, calibration_tokens(tok, calibration.pairs),
-                                  threads=lambda: min(full, free_cores())))
-            finally:
-                torch.set_num_threads(full)
-                with torch.no_grad():
-                    for name, w0 in saved.items():
-                        params[name].copy_(w0)
+            with merged_in_place(model, plans, target):
+                try:
+                    total.add(collect(model, names, calibration_tokens(tok, calibration.pairs),
+                                      threads=lambda: min(full, free_cores())))
+                finally:
+                    torch.set_num_threads(full)
     del model
     return total
 

@@ -14,6 +14,7 @@ each to its target format and measure held-out loss, and keeps the better one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -115,12 +116,15 @@ class _Merger:
         self.deltas = _deltas_by_weight(plans)
         self.found: set[str] = set()
 
+    def touches(self, name: str, shape) -> bool:
+        return name in self.deltas or (self.target == "dequantized" and is_nf4_quantized(name, tuple(shape)))
+
     def __call__(self, name: str, w):
         import torch
 
-        nf4 = self.target == "dequantized" and is_nf4_quantized(name, tuple(w.shape))
-        if name not in self.deltas and not nf4:
+        if not self.touches(name, w.shape):
             return w
+        nf4 = self.target == "dequantized" and is_nf4_quantized(name, tuple(w.shape))
         w32 = nf4_round_trip(w) if nf4 else w.float()
         for _plan, module in self.deltas.get(name, ()):
             w32 = w32 + module.delta()
@@ -137,6 +141,29 @@ class _Merger:
         if missing:
             raise MismatchError(f"base {base.spec} has no tensor {missing[0]} to merge into",
                                 "Pass the base the adapter was trained on")
+
+
+@contextlib.contextmanager
+def merged_in_place(model, plans: Iterable[AdapterPlan], target: str = "original"):
+    """``model`` (a transformers model holding the base's weights) with ``plans`` merged for the block, as
+    the export merges them (:class:`_Merger`), and every touched weight restored after it. The importance
+    matrix and ``--prune auto``'s scorer run merged variants this way, on one loaded model."""
+    import torch
+
+    merger = _Merger(plans, target)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name, w in params.items():
+                if merger.touches(name, w.shape) and name not in saved:
+                    saved[name] = w.detach().clone()
+                    w.copy_(merger(name, w.detach()))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w0 in saved.items():
+                params[name].copy_(w0)
 
 
 def merged_state_dict(base: ResolvedBase, plans: Iterable[AdapterPlan], target: str = "original") -> dict:

@@ -16,12 +16,12 @@ every trial in ``prune_report["auto"]``, so the result can be reproduced without
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgepeft.errors import ConfigError, EdgepeftError
+from edgepeft.export.merge import merged_in_place
 from edgepeft.export.plan import AdapterPlan
 from edgepeft.export.prune import PruneSpec, factor, module_kind, prune, weight_norms
 
@@ -170,7 +170,7 @@ def task_scorer(plan: AdapterPlan, base, limit: int, calib=None) -> tuple[Scorer
     generate = evaluate.hf_generate_batch(model, tok, max_new)
 
     def score(p: AdapterPlan) -> float:
-        with applied(model, p):
+        with merged_in_place(model, [p]):
             return evaluate.score(generate(prompts), examples).accuracy
 
     def close() -> None:
@@ -178,23 +178,3 @@ def task_scorer(plan: AdapterPlan, base, limit: int, calib=None) -> tuple[Scorer
         model = None
 
     return score, source, close
-
-
-@contextlib.contextmanager
-def applied(model, plan: AdapterPlan):
-    """``plan``'s ΔW added to the model's weights for the block, then the touched weights restored."""
-    import torch
-
-    params = dict(model.named_parameters(remove_duplicate=False))
-    saved = {}
-    with torch.no_grad():
-        for t, m in plan.modules.items():
-            w = params[t + ".weight"]
-            saved[t] = w.detach().clone()
-            w.add_(m.scale * (m.b.float() @ m.a.float()).to(w.dtype))
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for t, w0 in saved.items():
-                params[t + ".weight"].copy_(w0)

@@ -286,3 +286,20 @@ def test_cli_refusals_are_one_line(tiny_llama, llama_adapter, tmp_path, cli):
                "--out", tmp_path / "o2")
     assert_clean_error(proc, "lora_A has shape", "pass the base")
     assert not (tmp_path / "o2" / "adapter.lora.gguf").exists()
+
+
+def test_merged_in_place_equals_the_export_merge_and_restores(tiny_llama):
+    """The one in-place merge (importance matrix, --prune auto) gives the export's merged weights, then the base."""
+    from edgepeft.export.adapter import load_adapter
+    from edgepeft.export.merge import merged_in_place, merged_state_dict
+
+    base = resolved(tiny_llama)
+    plan = load_adapter(make_lora(tiny_llama, Path(tiny_llama).parent / "in-place-ad", seed=3), base)
+    model = base.load_model(torch.float32).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    want = merged_state_dict(base, [plan])
+    with merged_in_place(model, [plan]):
+        got = model.state_dict()
+        touched = [k for k in want if not torch.equal(want[k], before[k])]
+        assert touched and all(torch.equal(got[k], want[k].to(got[k].dtype)) for k in want if k in got), touched
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

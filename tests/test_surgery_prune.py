@@ -247,7 +247,7 @@ def test_prune_auto_cli_on_tiny_model(tiny_llama, tmp_path, cli):
     from edgepeft import evaluate
     from edgepeft.calib import load_calibration
     from edgepeft.export.adapter import load_adapter
-    from edgepeft.export.prune_auto import applied
+    from edgepeft.export.merge import merged_in_place
     from edgepeft.keys import EdgepeftKeys
     from edgepeft.security import check_gguf_header
 
@@ -267,7 +267,7 @@ def test_prune_auto_cli_on_tiny_model(tiny_llama, tmp_path, cli):
     calib.write_text("".join(json.dumps({"prompt": p, "completion": "x"}) + "\n" for p in prompts))
     rendered = [p for p, _ in load_calibration(calib, tokenizer=tok)]
     model = base.load_model(torch.float32).eval()
-    with applied(model, load_adapter(ad, base)):
+    with merged_in_place(model, [load_adapter(ad, base)]):
         outs = evaluate.hf_generate_batch(model, tok, 6)(rendered)
     # keep prompts whose completion round-trips through the tokenizer at its own length
     rows = [(p, o) for p, o in zip(prompts, outs) if len(tok(o, add_special_tokens=False)["input_ids"]) == 6]
