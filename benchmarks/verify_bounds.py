@@ -36,7 +36,7 @@ def measure_all() -> None:
     from edgepeft.export import tolerances as T
     from edgepeft.export import verify as V
 
-    V.bounds_for = lambda fmt, quant: T.Bounds(top1=0.0, ppl_ratio=float("inf"), max_abs_logit=float("inf"),
+    V.bounds_for = lambda fmt, quant, model_type=None: T.Bounds(top1=0.0, ppl_ratio=float("inf"), max_abs_logit=float("inf"),
                                                tokenizer=0.0)
 
 

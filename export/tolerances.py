@@ -75,8 +75,21 @@ TOLERANCES: dict[tuple[str, str], Bounds] = {
 }
 
 
-def bounds_for(fmt: str, quant: str | None) -> Bounds:
-    b = TOLERANCES.get((fmt, (quant or "").lower()))
+# (format, quant, model_type) -> Bounds, where one architecture measured outside its row. The held-out ppl of a
+# model fine-tuned hard on one task is far from its base's, and 4-bit noise moves it either way:
+# gemma3_text, Gemma 3 270M + the quickstart's 48-step demo adapter (task loss 0.0003 after Q4_K_M), merged:
+#   into the NF4-dequantized base: llama.cpp's own convert_hf_to_gguf.py + llama_model_quantize 0.734 top-1 /
+#   ppl 1.648; ours with the task's importance matrix 0.817 / 1.278 (demo 100 % in PyTorch);
+#   into the original base: peer = ours without the matrix 0.705 / 0.387; ours with it 0.805 / 0.554.
+ARCH_TOLERANCES: dict[tuple[str, str, str], Bounds] = {
+    ("gguf", "q4_k_m", "gemma3_text"): Bounds(top1=0.50, ppl_ratio=1.80),
+}
+
+
+def bounds_for(fmt: str, quant: str | None, model_type: str | None = None) -> Bounds:
+    """The row for ``fmt``/``quant``, or the architecture's own row where one was measured apart."""
+    q = (quant or "").lower()
+    b = ARCH_TOLERANCES.get((fmt, q, model_type or "")) or TOLERANCES.get((fmt, q))
     if b is None:
         known = ", ".join(f"{f}:{q}" for f, q in TOLERANCES)
         raise EdgepeftError(f"no tolerance is measured for {fmt} {quant or '(unknown quant)'}",

@@ -72,7 +72,7 @@ class Reference:
 
     def prefetch(self, variants: Sequence[str | None], fmt: str, quant: str) -> None:
         """Start computing the reference now, in a child process: an export overlaps it with writing the artifact."""
-        self._job = _Job(self, list(variants), _keep_rows(bounds_for(fmt, quant)))
+        self._job = _Job(self, list(variants), _keep_rows(bounds_for(fmt, quant, self.base.model_type)))
 
     def job(self, variants: Sequence[str | None], keep_rows: bool) -> _Job:
         """The running (or finished) computation for ``variants``; started here unless prefetched."""
@@ -308,7 +308,7 @@ def verify(artifact: Artifact, ref: Reference, *, fmt: str, quant: str, label: s
     """
     from edgepeft.runtimes.base import FORMAT_RUNTIMES, get_runtime
 
-    b = bounds_for(fmt, quant)
+    b = bounds_for(fmt, quant, ref.base.model_type)
     if variants is None:
         variants = [None, *[n for n in artifact.adapters if n in ref.adapters]]
     job = ref.job(variants, _keep_rows(b))  # the PyTorch side, in a child process (unless already started)

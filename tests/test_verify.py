@@ -148,3 +148,12 @@ def test_verify_merged_gguf_and_onnx_against_merged_reference(tiny_qwen2, tmp_pa
         # against the base alone the merged artifact is wrong, and verify says so
         bad = run_cli("verify", target, "--reference", tiny_qwen2, cwd=tmp_path)
         assert_clean_error(bad, "failed verification", target)
+
+
+def test_architecture_rows_override_only_their_architecture():
+    from edgepeft.export.tolerances import ARCH_TOLERANCES, TOLERANCES, bounds_for
+
+    for (fmt, quant, arch), row in ARCH_TOLERANCES.items():
+        assert (fmt, quant) in TOLERANCES  # an override, never a type the table lacks
+        assert bounds_for(fmt, quant.upper(), arch) == row
+        assert bounds_for(fmt, quant, "llama") == bounds_for(fmt, quant) == TOLERANCES[(fmt, quant)] != row
