@@ -81,8 +81,13 @@ TOLERANCES: dict[tuple[str, str], Bounds] = {
 #   into the NF4-dequantized base: llama.cpp's own convert_hf_to_gguf.py + llama_model_quantize 0.734 top-1 /
 #   ppl 1.648; ours with the task's importance matrix 0.817 / 1.278 (demo 100 % in PyTorch);
 #   into the original base: peer = ours without the matrix 0.705 / 0.387; ours with it 0.805 / 0.554.
+# ONNX int4 (the builder's own k_quant_last, which is our artifact) on the same adapter: merged into the dequantized
+#   base ppl 2.128 (seeded training: the same in two runs); separate 0.701 / 1.459; g8's earlier adapter merged
+#   0.639 / 0.50. Held-out ppl swings 0.39-2.13 across equally valid pipelines here, so on this model top-1 is the
+#   check that discriminates and the ppl bound only catches gross breakage (broken writers land in the thousands).
 ARCH_TOLERANCES: dict[tuple[str, str, str], Bounds] = {
     ("gguf", "q4_k_m", "gemma3_text"): Bounds(top1=0.50, ppl_ratio=1.80),
+    ("onnx", "int4", "gemma3_text"): Bounds(top1=0.45, ppl_ratio=2.50),
 }
 
 
