@@ -43,7 +43,6 @@ KV_CHUNK_COUNT = "imatrix.chunk_count"
 KV_CHUNK_SIZE = "imatrix.chunk_size"
 MAX_TOKENS = 256  # per calibration text: the chunk size the file records
 BATCH_POSITIONS = 2048  # padded positions per collection forward (activations: 2048 x the widest linear, fp32)
-PAD_SLACK = 1.3  # a batch computes at most this many padded positions per real one
 # calibration texts per matrix (per adapter in separate mode). The cost is one fp32 forward per token;
 # on smollm2-135m + the demo adapter, Q4_K_M merged, the verifier's top-1 / ppl ratio from 8, 16, 32 and
 # 64 texts were 0.887/0.925, 0.861/0.937, 0.870/0.922, 0.870/0.926 (none: 0.845/0.993), so 32
@@ -119,28 +118,12 @@ def check_matches(matrix: ImportanceMatrix, base, path: Path, required: bool = F
     return matrix
 
 
-def batches(lengths: Sequence[int], budget: int = BATCH_POSITIONS) -> list[list[int]]:
-    """Indices grouped longest first, each group at most ``budget`` padded positions and at most PAD_SLACK x
-    its real ones (sorted by length, a group pads little: the demo data's 64 texts are 71-82 tokens)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    groups: list[list[int]] = []
-    for i in order:
-        g = groups[-1] if groups else None
-        width = lengths[g[0]] if g else 0
-        if g and width * (len(g) + 1) <= budget and \
-                width * (len(g) + 1) <= PAD_SLACK * (sum(lengths[j] for j in g) + lengths[i]):
-            g.append(i)
-        else:
-            groups.append([i])
-    return groups
-
-
 def collect(model, names: dict[str, str], token_lists: Sequence[Sequence[int]], budget: int = BATCH_POSITIONS,
             threads: Callable[[], int] | None = None) -> ImportanceMatrix:
     """Run ``token_lists`` through ``model`` (a transformers causal LM) and sum x_j² at each named linear.
 
-    Texts run in right-padded batches (``batches``) with an attention mask: under the causal mask a real
-    position never sees the padding after it, and rotary positions start at 0 as for the text alone, so
+    Texts run in right-padded batches (``export.reference.pad_batches``) with an attention mask: under the
+    causal mask a real position never sees the padding after it, and rotary positions start at 0 as alone, so
     every real position's input is the unbatched one; padded positions are dropped before the sum and
     the count. Sums are float32 within a batch (at most ``budget`` rows) and float64 across batches.
     ``threads()``, when given, is the torch thread count for the next batch (the export passes the idle
@@ -148,6 +131,8 @@ def collect(model, names: dict[str, str], token_lists: Sequence[Sequence[int]], 
     """
     import numpy as np
     import torch
+
+    from edgepeft.export.reference import pad_batches
 
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -174,7 +159,7 @@ def collect(model, names: dict[str, str], token_lists: Sequence[Sequence[int]], 
     handles = [modules[h].register_forward_pre_hook(hook(g)) for h, g in names.items()]
     try:
         with torch.no_grad():
-            for group in batches([len(s) for s in seqs], budget):
+            for group in pad_batches([len(s) for s in seqs], budget):
                 if threads is not None:
                     torch.set_num_threads(max(1, threads()))
                 width = len(seqs[group[0]])

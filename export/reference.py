@@ -244,13 +244,17 @@ def _capture(decoder, layers, input_ids, tuple_out: bool):
     return h0, [(a, k) for _, a, k in calls]
 
 
-def _batches(seqs: Sequence[Sequence[int]]) -> list[list[int]]:
-    """Indices of ``seqs`` grouped (longest first) so padding adds at most PAD_SLACK x the real positions."""
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+def pad_batches(lengths: Sequence[int], budget: int | None = None) -> list[list[int]]:
+    """Indices of sequences of ``lengths`` grouped longest first (ties in index order) so a group's padding adds
+    at most PAD_SLACK x its real positions and, with ``budget``, a group holds at most that many padded ones.
+    The reference and the importance matrix (``edgepeft.imatrix.collect``) batch their texts with it."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
     for i in order:
         g = groups[-1] if groups else None
-        if g and len(seqs[g[0]]) * (len(g) + 1) <= PAD_SLACK * (sum(len(seqs[j]) for j in g) + len(seqs[i])):
+        padded = lengths[g[0]] * (len(g) + 1) if g else 0
+        if g and (budget is None or padded <= budget) and \
+                padded <= PAD_SLACK * (sum(lengths[j] for j in g) + lengths[i]):
             g.append(i)
         else:
             groups.append([i])
@@ -316,7 +320,7 @@ def reference_stats(base: ResolvedBase, merged: Sequence[AdapterPlan], merge_tar
         embed = model.get_input_embeddings()
         embed.padding_idx = None  # forward only: the gathered rows are fewer than the vocabulary
         batches = []
-        for idx in _batches(seqs):
+        for idx in pad_batches([len(x) for x in seqs]):
             lengths = [len(seqs[i]) for i in idx]
             ids = np.zeros((len(idx), max(lengths)), np.int64)
             for r, i in enumerate(idx):

@@ -193,7 +193,8 @@ def test_batched_collection_equals_one_text_at_a_time(tiny_llama):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgepeft.imatrix import batches, collect, linear_names
+    from edgepeft.export.reference import pad_batches
+    from edgepeft.imatrix import collect, linear_names
     from edgepeft.models import resolve_base
 
     base = resolve_base(str(tiny_llama))
@@ -202,9 +203,9 @@ def test_batched_collection_equals_one_text_at_a_time(tiny_llama):
     rng = random.Random(0)
     lengths = (37, 5, 64, 12, 12, 50, 1, 29)
     seqs = [[rng.randrange(1, base.config["vocab_size"]) for _ in range(n)] for n in lengths]
-    groups = batches(lengths, 256)
+    groups = pad_batches(lengths, 256)
     assert len(groups) < len(seqs) and any(len({lengths[i] for i in g}) > 1 for g in groups)  # padding happens
-    assert batches(lengths, 1) == [[i] for i in sorted(range(len(lengths)), key=lambda i: -lengths[i])]
+    assert pad_batches(lengths, 1) == [[i] for i in sorted(range(len(lengths)), key=lambda i: -lengths[i])]
     alone = collect(model, names, seqs, budget=1)
     batched = collect(model, names, seqs, budget=256)
     assert set(alone.sums) == set(batched.sums) == set(names.values())

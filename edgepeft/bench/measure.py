@@ -302,8 +302,10 @@ def run(artifacts: list[Artifact], runtimes: list[str], profile: DeviceProfile, 
         check_fits(a, profile, r, cfg.n_ctx)
     with stage(f"measure memory bandwidth on {profile.name} (read probes)"):
         gb_s = measure_bandwidth()
-    bandwidth = {"bandwidth_gb_s": gb_s, "bandwidth_source": "measured here: best read rate over 256 MiB of a numpy "
-                 "copy (read+write bytes), a per-core max and a BLAS gemv, best of 5 each", "profile_bandwidth_gb_s": profile.bandwidth.gb_s}
+    bandwidth = {"bandwidth_gb_s": gb_s,
+                 "bandwidth_source": "measured here: best read rate over 256 MiB of a numpy copy (read+write bytes), "
+                                     "a per-core max and a BLAS gemv, best of 5 each",
+                 "profile_bandwidth_gb_s": profile.bandwidth.gb_s}
     # before any case, so its memory is freed before RSS is measured; the quickstart passes its own
     ref = reference if reference is not None else measure_reference(cfg, device_label)
     records = list(ref.get("records", []))
