@@ -279,11 +279,9 @@ def _matrix_plan(req, base, plans, quant) -> MatrixPlan:
     from edgepeft.imatrix import TEXTS
 
     tok = base.load_tokenizer()
-    if req.mode == "separate":  # one pass per adapter, each on its own run's data
-        cals = [select_calibration(CalibRequest(adapters=[p.source] if p.source else [], calib=req.calib,
-                                                calib_limit=TEXTS), tok) for p in plans]
-    else:
-        cals = [select_calibration(CalibRequest(adapters=req.adapters, calib=req.calib, calib_limit=TEXTS), tok)]
+    # separate: one pass per adapter, each on its own run's data; merged: one pass on every adapter's
+    passes = [[p.source] if p.source else [] for p in plans] if req.mode == "separate" else [req.adapters]
+    cals = [select_calibration(CalibRequest(adapters=a, calib=req.calib, calib_limit=TEXTS), tok) for a in passes]
     return MatrixPlan(calibrations=cals, record={"used": True, "calibration": [c.record() for c in cals]},
                       tokenizer=tok)
 
