@@ -57,10 +57,11 @@ def test_records_and_metrics(result, gguf_sep, onnx_sep, peft_adapters):
         assert 1 < r["perplexity"]["ppl"] < 1e7 and r["perplexity"]["tokens"] == 64
         acc = r["accuracy"]  # scoring itself is checked against known answers in test_task_accuracy_scores
         assert acc["total"] == 1 and acc["task"] == "demo" and acc["accuracy"] == acc["correct"] / acc["total"]
-        # bw_util is bytes/token x tok/s over the best read rate of the same working set (copy, per-core
-        # read, BLAS gemv): decoding cannot read faster, so above 1 the byte accounting is wrong. Against the
-        # copy alone this tiny model reached 1.52 (its 13 MiB sit in cache, where gemv reads 3.5x faster)
-        assert 0 < r["bw_util"] <= 1.0 and r["bytes_per_token"] > 0
+        # bw_util is bytes/token x tok/s over the best numpy read rate of the same working set (copy, per-core
+        # max and gemv, BLAS gemv). This tiny model's 13 MiB sit in cache, which llama.cpp's kernels read
+        # faster than numpy: 1.52 against the copy alone, 1.05 against the read probes with OMP_NUM_THREADS=1
+        # (real models in DRAM: 0.15-0.64 in the quickstarts); a byte-accounting bug gave 10
+        assert 0 < r["bw_util"] <= 1.5 and r["bytes_per_token"] > 0
         model = Path(r["model_file"])
         files = [p for p in (model.rglob("*") if model.is_dir() else [model]) if p.is_file()
                  and p.suffix != ".onnx_adapter"]
