@@ -144,21 +144,64 @@ def gptq(model: Path, out: Path, feeds: Feeds, *, block_size: int, accuracy_leve
             m.graph.initializer.extend(new_inits)
             st.advance()
     m.graph.initializer.extend(defaults)
-    # the output projection (``*_last``) at 8 bits and the embedding table at 4 (ORT quantizes a Gather at 4
-    # bits only) by RTN: a table left fp32 doubled the folder on smollm2-135m (113 MB of 220)
+    # the output projection (``*_last``) at 8 bits and an own embedding table at 4 (ORT quantizes a Gather at 4
+    # bits only) by RTN: a table left fp32 doubled the folder on smollm2-135m (113 MB of 220). A tied table
+    # (the Gather reads the head's weight through a Transpose) then reads the head's 8-bit blocks.
     inits = {i.name for i in m.graph.initializer}
     table = [n.name for n in m.graph.node if n.op_type == "Gather" and n.input[0] in inits]
     last = last_int8 and any(n.name == LAST and n.op_type == "MatMul" for n in m.graph.node)
     for bits, names, op in ((8, [LAST] if last else [], "MatMul"), (4, table, "Gather")):
         if names:
             m = _rtn(m, names, op, bits, block_size, accuracy_level)
+    embedding = "int4 rtn" if table else (_share_head_with_table(m) if last else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(m, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=out.name + ".data", size_threshold=0)
     return {"algorithm": "gptq", "solver": "onnxruntime.quantization.neural_compressor.weight_only.gptq",
             "quantized_matmuls": len(body), "last_matmul": "int8 rtn" if last_int8 else "int4 gptq",
-            "embedding": "int4 rtn" if table else None,
+            "embedding": embedding,
             "calibration_texts": len(feeds.ids), "calibration_tokens": sum(map(len, feeds.ids))}
+
+
+def _share_head_with_table(m) -> str | None:
+    """A tied embedding (``Gather(Transpose(W_head))``) reads the head's 8-bit MatMulNBits blocks instead:
+    GatherBlockQuantized over the same initializers, as the builder's own k-quant ties smollm2's table
+    (bits 8, block = the head's). Returns the record's description, or None where the graph is not that shape
+    (or K is padded to the block, which the gathered rows would carry) and the table stays fp32."""
+    from onnx import helper, numpy_helper
+
+    nodes = {n.name: n for n in m.graph.node}
+    head = next((n for n in m.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits"), None)
+    if head is None or len(head.input) < 4:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    k, n, block = attrs.get("K"), attrs.get("N"), attrs.get("block_size")
+    consumers = [g for g in m.graph.node if g.op_type == "Gather" and g.input[0] in
+                 {t.output[0] for t in m.graph.node if t.op_type == "Transpose"}]
+    if not (k and n and block) or k % block or len(consumers) != 1:
+        return None
+    gather = consumers[0]
+    transpose = next(t for t in m.graph.node if t.op_type == "Transpose" and t.output[0] == gather.input[0])
+    if len(transpose.input) != 1 or nodes.get(transpose.name) is None:
+        return None
+    weight = transpose.input[0]
+    shape = weight + "_table_shape"  # a Constant node, not an initializer: those are all saved as external data,
+    # which shape inference cannot read
+    const = helper.make_node("Constant", [], [shape], name=gather.name + "_table_shape",
+                             value=numpy_helper.from_array(np.array([n, k], dtype=np.int64)))
+    reshape = helper.make_node("Reshape", [head.input[1], shape], [weight + "_table"], name=gather.name + "_table")
+    tied = helper.make_node("GatherBlockQuantized", [weight + "_table", gather.input[1], head.input[2], head.input[3]],
+                            [gather.output[0]], name=gather.name.replace("Gather", "GatherBlockQuantized"),
+                            domain="com.microsoft", bits=attrs.get("bits", 8), block_size=block, gather_axis=0,
+                            quantize_axis=1)
+    at = list(m.graph.node).index(transpose)
+    for old in (gather, transpose):
+        m.graph.node.remove(old)
+    for node in (tied, reshape, const):  # Constant, Reshape, then the gather: still topologically sorted
+        m.graph.node.insert(at, node)
+    if not any(weight in x.input for x in m.graph.node):  # the fp32 matrix is gone from the graph
+        m.graph.initializer.remove(next(i for i in m.graph.initializer if i.name == weight))
+    return f"int{attrs.get('bits', 8)}, tied to the lm_head's blocks"
 
 
 def _rtn(m, names: list[str], op: str, bits: int, block_size: int, accuracy_level: int):

