@@ -253,7 +253,7 @@ class MatrixPlan:
         sha = sha256_file(path)
         self.meta = {EdgepeftKeys.IMATRIX_SHA256: sha, **matrix.meta}
         self.record.update(path=str(path), sha256=sha, data_sha256=data_sha, source=source,
-                           entries=len(matrix.sums), tokens=max(matrix.counts.values(), default=0),
+                           entries=len(matrix.sums), tokens=max(matrix.counts.values(), default=0), compute=matrix.compute,
                            seconds=round(time.perf_counter() - t0, 2))
         return path
 

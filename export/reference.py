@@ -247,7 +247,7 @@ def _capture(decoder, layers, input_ids, tuple_out: bool):
 def pad_batches(lengths: Sequence[int], budget: int | None = None) -> list[list[int]]:
     """Indices of sequences of ``lengths`` grouped longest first (ties in index order) so a group's padding adds
     at most PAD_SLACK x its real positions and, with ``budget``, a group holds at most that many padded ones.
-    The reference and the importance matrix (``edgepeft.imatrix.collect``) batch their texts with it."""
+    The reference and the importance matrix (``importance_sums``) batch their texts with it."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
     for i in order:
@@ -267,6 +267,7 @@ class _Batch:
     lengths: list[int]
     calls: list  # (args, kwargs) per decoder layer
     hidden: dict  # variant -> (b, L, hidden) fp32
+    real: object = None  # importance_sums: flat indices of the real (unpadded) positions
 
 
 def _plus(w, mods, rows=None):
@@ -381,6 +382,77 @@ def reference_stats(base: ResolvedBase, merged: Sequence[AdapterPlan], merge_tar
     return {v: [r.result() for r in red[v]] for v in variants}
 
 
+# ------------------------------------------------------------------ the importance matrix, streamed the same way
+def importance_sums(base: ResolvedBase, passes: Sequence[tuple[Sequence[AdapterPlan], Sequence[Sequence[int]], str]],
+                    names: dict[str, str], budget: int, step: Callable[[], None] = lambda: None,
+                    bf16: bool = False) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Sum of x_j² per input column j and the token count at every linear in ``names`` (HF module path ->
+    key), over each pass's token lists run through ``base`` with that pass's plans added (into its target).
+
+    The forward is the reference's: one decoder layer in fp32 at a time, the embedding rows the texts
+    use, right-padded batches of at most ``budget`` positions; padded positions are dropped before the
+    sums. Nothing past the last layer runs (the final norm and the output matrix feed no listed linear).
+    ``bf16``: the layers' matmuls under bf16 autocast (norms, residuals and the sums stay fp32)."""
+    import torch
+
+    model = _skeleton(base)
+    decoder = model.get_decoder()
+    prefix = next(n for n, m in model.named_modules() if m is decoder)
+    prefix = prefix + "." if prefix else ""
+    layers = decoder.layers
+    embed_name, _, _ = _module_names(model)
+    embed = model.get_input_embeddings()
+    embed.padding_idx = None
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    real: list = [None]  # flat indices of the batch's real positions
+
+    def hook(key: str):
+        def pre(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).index_select(0, real[0])
+            s = torch.square(x.float()).sum(0, dtype=torch.float64)
+            sums[key] = sums[key] + s if key in sums else s
+            counts[key] = counts.get(key, 0) + x.shape[0]
+        return pre
+
+    with torch.no_grad():
+        for plans, seqs, target in passes:
+            W = Weights(base, plans, target)
+            seqs = [list(x) for x in seqs if len(x)]
+            batches = []
+            for idx in pad_batches([len(x) for x in seqs], budget):
+                lengths = [len(seqs[i]) for i in idx]
+                ids = np.zeros((len(idx), max(lengths)), np.int64)
+                for r, i in enumerate(idx):
+                    ids[r, :lengths[r]] = seqs[i]
+                uniq, inv = np.unique(ids, return_inverse=True)
+                embed.weight = torch.nn.Parameter(W.rows(embed_name, uniq), requires_grad=False)
+                inv = torch.from_numpy(inv.reshape(ids.shape))
+                hidden, calls = _capture(decoder, layers, inv, tuple_out=False) or \
+                    _capture(decoder, layers, inv, tuple_out=True)
+                keep = torch.from_numpy((np.arange(ids.shape[1])[None, :] < np.array(lengths)[:, None]).reshape(-1))
+                batches.append(_Batch(idx, lengths, calls, {None: hidden}, keep.nonzero().reshape(-1)))
+            _release(embed)
+            for i, layer in enumerate(layers):
+                step()
+                lp = f"{prefix}layers.{i}."
+                _assign(layer, {n: W.get(lp + n) for n, _ in layer.named_parameters()})
+                handles = [layer.get_submodule(path.removeprefix(lp)).register_forward_pre_hook(hook(key))
+                           for path, key in names.items() if path.startswith(lp)]
+                try:
+                    for b in batches:
+                        real[0] = b.real
+                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                            args, kwargs = b.calls[i]
+                            out = layer(b.hidden[None], *args, **kwargs)
+                        b.hidden[None] = (out[0] if isinstance(out, tuple) else out).float()
+                finally:
+                    for h in handles:
+                        h.remove()
+                _release(layer)
+    return {k: v.numpy() for k, v in sums.items()}, counts
+
+
 # ------------------------------------------------------------------ the child process verify.py starts
 class _FastTokenizer:
     """``tokenizers`` on the effective tokenizer.json, called the way verify calls a transformers tokenizer."""
@@ -454,6 +526,12 @@ def _serve(request_file: str) -> None:
     try:
         with open(request_file, "rb") as f:
             req = pickle.load(f)  # pickle-ok: own child process (the parent wrote it: O_EXCL, 0600)
+        if req.get("kind") == "imatrix":  # edgepeft.imatrix.collect_for_export: the parent only waits
+            torch.set_num_threads(max(1, min(full, free_cores())))
+            pickle.dump(("matrix", *importance_sums(req["base"], req["passes"], req["names"], req["budget"],
+                                                    bf16=req["bf16"])), out, protocol=pickle.HIGHEST_PROTOCOL)
+            out.flush()
+            return
         prompts, held, bos = fixed_ids(req["base"])
         pickle.dump(("ids", prompts, held, bos), out)
         out.flush()

@@ -119,7 +119,9 @@ class _Job:
     the Hugging Face tokenizer for the check: the child sends the ids.
     """
 
-    def __init__(self, ref: Reference, variants: list, keep_rows: bool):
+    def __init__(self, ref: Reference | None, variants: list, keep_rows: bool, request: dict | None = None):
+        """The reference of ``ref`` for ``variants``; or, with ``request``, that request as it is (the
+        importance matrix's: ``edgepeft.imatrix.collect_for_export``)."""
         import os
         import pickle
         import subprocess
@@ -130,14 +132,18 @@ class _Job:
 
         self.variants, self.keep_rows = variants, keep_rows
         self._inputs = self._stats = None
+        if request is None:
+            request = {"base": ref.base, "merged": ref.merged, "merge_target": ref.merge_target,
+                       "adapters": ref.adapters, "variants": variants, "keep_rows": keep_rows}
         with tempfile.NamedTemporaryFile(prefix="edgepeft-reference-", suffix=".pickle", delete=False) as f:
             # a file, not stdin: plans can be large and the child unpickles them only after importing torch
-            pickle.dump({"base": ref.base, "merged": ref.merged, "merge_target": ref.merge_target,
-                         "adapters": ref.adapters, "variants": variants, "keep_rows": keep_rows}, f)
+            pickle.dump(request, f)
         self._request = Path(f.name)
         self._log = None if STATE.debug else tempfile.TemporaryFile()  # noqa: SIM115 -- closed in close()
         # a fixed mmap threshold: glibc's sliding one keeps each freed layer's blocks in the heap (+60 MiB RSS)
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+        # (not for the importance matrix: its batches of 2048 positions fault in fresh pages for every op, which
+        # took 16 s of system time on smollm2-135m)
+        env = {**os.environ, **({} if request.get("kind") == "imatrix" else {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})}
         self.proc = subprocess.Popen([sys.executable, "-m", "edgepeft.export.reference", str(self._request)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
         _RUNNING.add(self)
@@ -184,6 +190,15 @@ class _Job:
             self.inputs()
             self.proc.stdin.close()
             (self._stats,) = self._receive()
+            self.proc.wait()
+            self.close()
+        return self._stats
+
+    def matrix(self) -> tuple[dict, dict]:
+        """An importance-matrix request's (sums, counts)."""
+        if self._stats is None:
+            (sums, counts) = self._receive()
+            self._stats = (sums, counts)
             self.proc.wait()
             self.close()
         return self._stats

@@ -185,34 +185,52 @@ def test_keep_delta_keeps_the_most_changed_weights_within_the_budget(run_dir, ti
     assert [k["weight"] for k in kept] == [w for w in sizes if any(re.search(p, w) for p in patterns)]
 
 
-def test_batched_collection_equals_one_text_at_a_time(tiny_llama):
-    """Right-padded batches (edgepeft.imatrix.batches) give the sums and counts of each text run alone:
-    padded positions add nothing, real positions see what they see unbatched."""
+@pytest.mark.parametrize(("tiny", "bf16"), [("tiny_llama", False), ("tiny_qwen2", False), ("tiny_llama", True)])
+def test_streamed_batched_collection_equals_the_full_model_one_text_at_a_time(tiny, bf16, request):
+    """The export's collector (export.reference.importance_sums: one layer resident, right-padded batches)
+    gives, at every linear, the sums and counts of hooks on the whole transformers model run on each text
+    alone, with the adapter's ΔW merged into the weights: padded positions add nothing, no layer is skipped."""
     import random
 
     import torch
+    from lora_factory import make_lora
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from edgepeft.export.reference import pad_batches
-    from edgepeft.imatrix import collect, linear_names
+    from edgepeft.export.adapter import load_adapters
+    from edgepeft.export.reference import importance_sums, pad_batches
+    from edgepeft.imatrix import linear_names
     from edgepeft.models import resolve_base
 
-    base = resolve_base(str(tiny_llama))
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    folder = request.getfixturevalue(tiny)
+    base = resolve_base(str(folder))
+    lora = make_lora(folder, folder.parent / f"imx-lora-{tiny}", seed=5, r=4, b_std=0.3)
+    (plan,) = load_adapters([str(lora)], base, ["a"])
     names = linear_names(base)
     rng = random.Random(0)
     lengths = (37, 5, 64, 12, 12, 50, 1, 29)
     seqs = [[rng.randrange(1, base.config["vocab_size"]) for _ in range(n)] for n in lengths]
     groups = pad_batches(lengths, 256)
     assert len(groups) < len(seqs) and any(len({lengths[i] for i in g}) > 1 for g in groups)  # padding happens
-    assert pad_batches(lengths, 1) == [[i] for i in sorted(range(len(lengths)), key=lambda i: -lengths[i])]
-    alone = collect(model, names, seqs, budget=1)
-    batched = collect(model, names, seqs, budget=256)
-    assert set(alone.sums) == set(batched.sums) == set(names.values())
-    assert alone.counts == batched.counts == {g: sum(lengths) for g in names.values()}
-    for k, v in alone.sums.items():
-        np.testing.assert_allclose(batched.sums[k], v, rtol=1e-5, err_msg=k)
-        assert v.dtype == np.float64 and (v > 0).all()
+    sums, counts = importance_sums(base, [([plan], seqs, "original")], names, budget=256, bf16=bf16)
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), lora)
+    model = model.merge_and_unload().eval()
+    want: dict = {}
+    hooks = [model.get_submodule(path).register_forward_pre_hook(
+        lambda _m, args, k=key: want.__setitem__(k, want.get(k, 0) + torch.square(
+            args[0].reshape(-1, args[0].shape[-1]).double()).sum(0))) for path, key in names.items()]
+    with torch.no_grad():
+        for s in seqs:
+            model(input_ids=torch.tensor([s]), use_cache=False)
+    for h in hooks:
+        h.remove()
+    assert set(sums) == set(want) == set(names.values())
+    assert counts == {g: sum(lengths) for g in names.values()}
+    for k, v in want.items():
+        # bf16 matmuls (edgepeft.imatrix.use_bf16): the sums of squares move by well under 1 % per column
+        np.testing.assert_allclose(sums[k], v.numpy(), rtol=3e-2 if bf16 else 2e-5, err_msg=k)
+        assert sums[k].dtype == np.float64 and (sums[k] > 0).all()
 
 
 def test_matrix_file_reuse_gives_the_same_quantized_tensors(exports, run_dir, tiny_llama):
