@@ -145,38 +145,39 @@ def calibration_tokens(tokenizer, pairs) -> list[list[int]]:
     return [list(tokenizer(p + c, add_special_tokens=False)["input_ids"])[:MAX_TOKENS] for p, c in pairs]
 
 
-def collect_for_export(base, variants: Sequence[tuple[Sequence, object, str]], dataset: str,
-                       tokenizer=None) -> ImportanceMatrix:
-    """The matrix of the model that will be quantized.
+def matrix_request(base, variants: Sequence[tuple[Sequence, object, str]], tokenizer) -> dict:
+    """What the collection child needs for the matrix of the model that will be quantized.
 
     ``base`` is the folder whose weights get quantized (a ResolvedBase); ``variants`` is one
     (plans, calibration, merge_target) per forward pass: the plans' ΔW are added to the weights
     (merge_target ``dequantized`` first rounds NF4-trained weights as training saw them) and the
     calibration's texts run through. Merged mode passes one variant with every plan; separate mode
-    one variant per adapter. ``tokenizer``: the one the calibration was rendered with, when already loaded.
+    one variant per adapter. ``tokenizer``: the one the calibration was rendered with."""
+    passes = [(list(plans), within_budget(calibration_tokens(tokenizer, calibration.pairs)), target)
+              for plans, calibration, target in variants]
+    return {"base": base, "passes": passes, "names": linear_names(base), "budget": BATCH_POSITIONS,
+            "bf16": use_bf16()}
 
-    The forward is the verifier's reference (``export.reference.importance_sums``), in a child process:
-    one fp32 decoder layer resident, not the whole model (smollm2-135m: peak 1.7 GB in-process before).
+
+def collect_for_export(request: dict, dataset: str, job=None) -> ImportanceMatrix:
+    """The matrix of :func:`matrix_request`, from ``job`` (the verifier's reference child, started with it:
+    ``Reference.prefetch(imatrix=...)``) or from a child of its own.
+
+    The forward is the verifier's reference (``export.reference.importance_sums``): one fp32 decoder layer
+    resident, not the whole model (smollm2-135m: peak 1.7 GB in-process before).
     """
     import numpy as np
 
     from edgepeft.export.verify import _Job
     from edgepeft.ui import stage
 
-    names = linear_names(base)
-    tok = tokenizer if tokenizer is not None else base.load_tokenizer()
-    passes = [(list(plans), within_budget(calibration_tokens(tok, calibration.pairs)), target)
-              for plans, calibration, target in variants]
-    n_texts = sum(len(t) for _, t, _ in passes)
-    n_tokens = sum(len(x) for _, t, _ in passes for x in t)
-    bf16 = use_bf16()
+    n_texts = sum(len(t) for _, t, _ in request["passes"])
+    n_tokens = sum(len(x) for _, t, _ in request["passes"] for x in t)
     with stage(f"importance matrix in PyTorch ({n_texts} calibration texts, {n_tokens} tokens"
-               f"{', bf16 matmuls' if bf16 else ''})"):
-        job = _Job(None, [], False, request={"kind": "imatrix", "base": base, "passes": passes,
-                                             "names": names, "budget": BATCH_POSITIONS, "bf16": bf16})
-        sums, counts = job.matrix()
+               f"{', bf16 matmuls' if request['bf16'] else ''})"):
+        sums, counts = (job or _Job(None, [], False, imatrix=request)).matrix()
     matrix = ImportanceMatrix(sums, counts, datasets=[dataset], chunk_count=n_texts)
-    matrix.compute = "bf16 autocast" if bf16 else "fp32"
+    matrix.compute = "bf16 autocast" if request["bf16"] else "fp32"
     bad = next((k for k, v in matrix.sums.items() if not np.isfinite(v).all()), None)
     if bad is not None:
         raise EdgepeftError(f"the importance matrix of {bad} is not finite (the model overflows on the calibration "

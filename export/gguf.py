@@ -136,8 +136,10 @@ def _export_into(req, base, plans, quant, arch, out: Path, imx: MatrixPlan) -> d
         info(f"--keep-delta {req.keep_delta}: {len(kept)} adapter-touched weights kept at {overrides.KEEP_TYPE}")
     if req.mode == "merged":
         target = "original" if req.merge_into == "auto" else req.merge_into  # as write_merged decides it
-        early = _prefetch(req, quant, Reference(base, merged=plans, merge_target=target), [None]) \
-            if req.merge_into != "auto" or not plans else None  # auto with adapters picks its target while writing
+        early = None
+        if req.merge_into != "auto" or not plans:  # auto with adapters picks its target while writing
+            imx.variants = [(plans, c, target) for c in imx.calibrations]
+            early = _prefetch(req, quant, Reference(base, merged=plans, merge_target=target), [None], imx, base)
         path, merge = write_merged(base, plans, out, quant.name, req.merge_into, req.calib, imx=imx)
         record["files"].append(str(path))
         record["merge"] = merge
@@ -147,10 +149,10 @@ def _export_into(req, base, plans, quant, arch, out: Path, imx: MatrixPlan) -> d
         _verify(req, record, Artifact(path, "gguf", path, {}, quant.name),
                 early or Reference(base, merged=plans, merge_target=merge["target"]))
     else:
-        ref = _prefetch(req, quant, Reference(base, adapters={p.name: p for p in plans}),
-                        [None, *(p.name for p in plans)])
-        base_path = out / f"base-{quant.name}.gguf"
         imx.variants = [([p], c, "original") for p, c in zip(plans, imx.calibrations, strict=False)]
+        ref = _prefetch(req, quant, Reference(base, adapters={p.name: p for p in plans}),
+                        [None, *(p.name for p in plans)], imx, base)
+        base_path = out / f"base-{quant.name}.gguf"
         base_path = write_model(base, [], base_path, quant.name, imx=imx)
         record["files"].append(str(base_path))
         record["adapter_files"] = []
@@ -167,11 +169,11 @@ def _export_into(req, base, plans, quant, arch, out: Path, imx: MatrixPlan) -> d
     return record
 
 
-def _prefetch(req, quant, ref: Reference, variants) -> Reference:
+def _prefetch(req, quant, ref: Reference, variants, imx: MatrixPlan, base) -> Reference:
     """Start the verifier's PyTorch side now: it needs only the base and the plans, so it runs while
-    the files are written."""
+    the files are written. The same child collects the importance matrix first (one torch start-up)."""
     if req.verify:
-        ref.prefetch(variants, "gguf", quant.name)
+        imx.job = ref.prefetch(variants, "gguf", quant.name, imatrix=imx.request(base))
     return ref
 
 
@@ -230,6 +232,18 @@ class MatrixPlan:
     overrides: dict = field(default_factory=dict)  # regex -> ggml type (--keep-delta)
     meta: dict = field(default_factory=dict)  # edgepeft.imatrix.* keys for the model file
     tokenizer: object = None  # the one the calibration was rendered with (loaded once)
+    job: object = None  # the verifier's reference child, when it collects the matrix too (``request``)
+    _request: tuple | None = None  # (base, variants, request) as last made
+
+    def request(self, base) -> dict | None:
+        """The collection request for ``base`` once ``variants`` are set; None when no matrix is collected."""
+        if not self.calibrations or self.file is not None:
+            return None
+        from edgepeft.imatrix import matrix_request
+
+        if self._request is None or self._request[0] is not base or self._request[1] is not self.variants:
+            self._request = (base, self.variants, matrix_request(base, self.variants, self.tokenizer))
+        return self._request[2]
 
     def build(self, base, final: Path) -> Path | None:
         """Collect (or read) the matrix, write ``<final stem>.imatrix.gguf`` beside ``final``; None when off."""
@@ -246,7 +260,7 @@ class MatrixPlan:
         else:
             data_sha = ",".join(dict.fromkeys(c.sha256 for c in self.calibrations))
             source = " + ".join(dict.fromkeys(c.source for c in self.calibrations))
-            matrix = IM.collect_for_export(base, self.variants, source, tokenizer=self.tokenizer)
+            matrix = IM.collect_for_export(self.request(base), source, job=self.job)
         matrix.meta = {EdgepeftKeys.IMATRIX_DATA_SHA256: data_sha, EdgepeftKeys.IMATRIX_SOURCE: source}
         path = final.parent / (final.name.removesuffix(".gguf") + IMATRIX_SUFFIX)
         IM.write(matrix, path)
@@ -341,19 +355,20 @@ def write_model(base, plans, final: Path, quant: str, *, merge_target: str = "or
                                   tokenizer=tokenizer)
             return final
         inter = _intermediate_type(base)
-        matrix_file = imx.build(base, final) if imx is not None else None  # before the intermediate: its keys
         with (atomic.atomic_path(final) as tmp, scratch_file(final.parent, ".intermediate.gguf") as itmp,
               scratch_file(final.parent, ".quantized.gguf") as qtmp):
             # the intermediate has no tokenizer yet: llama.cpp's quantizer reads none, and the
-            # tokenizer job is usually still running here
-            _write_float_gguf(base, plans, itmp, inter, merge_target, merge, fingerprint_of, adapters, quant=q.name,
-                              extra_meta=imx.meta if imx is not None else None)
+            # tokenizer job is usually still running here; nor the matrix's keys: it is written while
+            # the matrix is collected (in the reference child), and the keys join the tokenizer's below
+            _write_float_gguf(base, plans, itmp, inter, merge_target, merge, fingerprint_of, adapters, quant=q.name)
+            matrix_file = imx.build(base, final) if imx is not None else None
             # while the tokenizer child still runs, leave it a core
             quantize(itmp, qtmp, q.name, nthread=None if tokenizer.done() else max(1, (os.cpu_count() or 1) - 1),
                      imatrix=matrix_file, overrides=imx.overrides if imx is not None else None)
             itmp.unlink()  # free its disk before the final copy
             with stage("embed the tokenizer"):
-                copy_with_tokenizer(qtmp, tmp, base.path, base.config["vocab_size"], tokenizer)
+                copy_with_tokenizer(qtmp, tmp, base.path, base.config["vocab_size"], tokenizer,
+                                    extra=imx.meta if imx is not None else None)
     return final
 
 
@@ -374,8 +389,7 @@ def _intermediate_type(base) -> str:
 
 
 def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: str, merge: dict | None,
-                      fingerprint_of, adapters, quant: str | None = None, tokenizer=None,
-                      extra_meta: dict | None = None) -> None:
+                      fingerprint_of, adapters, quant: str | None = None, tokenizer=None) -> None:
     """Stream the float GGUF; with ``tokenizer`` (a TokenizerJob) its keys are embedded, else left out."""
     import gguf
 
@@ -397,8 +411,6 @@ def _write_float_gguf(base, plans, path: Path, float_name: str, merge_target: st
             add_tokenizer(writer, base.path, cfg["vocab_size"], tokenizer.result())
     adapters = adapters if adapters is not None else plans
     _add_common_meta(writer, "merged" if adapters else "base", fp_base, quant or float_name)
-    for k, v in (extra_meta or {}).items():
-        writer.add_string(k, v)
     if adapters:
         # a shipped file carries no host path: the adapters' source folders stay in gguf-export.json
         writer.add_string(EdgepeftKeys.ADAPTERS, json.dumps([{k: v for k, v in _plan_summary(p).items() if k != "source"}

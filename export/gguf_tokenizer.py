@@ -303,8 +303,10 @@ def add_tokenizer(writer, folder: Path, vocab_size: int, data: dict) -> dict:
             "chat_template": bool(special.chat_template), "add_bos": bool(add_bos)}
 
 
-def copy_with_tokenizer(src: Path, dst: Path, folder: Path, vocab_size: int, job: TokenizerJob) -> dict:
-    """Write ``dst`` = GGUF ``src`` plus the tokenizer keys, tensors copied byte for byte.
+def copy_with_tokenizer(src: Path, dst: Path, folder: Path, vocab_size: int, job: TokenizerJob,
+                        extra: dict[str, str] | None = None) -> dict:
+    """Write ``dst`` = GGUF ``src`` plus the tokenizer keys (and ``extra`` string keys last), tensors copied
+    byte for byte.
 
     The exporter quantizes an intermediate that has no tokenizer (llama.cpp's quantizer copies
     the keys it finds and reads no vocabulary) while ``job`` is still running, then adds the
@@ -327,6 +329,8 @@ def copy_with_tokenizer(src: Path, dst: Path, folder: Path, vocab_size: int, job
                              sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
     if written is None:
         written = add_tokenizer(writer, folder, vocab_size, data)
+    for k, v in (extra or {}).items():
+        writer.add_string(k, v)
     for t in reader.tensors:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
     writer.write_header_to_file()

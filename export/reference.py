@@ -526,12 +526,15 @@ def _serve(request_file: str) -> None:
     try:
         with open(request_file, "rb") as f:
             req = pickle.load(f)  # pickle-ok: own child process (the parent wrote it: O_EXCL, 0600)
-        if req.get("kind") == "imatrix":  # edgepeft.imatrix.collect_for_export: the parent only waits
+        imx = req.get("imatrix")
+        if imx is not None:  # first: the export's quantizer waits for it (edgepeft.imatrix.matrix_request)
             torch.set_num_threads(max(1, min(full, free_cores())))
-            pickle.dump(("matrix", *importance_sums(req["base"], req["passes"], req["names"], req["budget"],
-                                                    bf16=req["bf16"])), out, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(("matrix", *importance_sums(imx["base"], imx["passes"], imx["names"], imx["budget"],
+                                                    bf16=imx["bf16"])), out, protocol=pickle.HIGHEST_PROTOCOL)
             out.flush()
-            return
+            if "base" not in req:
+                return
+            torch.set_num_threads(max(1, min(full, free_cores() - 1)))
         prompts, held, bos = fixed_ids(req["base"])
         pickle.dump(("ids", prompts, held, bos), out)
         out.flush()

@@ -70,9 +70,14 @@ class Reference:
     adapters: dict[str, AdapterPlan] = field(default_factory=dict)
     _job: _Job | None = field(default=None, init=False, repr=False, compare=False)
 
-    def prefetch(self, variants: Sequence[str | None], fmt: str, quant: str) -> None:
-        """Start computing the reference now, in a child process: an export overlaps it with writing the artifact."""
-        self._job = _Job(self, list(variants), _keep_rows(bounds_for(fmt, quant, self.base.model_type)))
+    def prefetch(self, variants: Sequence[str | None], fmt: str, quant: str, imatrix: dict | None = None) -> _Job:
+        """Start computing the reference now, in a child process: an export overlaps it with writing the artifact.
+
+        ``imatrix`` (``edgepeft.imatrix.matrix_request`` on this base): the same child first collects that
+        importance matrix (``_Job.matrix``), so the export starts one torch process, not two."""
+        self._job = _Job(self, list(variants), _keep_rows(bounds_for(fmt, quant, self.base.model_type)),
+                         imatrix=imatrix)
+        return self._job
 
     def job(self, variants: Sequence[str | None], keep_rows: bool) -> _Job:
         """The running (or finished) computation for ``variants``; started here unless prefetched."""
@@ -119,9 +124,9 @@ class _Job:
     the Hugging Face tokenizer for the check: the child sends the ids.
     """
 
-    def __init__(self, ref: Reference | None, variants: list, keep_rows: bool, request: dict | None = None):
-        """The reference of ``ref`` for ``variants``; or, with ``request``, that request as it is (the
-        importance matrix's: ``edgepeft.imatrix.collect_for_export``)."""
+    def __init__(self, ref: Reference | None, variants: list, keep_rows: bool, imatrix: dict | None = None):
+        """The reference of ``ref`` for ``variants``, after the importance matrix of ``imatrix`` where given;
+        without ``ref``, the matrix alone (``edgepeft.imatrix.collect_for_export``)."""
         import os
         import pickle
         import subprocess
@@ -131,10 +136,12 @@ class _Job:
         from edgepeft.ui import STATE
 
         self.variants, self.keep_rows = variants, keep_rows
-        self._inputs = self._stats = None
-        if request is None:
-            request = {"base": ref.base, "merged": ref.merged, "merge_target": ref.merge_target,
-                       "adapters": ref.adapters, "variants": variants, "keep_rows": keep_rows}
+        self._inputs = self._stats = self._matrix = None
+        self._has_matrix, self._matrix_only = imatrix is not None, ref is None
+        request = {"imatrix": imatrix}
+        if ref is not None:
+            request.update(base=ref.base, merged=ref.merged, merge_target=ref.merge_target, adapters=ref.adapters,
+                           variants=variants, keep_rows=keep_rows)
         with tempfile.NamedTemporaryFile(prefix="edgepeft-reference-", suffix=".pickle", delete=False) as f:
             # a file, not stdin: plans can be large and the child unpickles them only after importing torch
             pickle.dump(request, f)
@@ -143,7 +150,7 @@ class _Job:
         # a fixed mmap threshold: glibc's sliding one keeps each freed layer's blocks in the heap (+60 MiB RSS)
         # (not for the importance matrix: its batches of 2048 positions fault in fresh pages for every op, which
         # took 16 s of system time on smollm2-135m)
-        env = {**os.environ, **({} if request.get("kind") == "imatrix" else {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})}
+        env = {**os.environ, **({} if imatrix is not None else {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})}
         self.proc = subprocess.Popen([sys.executable, "-m", "edgepeft.export.reference", str(self._request)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
         _RUNNING.add(self)
@@ -181,6 +188,8 @@ class _Job:
     def inputs(self):
         """(prompt ids, held-out ids, the tokenizer's BOS id) once the child has tokenized."""
         if self._inputs is None:
+            if self._has_matrix:
+                self.matrix()  # sent first
             self._inputs = self._receive()
         return self._inputs
 
@@ -195,13 +204,14 @@ class _Job:
         return self._stats
 
     def matrix(self) -> tuple[dict, dict]:
-        """An importance-matrix request's (sums, counts)."""
-        if self._stats is None:
-            (sums, counts) = self._receive()
-            self._stats = (sums, counts)
-            self.proc.wait()
-            self.close()
-        return self._stats
+        """The importance matrix's (sums, counts), once collected; a matrix-only child ends then."""
+        if self._matrix is None:
+            self._matrix = self._receive()
+            if self._matrix_only:
+                self._stats = self._matrix
+                self.proc.wait()
+                self.close()
+        return self._matrix
 
     def close(self) -> None:
         """Stop the child if it still runs; remove its request file. Safe to call twice."""
