@@ -38,6 +38,7 @@ VARIANTS = {
     "r8 all-linear": ("rank=8", "f16"),
     "r4 all-linear": ("rank=4", "f16"),
     "r16 q+v": ("modules=q_proj+v_proj", "f16"),
+    "prune auto": ("auto", "f16"),  # export --prune auto: the smallest ranks/modules within 1 point on its eval
 }
 
 
@@ -57,7 +58,12 @@ def synthetic_adapter(out: Path) -> Path:
 
 
 def export(adapter: Path, name: str, prune: str | None, adapter_type: str) -> Path:
-    out = WORK / name.replace(" ", "_").replace("+", "")
+    """One variant's separate export, reused on a rerun of the same adapter (folders are per adapter: a rerun
+    with another --adapter once measured the earlier adapter's files)."""
+    import hashlib
+
+    key = hashlib.sha256(str(adapter.resolve()).encode()).hexdigest()[:10]
+    out = WORK / key / name.replace(" ", "_").replace("+", "")
     if not (out / "gguf-export.json").is_file():
         sh(sys.executable, "-m", "edgepeft", "export", "--format", "gguf", "--base", "smollm2-135m", "--adapter",
            adapter, "--name", "a", "--mode", "separate", "--quant", "q4_k_m", "--adapter-type", adapter_type,
@@ -70,6 +76,7 @@ def main():
     ap.add_argument("--adapter", default="")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--repetitions", type=int, default=5)
+    ap.add_argument("--task-limit", type=int, default=100, help="demo examples scored per variant (trained adapter)")
     args = ap.parse_args()
 
     from plots import plot_adapter_cost
@@ -83,9 +90,12 @@ def main():
     kind = "trained adapter"
     if adapter is None or not (adapter / "adapter_config.json").is_file():
         adapter, kind = synthetic_adapter(WORK / "synthetic-r16"), "synthetic rank-16 all-linear adapter"
-    outs = {name: export(adapter, name, prune, t) for name, (prune, t) in VARIANTS.items()}
+    variants_wanted = {n: v for n, v in VARIANTS.items() if kind == "trained adapter" or v[0] != "auto"}
+    outs = {name: export(adapter, name, prune, t) for name, (prune, t) in variants_wanted.items()}
+    # the task column: only a trained adapter has one (prune auto needs it too)
+    task = ["--task", "demo", "--task-limit", args.task_limit] if kind == "trained adapter" else []
     first = next(iter(outs.values()))
-    base_file = next(p for p in first.glob("*.gguf") if not p.name.endswith(".lora.gguf"))
+    base_file = first / Path(json.loads((first / "gguf-export.json").read_text())["files"][0]).name  # not the .imatrix.gguf
     files = {name: out / "a.lora.gguf" for name, out in outs.items()}
     extra = [x for i, (name, f) in enumerate(files.items()) for x in ("--adapter", f"v{i}={f}")]
     keys = {f"v{i}": name for i, name in enumerate(files)}
@@ -95,15 +105,18 @@ def main():
         loads.append(os.getloadavg())
         proc = sh(sys.executable, "-m", "edgepeft", "bench", base_file, *extra, "--prompt-tokens", 128, "--gen-tokens",
                   64, "-r", args.repetitions, "--no-ppl", "--swap-cycles", 1, "--json", "-", "--quiet",
-                  capture_output=True, text=True)
+                  *(task if rnd == 0 else []), capture_output=True, text=True)
         rounds.append({r["adapter"]: r for r in json.loads(proc.stdout)["records"]})
     variants = {}
     for key, name in keys.items():
         f = files[name]
         meta = check_gguf_header(f)
+        rec = json.loads((outs[name] / "gguf-export.json").read_text())
+        acc = rounds[0][key].get("accuracy") or {}
         variants[name] = {
             "prune": VARIANTS[name][0], "adapter_type": VARIANTS[name][1], "adapter_bytes": f.stat().st_size,
-            "modules": len(meta.tensors) // 2,
+            "modules": len(meta.tensors) // 2, "adapter_sha256": rec["adapters"][0]["adapter_sha256"],
+            "demo_accuracy": acc.get("accuracy"), "demo_examples": acc.get("total"),
             "adapter_tg_ratio": round(statistics.median(r[key]["adapter_tg_ratio"] for r in rounds), 4),
             "adapter_pp_ratio": round(statistics.median(r[key]["adapter_pp_ratio"] for r in rounds), 4),
             "tg_ratio_per_round": [r[key]["adapter_tg_ratio"] for r in rounds],
@@ -112,6 +125,7 @@ def main():
            "adapter": f"{kind} ({adapter})", "base_file": base_file.name, "cpu": cpu_model(), "rounds": args.rounds,
            "shape": {"prompt_tokens": 128, "gen_tokens": 64, "repetitions": args.repetitions},
            "base_tg": statistics.median(r["none"]["tg"]["mean"] for r in rounds), "target": 0.9,
+           "base_demo_accuracy": (rounds[0]["none"].get("accuracy") or {}).get("accuracy"),
            "loadavg": loads, "loadavg_end": os.getloadavg(), "wall_s": round(time.perf_counter() - t0, 1),
            "variants": variants}
     OUT.mkdir(parents=True, exist_ok=True)
@@ -119,7 +133,7 @@ def main():
     plot_adapter_cost(doc, OUT / "adapter_cost.png")
     for name, v in variants.items():
         print(f"{name:22s} {v['adapter_bytes'] / 1e6:6.2f} MB {v['modules']:4d} modules  tg {v['adapter_tg_ratio']:.3f}x"
-              f"  pp {v['adapter_pp_ratio']:.3f}x")
+              f"  pp {v['adapter_pp_ratio']:.3f}x  demo {v['demo_accuracy']}")
 
 if __name__ == "__main__":
     main()
