@@ -176,8 +176,8 @@ def collect_for_export(request: dict, dataset: str, job=None) -> ImportanceMatri
     with stage(f"importance matrix in PyTorch ({n_texts} calibration texts, {n_tokens} tokens"
                f"{', bf16 matmuls' if request['bf16'] else ''})"):
         sums, counts = (job or _Job(None, [], False, imatrix=request)).matrix()
-    matrix = ImportanceMatrix(sums, counts, datasets=[dataset], chunk_count=n_texts)
-    matrix.compute = "bf16 autocast" if request["bf16"] else "fp32"
+    matrix = ImportanceMatrix(sums, counts, datasets=[dataset], chunk_count=n_texts,
+                              compute="bf16 autocast" if request["bf16"] else "fp32")
     bad = next((k for k, v in matrix.sums.items() if not np.isfinite(v).all()), None)
     if bad is not None:
         raise EdgepeftError(f"the importance matrix of {bad} is not finite (the model overflows on the calibration "

@@ -312,9 +312,7 @@ def write_merged(base, plans, out: Path, quant: str, merge_into: str, calib, imx
     name = "+".join(p.name for p in plans) or "base"
     final = out / f"{name}-merged-{quant}.gguf"
     merge = {"target": "original" if merge_into == "auto" and not plans else merge_into, "reference_folder": None}
-    if merge["target"] != "auto":
-        if imx is not None:
-            imx.variants = [(plans, c, merge["target"]) for c in imx.calibrations]
+    if merge["target"] != "auto":  # imx.variants were set before the reference child started (_export_into)
         return write_model(base, plans, final, quant, merge_target=merge["target"], merge=merge, imx=imx), merge
     from edgepeft.export.merge import choose_merge_target
     from edgepeft.models import resolve_base

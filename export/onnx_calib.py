@@ -170,7 +170,6 @@ def _share_head_with_table(m) -> str | None:
     (or K is padded to the block, which the gathered rows would carry) and the table stays fp32."""
     from onnx import helper, numpy_helper
 
-    nodes = {n.name: n for n in m.graph.node}
     head = next((n for n in m.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits"), None)
     if head is None or len(head.input) < 4:
         return None
@@ -182,8 +181,6 @@ def _share_head_with_table(m) -> str | None:
         return None
     gather = consumers[0]
     transpose = next(t for t in m.graph.node if t.op_type == "Transpose" and t.output[0] == gather.input[0])
-    if len(transpose.input) != 1 or nodes.get(transpose.name) is None:
-        return None
     weight = transpose.input[0]
     shape = weight + "_table_shape"  # a Constant node, not an initializer: those are all saved as external data,
     # which shape inference cannot read

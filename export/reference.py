@@ -267,7 +267,6 @@ class _Batch:
     lengths: list[int]
     calls: list  # (args, kwargs) per decoder layer
     hidden: dict  # variant -> (b, L, hidden) fp32
-    real: object = None  # importance_sums: flat indices of the real (unpadded) positions
 
 
 def _plus(w, mods, rows=None):
@@ -287,6 +286,59 @@ def _module_names(model) -> tuple[str, str, bool]:
     return emb, where[out] + ".weight", tied
 
 
+@dataclass
+class _Parts:
+    """The meta-device model and the names both streamed forwards (reference, importance matrix) use."""
+
+    model: object
+    decoder: object
+    prefix: str  # the decoder's module path + "." ("model.")
+    embed: object
+    embed_name: str
+    out_name: str
+    tied: bool
+    names: list[str]  # every parameter the weights must hold (the tied output matrix once)
+
+
+def _parts(base: ResolvedBase, W: Weights) -> _Parts:
+    """transformers' model for ``base`` on meta; one line if its safetensors lack a tensor the model expects."""
+    model = _skeleton(base)
+    decoder = model.get_decoder()
+    prefix = next(n for n, m in model.named_modules() if m is decoder)
+    embed_name, out_name, tied = _module_names(model)
+    names = [n for n, _ in model.named_parameters() if not (tied and n == out_name)]
+    missing = [n for n in names if n not in W]
+    if missing:
+        from edgepeft.errors import EdgepeftError
+
+        raise EdgepeftError(f"base {base.spec}: its safetensors hold no tensor {missing[0]}, which transformers' "
+                            f"{type(model).__name__} expects", "Re-save the base with save_pretrained")
+    embed = model.get_input_embeddings()
+    embed.padding_idx = None  # forward only: the gathered rows are fewer than the vocabulary
+    return _Parts(model, decoder, prefix + "." if prefix else "", embed, embed_name, out_name, tied, names)
+
+
+def _padded_ids(seqs: Sequence[Sequence[int]], idx: list[int]):
+    """(lengths, unique token ids, the right-padded batch as indices into them) of the sequences ``idx``."""
+    import torch
+
+    lengths = [len(seqs[i]) for i in idx]
+    ids = np.zeros((len(idx), max(lengths)), np.int64)
+    for r, i in enumerate(idx):
+        ids[r, :lengths[r]] = seqs[i]
+    uniq, inv = np.unique(ids, return_inverse=True)
+    return lengths, uniq, torch.from_numpy(inv.reshape(ids.shape))
+
+
+def _layer_inputs(p: _Parts, rows, inv):
+    """(embeddings, (args, kwargs) per decoder layer) of the batch ``inv`` with ``rows`` as the embedding table."""
+    import torch
+
+    p.embed.weight = torch.nn.Parameter(rows, requires_grad=False)
+    layers = p.decoder.layers
+    return _capture(p.decoder, layers, inv, tuple_out=False) or _capture(p.decoder, layers, inv, tuple_out=True)
+
+
 def reference_stats(base: ResolvedBase, merged: Sequence[AdapterPlan], merge_target: str,
                     adapters: dict[str, AdapterPlan], variants: Sequence[str | None], seqs: Sequence[Sequence[int]],
                     keep_rows: Sequence[bool], nll: Sequence[bool], step: Callable[[], None] = lambda: None,
@@ -296,46 +348,26 @@ def reference_stats(base: ResolvedBase, merged: Sequence[AdapterPlan], merge_tar
     ``step`` is called before each layer and each output chunk (the child process adjusts its threads there)."""
     import torch
 
-    model = _skeleton(base)
-    decoder = model.get_decoder()
-    prefix = next(n for n, m in model.named_modules() if m is decoder)
-    prefix = prefix + "." if prefix else ""
-    layers = decoder.layers
     W = Weights(base, merged, merge_target)
-    embed_name, out_name, tied = _module_names(model)
-    head_name = embed_name if tied else out_name
-    names = [n for n, _ in model.named_parameters() if not (tied and n == out_name)]
-    missing = [n for n in names if n not in W]
-    if missing:
-        from edgepeft.errors import EdgepeftError
-
-        raise EdgepeftError(f"base {base.spec}: its safetensors hold no tensor {missing[0]}, which transformers' "
-                            f"{type(model).__name__} expects", "Re-save the base with save_pretrained")
+    p = _parts(base, W)
+    model, decoder, prefix, embed_name = p.model, p.decoder, p.prefix, p.embed_name
+    layers = decoder.layers
+    head_name = embed_name if p.tied else p.out_name
     own = {v: (_by_weight([adapters[v]]) if v else {}) for v in variants}
 
     with torch.no_grad():
         # --- 1. the layers' inputs, per batch (and per variant where an adapter changes the embedding)
-        small = {n.removeprefix(prefix): W.get(n) for n in names
+        small = {n.removeprefix(prefix): W.get(n) for n in p.names
                  if n.startswith(prefix) and not n.startswith(prefix + "layers.") and n != embed_name}
         decoder.load_state_dict(small, strict=False, assign=True)  # the final norm (and any other small tensor)
-        embed = model.get_input_embeddings()
-        embed.padding_idx = None  # forward only: the gathered rows are fewer than the vocabulary
         batches = []
         for idx in pad_batches([len(x) for x in seqs]):
-            lengths = [len(seqs[i]) for i in idx]
-            ids = np.zeros((len(idx), max(lengths)), np.int64)
-            for r, i in enumerate(idx):
-                ids[r, :lengths[r]] = seqs[i]
-            uniq, inv = np.unique(ids, return_inverse=True)
-            inv = torch.from_numpy(inv.reshape(ids.shape))
+            lengths, uniq, inv = _padded_ids(seqs, idx)
             hidden, calls = {}, None
             for v in variants:
-                embed.weight = torch.nn.Parameter(W.rows(embed_name, uniq, own[v].get(embed_name, ())),
-                                                  requires_grad=False)
-                got = _capture(decoder, layers, inv, tuple_out=False) or _capture(decoder, layers, inv, tuple_out=True)
-                hidden[v], calls = got
+                hidden[v], calls = _layer_inputs(p, W.rows(embed_name, uniq, own[v].get(embed_name, ())), inv)
             batches.append(_Batch(idx, lengths, calls, hidden))
-        _release(embed)
+        _release(p.embed)
 
         # --- 2. layer by layer
         for i, layer in enumerate(layers):
@@ -384,8 +416,8 @@ def reference_stats(base: ResolvedBase, merged: Sequence[AdapterPlan], merge_tar
 
 # ------------------------------------------------------------------ the importance matrix, streamed the same way
 def importance_sums(base: ResolvedBase, passes: Sequence[tuple[Sequence[AdapterPlan], Sequence[Sequence[int]], str]],
-                    names: dict[str, str], budget: int, step: Callable[[], None] = lambda: None,
-                    bf16: bool = False) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+                    names: dict[str, str], budget: int, bf16: bool = False,
+                    ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Sum of x_j² per input column j and the token count at every linear in ``names`` (HF module path ->
     key), over each pass's token lists run through ``base`` with that pass's plans added (into its target).
 
@@ -395,17 +427,9 @@ def importance_sums(base: ResolvedBase, passes: Sequence[tuple[Sequence[AdapterP
     ``bf16``: the layers' matmuls under bf16 autocast (norms, residuals and the sums stay fp32)."""
     import torch
 
-    model = _skeleton(base)
-    decoder = model.get_decoder()
-    prefix = next(n for n, m in model.named_modules() if m is decoder)
-    prefix = prefix + "." if prefix else ""
-    layers = decoder.layers
-    embed_name, _, _ = _module_names(model)
-    embed = model.get_input_embeddings()
-    embed.padding_idx = None
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    real: list = [None]  # flat indices of the batch's real positions
+    real: list = [None]  # flat indices of the current batch's real positions
 
     def hook(key: str):
         def pre(_mod, args):
@@ -418,32 +442,25 @@ def importance_sums(base: ResolvedBase, passes: Sequence[tuple[Sequence[AdapterP
     with torch.no_grad():
         for plans, seqs, target in passes:
             W = Weights(base, plans, target)
+            p = _parts(base, W)
             seqs = [list(x) for x in seqs if len(x)]
-            batches = []
+            batches = []  # (batch, flat indices of its real positions)
             for idx in pad_batches([len(x) for x in seqs], budget):
-                lengths = [len(seqs[i]) for i in idx]
-                ids = np.zeros((len(idx), max(lengths)), np.int64)
-                for r, i in enumerate(idx):
-                    ids[r, :lengths[r]] = seqs[i]
-                uniq, inv = np.unique(ids, return_inverse=True)
-                embed.weight = torch.nn.Parameter(W.rows(embed_name, uniq), requires_grad=False)
-                inv = torch.from_numpy(inv.reshape(ids.shape))
-                hidden, calls = _capture(decoder, layers, inv, tuple_out=False) or \
-                    _capture(decoder, layers, inv, tuple_out=True)
-                keep = torch.from_numpy((np.arange(ids.shape[1])[None, :] < np.array(lengths)[:, None]).reshape(-1))
-                batches.append(_Batch(idx, lengths, calls, {None: hidden}, keep.nonzero().reshape(-1)))
-            _release(embed)
-            for i, layer in enumerate(layers):
-                step()
-                lp = f"{prefix}layers.{i}."
+                lengths, uniq, inv = _padded_ids(seqs, idx)
+                hidden, calls = _layer_inputs(p, W.rows(p.embed_name, uniq), inv)
+                keep = np.arange(inv.shape[1])[None, :] < np.array(lengths)[:, None]
+                batches.append((_Batch(idx, lengths, calls, {None: hidden}), torch.from_numpy(np.flatnonzero(keep))))
+            _release(p.embed)
+            for i, layer in enumerate(p.decoder.layers):
+                lp = f"{p.prefix}layers.{i}."
                 _assign(layer, {n: W.get(lp + n) for n, _ in layer.named_parameters()})
                 handles = [layer.get_submodule(path.removeprefix(lp)).register_forward_pre_hook(hook(key))
                            for path, key in names.items() if path.startswith(lp)]
                 try:
-                    for b in batches:
-                        real[0] = b.real
+                    for b, keep in batches:
+                        real[0] = keep
+                        args, kwargs = b.calls[i]
                         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                            args, kwargs = b.calls[i]
                             out = layer(b.hidden[None], *args, **kwargs)
                         b.hidden[None] = (out[0] if isinstance(out, tuple) else out).float()
                 finally:

@@ -208,7 +208,6 @@ class _Job:
         if self._matrix is None:
             self._matrix = self._receive()
             if self._matrix_only:
-                self._stats = self._matrix
                 self.proc.wait()
                 self.close()
         return self._matrix

@@ -58,9 +58,6 @@ def test_gptq_export_is_calibrated_verified_and_keeps_lora_float(mode, tiny_llam
     assert p.returncode == 0, p.stderr
     out = calib_file.parent / "out"
     rec = json.loads((out / ONNX_SIDECAR).read_text())
-    if tied:  # int4 GPTQ of a random 2-layer model misses the top-1 bound with an fp32 table too (0.43 < 0.45)
-        _assert_table_rows_match(out, base)
-        return
     assert rec["quant_algo"] == "gptq_last" and rec["calibration"]["kind"] == "file"
     assert rec["calibration"]["texts"] == 6 and "--calib calib.jsonl" in rec["calibration"]["source"]
     g = rec["gptq"]
@@ -68,14 +65,19 @@ def test_gptq_export_is_calibrated_verified_and_keeps_lora_float(mode, tiny_llam
     assert g["adapters_active"] == (1 if mode == "separate" else 0)
     ops, float_matmuls = _ops(out)
     assert ops["MatMulNBits"] == g["quantized_matmuls"] + 1  # + lm_head at int8
-    assert ops["GatherBlockQuantized"] == 1  # the table is quantized, and no fp32 copy of it is left:
+    assert ops["GatherBlockQuantized"] == 1  # the table is quantized, and no fp32 copy of it is left
     assert g["embedding"] == ("int8, tied to the lm_head's blocks" if tied else "int4 rtn")
     import onnx
 
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    assert all(i.data_type != onnx.TensorProto.FLOAT or np.prod(i.dims) < 49152 * 16 for i in m.graph.initializer)
+    cfg = json.loads((base / "config.json").read_text())
+    table = cfg["vocab_size"] * cfg["hidden_size"]  # no fp32 initializer that large is left
+    assert all(i.data_type != onnx.TensorProto.FLOAT or np.prod(i.dims) < table for i in m.graph.initializer)
     # only the LoRA MatMuls stay float (separate), so adapters still plug in
     assert all("lora_" in n for n in float_matmuls) and (bool(float_matmuls) == (mode == "separate"))
+    if tied:  # int4 GPTQ of a random 2-layer model misses the top-1 bound with an fp32 table too (0.43 < 0.45)
+        _assert_table_rows_match(out, base)
+        return
     checks = rec["verification"]["checks"] if mode == "merged" else rec["verifications"][1]["checks"]
     assert all(c["passed"] for c in checks) and {c["metric"] for c in checks} >= {"top1_agreement", "ppl_ratio"}
 
