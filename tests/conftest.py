@@ -23,6 +23,25 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
         "num_key_value_heads": 2, "max_position_embeddings": 256, "initializer_range": 0.08}
 
 
+# The suite runs on xdist workers (pyproject: -n 2 --dist loadfile; one file stays on one worker, so its
+# module fixtures are built once). The files that take longest go first, so none starts last and runs alone.
+FIRST = ("test_wheel.py", "test_verify.py", "test_gemma.py", "test_cpu_4bit.py", "test_onnx_integration.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: the rest keep their order
+
+
+def pytest_configure(config):
+    """Under xdist the controller resolves the embedded base once, before any worker starts, so the workers
+    never dequantize it at the same time into the same cache (a clean machine's first run)."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        from edgepeft.models import resolve_base
+
+        resolve_base("smollm2-135m")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real embedded base (dequantized once, then cached)."""

@@ -15,6 +15,7 @@ Use as a fixture: ``from tests.peers import llama_cpp_src`` (session fixture) or
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -46,13 +47,28 @@ def peer_dir(members=_MEMBERS) -> Path:
     if marker.is_file():
         return src
     root.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(sdist()) as tf:
-        prefix = f"llama_cpp_python-{ver}/"
-        picked = [m for m in tf.getmembers()
-                  if any(m.name.startswith(prefix + want) for want in members) and (m.isfile() or m.isdir())]
-        tf.extractall(root, members=picked, filter="data")
-    marker.write_text(ver)
+    with _locked(root / ".lock"):  # the suite's xdist workers may all ask at once on a clean machine
+        if not marker.is_file():
+            with tarfile.open(sdist()) as tf:
+                prefix = f"llama_cpp_python-{ver}/"
+                picked = [m for m in tf.getmembers()
+                          if any(m.name.startswith(prefix + want) for want in members) and (m.isfile() or m.isdir())]
+                tf.extractall(root, members=picked, filter="data")
+            marker.write_text(ver)
     return src
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive flock on ``path`` for the block (other processes wait)."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def sdist() -> Path:
