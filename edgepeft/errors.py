@@ -45,7 +45,12 @@ class VerificationError(EdgepeftError):
     EXPORT_FIX = ("Nothing was written under a final name. The writer or its input is wrong; rerun with --debug and "
                   "report it, or pass --no-verify to keep an unverified artifact")
 
+    TASK_FIX = ("Nothing was written under a final name. This type loses the fine-tune's own task: keep the adapter "
+                "separate (--mode separate), pick a higher --quant, or pass --no-verify to keep it anyway")
+
     def __init__(self, what: str, records: list, failed: str, fix: str | None = None):
-        super().__init__(f"{what} failed verification against the PyTorch fp32 reference: {failed}",
-                         fix or self.EXPORT_FIX)
+        missed = {c.get("metric") for r in records if r.get("passed") is False for c in r.get("checks", [])
+                  if not c.get("passed")}
+        default = self.TASK_FIX if missed == {"task_kept"} else self.EXPORT_FIX  # the task alone: not a writer bug
+        super().__init__(f"{what} failed verification against the PyTorch fp32 reference: {failed}", fix or default)
         self.records = records

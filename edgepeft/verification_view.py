@@ -138,6 +138,11 @@ def render(record: dict, console, folder: str | Path | None = None) -> None:
                 bound = f"{c['op']} {_fmt(c['bound'])}" if c.get("bound") is not None else "-"
                 t.add_row(adapter, c["metric"], _fmt(c.get("value")), bound, _verdict(c.get("passed")))
                 adapter = ""  # one name per group of rows
+            task = v.get("task")
+            if isinstance(task, dict) and isinstance(task.get("exact_match"), dict):
+                em = task["exact_match"]  # teacher-forced, on the task examples the check ran
+                t.add_row(adapter, f"task exact match ({task.get('examples')} examples)",
+                          f"{_fmt(em.get('artifact'))} (PyTorch {_fmt(em.get('reference'))})", "-", "reported")
         console.print(t)
     verdicts = [v.get("passed") for v in vs if not v.get("skipped")]
     if verdicts and all(p is True for p in verdicts):

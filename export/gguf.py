@@ -139,7 +139,8 @@ def _export_into(req, base, plans, quant, arch, out: Path, imx: MatrixPlan) -> d
         early = None
         if req.merge_into != "auto" or not plans:  # auto with adapters picks its target while writing
             imx.variants = [(plans, c, target) for c in imx.calibrations]
-            early = _prefetch(req, quant, Reference(base, merged=plans, merge_target=target), [None], imx, base)
+            early = _prefetch(req, quant, Reference(base, merged=plans, merge_target=target,
+                                                    tasks=_tasks(req, base, plans, imx)), [None], imx, base)
         path, merge = write_merged(base, plans, out, quant.name, req.merge_into, req.calib, imx=imx)
         record["files"].append(str(path))
         record["merge"] = merge
@@ -147,10 +148,12 @@ def _export_into(req, base, plans, quant, arch, out: Path, imx: MatrixPlan) -> d
         from edgepeft.runtimes.base import Artifact
 
         _verify(req, record, Artifact(path, "gguf", path, {}, quant.name),
-                early or Reference(base, merged=plans, merge_target=merge["target"]))
+                early or Reference(base, merged=plans, merge_target=merge["target"],
+                                   tasks=_tasks(req, base, plans, imx)))
     else:
         imx.variants = [([p], c, "original") for p, c in zip(plans, imx.calibrations, strict=False)]
-        ref = _prefetch(req, quant, Reference(base, adapters={p.name: p for p in plans}),
+        ref = _prefetch(req, quant, Reference(base, adapters={p.name: p for p in plans},
+                                              tasks=_tasks(req, base, plans, imx)),
                         [None, *(p.name for p in plans)], imx, base)
         base_path = out / f"base-{quant.name}.gguf"
         base_path = write_model(base, [], base_path, quant.name, imx=imx)
@@ -175,6 +178,16 @@ def _prefetch(req, quant, ref: Reference, variants, imx: MatrixPlan, base) -> Re
     if req.verify:
         imx.job = ref.prefetch(variants, "gguf", quant.name, imatrix=imx.request(base))
     return ref
+
+
+def _tasks(req, base, plans, imx: MatrixPlan) -> dict:
+    """The verifier's task examples (``verify.task_pairs``), from the importance matrix's calibration where
+    it has one (read and hash-checked once); none when the export is not verified."""
+    if not req.verify:
+        return {}
+    from edgepeft.export.verify import task_pairs
+
+    return task_pairs(req, base, plans, tokenizer=imx.tokenizer, calibrations=imx.calibrations or None)
 
 
 def _verify(req, record: dict, artifact, reference) -> None:

@@ -118,8 +118,17 @@ def _export_merged(req, base, plans, out: Path, work: Path) -> dict:
     record.update(calibrated)
     record["merge"] = merge_info
     target = (merge_info or {}).get("target", "original")
-    _verify(req, record, out, {}, Reference(base, merged=plans, merge_target=target))
+    _verify(req, record, out, {}, Reference(base, merged=plans, merge_target=target, tasks=_tasks(req, base, plans)))
     return record
+
+
+def _tasks(req, base, plans) -> dict:
+    """The verifier's task examples (``verify.task_pairs``); none when the export is not verified."""
+    if not req.verify or _skip_reason(req):
+        return {}
+    from edgepeft.export.verify import task_pairs
+
+    return task_pairs(req, base, plans)
 
 
 def _verify(req, record: dict, out: Path, adapters: dict, reference) -> None:
@@ -212,7 +221,7 @@ def _export_separate(req, base, plans, out: Path, work: Path) -> dict:
         record["files"].append(rel)
     record["slots"] = len(slots) // 2
     _verify(req, record, out, {p.name: out / e["file"] for p, e in zip(plans, record["adapters"])},
-            Reference(base, adapters={p.name: p for p in plans}))
+            Reference(base, adapters={p.name: p for p in plans}, tasks=_tasks(req, base, plans)))
     return record
 
 

@@ -342,9 +342,11 @@ def _layer_inputs(p: _Parts, rows, inv):
 def reference_stats(base: ResolvedBase, merged: Sequence[AdapterPlan], merge_target: str,
                     adapters: dict[str, AdapterPlan], variants: Sequence[str | None], seqs: Sequence[Sequence[int]],
                     keep_rows: Sequence[bool], nll: Sequence[bool], step: Callable[[], None] = lambda: None,
-                    ) -> dict[str | None, list[SeqStats]]:
+                    only: Sequence[Sequence[str | None] | None] | None = None) -> dict[str | None, list[SeqStats]]:
     """Per variant (None: the model with ``merged`` folded in; a name: that adapter on top), SeqStats per sequence.
 
+    ``only``: per sequence, the variants that need it (None: every variant); the others skip it, and its
+    entry in their list is None (an adapter's task examples are never run on the base alone).
     ``step`` is called before each layer and each output chunk (the child process adjusts its threads there)."""
     import torch
 
@@ -360,13 +362,19 @@ def reference_stats(base: ResolvedBase, merged: Sequence[AdapterPlan], merge_tar
         small = {n.removeprefix(prefix): W.get(n) for n in p.names
                  if n.startswith(prefix) and not n.startswith(prefix + "layers.") and n != embed_name}
         decoder.load_state_dict(small, strict=False, assign=True)  # the final norm (and any other small tensor)
+        groups: dict[tuple, list[int]] = {}  # the variants that need a sequence -> those sequences (batched apart)
+        for k in range(len(seqs)):
+            need = variants if only is None or only[k] is None else [v for v in variants if v in only[k]]
+            groups.setdefault(tuple(need), []).append(k)
         batches = []
-        for idx in pad_batches([len(x) for x in seqs]):
-            lengths, uniq, inv = _padded_ids(seqs, idx)
-            hidden, calls = {}, None
-            for v in variants:
-                hidden[v], calls = _layer_inputs(p, W.rows(embed_name, uniq, own[v].get(embed_name, ())), inv)
-            batches.append(_Batch(idx, lengths, calls, hidden))
+        for need, members in groups.items():
+            for group in pad_batches([len(seqs[k]) for k in members]):
+                idx = [members[j] for j in group]
+                lengths, uniq, inv = _padded_ids(seqs, idx)
+                hidden, calls = {}, None
+                for v in need:
+                    hidden[v], calls = _layer_inputs(p, W.rows(embed_name, uniq, own[v].get(embed_name, ())), inv)
+                batches.append(_Batch(idx, lengths, calls, hidden))
         _release(p.embed)
 
         # --- 2. layer by layer
@@ -377,6 +385,8 @@ def reference_stats(base: ResolvedBase, merged: Sequence[AdapterPlan], merge_tar
             for v in variants:
                 _assign(layer, {n: _plus(w, own[v].get(lp + n, ())) for n, w in sd.items()})
                 for b in batches:
+                    if v not in b.hidden:
+                        continue
                     args, kwargs = b.calls[i]
                     out = layer(b.hidden[v], *args, **kwargs)
                     b.hidden[v] = out[0] if isinstance(out, tuple) else out
@@ -384,19 +394,23 @@ def reference_stats(base: ResolvedBase, merged: Sequence[AdapterPlan], merge_tar
             del sd
 
         # --- 3. the final norm, then the output matrix in row chunks
-        flat, spans = {}, []  # variant -> (positions, hidden); (sequence index, its first row in flat)
+        flat, spans = {}, {}  # variant -> (positions, hidden); variant -> [(sequence index, its first row in flat)]
         for v in variants:
-            parts, at = [], 0
+            parts, at, spans[v] = [], 0, []
             for b in batches:
+                if v not in b.hidden:
+                    continue
                 h = decoder.norm(b.hidden[v])
                 for r, (i, n) in enumerate(zip(b.index, b.lengths)):
                     parts.append(h[r, :n])
-                    if v == variants[0]:
-                        spans.append((i, at))
+                    spans[v].append((i, at))
                     at += n
             flat[v] = torch.cat(parts)
         vocab, width = (int(d) for d in W.entries[head_name].shape)
-        red = {v: [Reducer(s, vocab, k, t) for s, k, t in zip(seqs, keep_rows, nll)] for v in variants}
+        red = {v: [None] * len(seqs) for v in variants}
+        for v in variants:
+            for i, _ in spans[v]:
+                red[v][i] = Reducer(seqs[i], vocab, keep_rows[i], nll[i])
         cap = getattr(model.config, "final_logit_softcapping", None)
         per = max(1024, HEAD_CHUNK_BYTES // (4 * width))
         for c0 in range(0, vocab, per):
@@ -408,10 +422,10 @@ def reference_stats(base: ResolvedBase, merged: Sequence[AdapterPlan], merge_tar
                 if cap:
                     logits = torch.tanh(logits / cap) * cap
                 logits = logits.numpy()
-                for i, at in spans:
+                for i, at in spans[v]:
                     red[v][i].add(c0, logits[at:at + len(seqs[i])])
             del w
-    return {v: [r.result() for r in red[v]] for v in variants}
+    return {v: [r.result() if r is not None else None for r in red[v]] for v in variants}
 
 
 # ------------------------------------------------------------------ the importance matrix, streamed the same way
@@ -499,23 +513,32 @@ def _bos_token(folder) -> str | None:
     return None
 
 
-def fixed_ids(base: ResolvedBase) -> tuple[list, list, int | None]:
-    """(prompt ids, held-out ids, BOS id) as transformers' tokenizer gives them.
+def fixed_ids(base: ResolvedBase, tasks: dict | None = None) -> tuple[list, list, int | None, dict]:
+    """(prompt ids, held-out ids, BOS id, task ids) as transformers' tokenizer gives them.
+
+    ``tasks``: variant -> (prompt, completion) pairs (``verify.task_pairs``); task ids are, per variant,
+    ``(ids, n_ctx)`` with the prompt's ids first, as ``edgepeft.calib.completion_nll`` builds them.
 
     Through ``tokenizers`` on the GGUF writer's cached effective tokenizer.json (the backend
     AutoTokenizer runs, serialised; ``gguf_tokenizer``) when one is on disk: 0.3 CPU-s where
     AutoTokenizer costs 2.3 (smollm2-135m, measured). Else AutoTokenizer itself.
     """
     from edgepeft.export.gguf_tokenizer import cached_tokenizer_text
-    from edgepeft.export.verify import PROMPTS, _ids, held_out_ids
+    from edgepeft.export.verify import PROMPTS, _ids, held_out_ids, task_ids
 
     text = cached_tokenizer_text(base.path)
     tok = _FastTokenizer(text, _bos_token(base.path)) if text is not None else base.load_tokenizer()
-    return [_ids(tok, p) for p in PROMPTS], held_out_ids(tok), getattr(tok, "bos_token_id", None)
+    task = {v: task_ids(tok, pairs) for v, pairs in (tasks or {}).items()}
+    return [_ids(tok, p) for p in PROMPTS], held_out_ids(tok), getattr(tok, "bos_token_id", None), task
+
+
+def sequences(prompts: list, held: list, task: dict) -> list:
+    """Every sequence both sides run, in order: the fixed prompts, the held-out chunks, each variant's task ids."""
+    return prompts + held + [ids for v in task for ids, _ in task[v]]
 
 
 def _serve(request_file: str) -> None:
-    """Read the pickled request; send ("ids", prompts, held, bos) then ("stats", {variant: [SeqStats]}),
+    """Read the pickled request; send ("ids", prompts, held, bos, task) then ("stats", {variant: [SeqStats]}),
     pickled, on the original stdout (anything printed goes to stderr); ("error", ...) on a failure.
 
     Threads: the idle cores but one (left to the export's writer and quantizer) until the parent
@@ -552,13 +575,14 @@ def _serve(request_file: str) -> None:
             if "base" not in req:
                 return
             torch.set_num_threads(max(1, min(full, free_cores() - 1)))
-        prompts, held, bos = fixed_ids(req["base"])
-        pickle.dump(("ids", prompts, held, bos), out)
+        prompts, held, bos, task = fixed_ids(req["base"], req.get("tasks"))
+        pickle.dump(("ids", prompts, held, bos, task), out)
         out.flush()
-        seqs, n = prompts + held, len(prompts)
+        seqs, n, m = sequences(prompts, held, task), len(prompts), len(prompts) + len(held)
         stats = reference_stats(req["base"], req["merged"], req["merge_target"], req["adapters"], req["variants"],
                                 seqs, keep_rows=[req["keep_rows"] and k < n for k in range(len(seqs))],
-                                nll=[k >= n for k in range(len(seqs))], step=step)
+                                nll=[n <= k < m for k in range(len(seqs))], step=step,
+                                only=[None] * m + [(v,) for v in task for _ in task[v]])
         pickle.dump(("stats", stats), out, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:  # noqa: BLE001 -- reported to the parent, which raises it
         import traceback

@@ -17,7 +17,13 @@ Per model variant (the base, then each adapter; or the merged model) the checks 
 - ``top1_agreement`` over every position of the fixed prompts and the held-out text;
 - ``max_abs_logit_diff`` on the fixed prompts (float types);
 - ``ppl_ratio``: artifact perplexity / reference perplexity on a held-out text the package
-  carries (``edgepeft/data/wikitext2-valid-slice.txt``).
+  carries (``edgepeft/data/wikitext2-valid-slice.txt``);
+- ``task_kept``: of the adapter's own examples that PyTorch gets exactly right (:func:`task_pairs`:
+  ``--calib``, else its training run's data; none for a base alone or without task data), the
+  share the artifact gets right too, teacher-forced, so one forward per example. The fixed texts
+  cannot see a quantization that keeps general text and loses the fine-tune (the builder's
+  ``k_quant_mixed`` merged: demo 91 -> 53 % with every other check passed; task_kept 0.50). The
+  record's ``task`` entry also holds the top-1 agreement over the completion tokens.
 
 Which of them apply, and their bounds, come from :mod:`edgepeft.export.tolerances`. Records
 follow the shared verification record (``passed``, ``runtime``, ``reference``, ``artifact``,
@@ -68,6 +74,7 @@ class Reference:
     merged: list[AdapterPlan] = field(default_factory=list)
     merge_target: str = "original"
     adapters: dict[str, AdapterPlan] = field(default_factory=dict)
+    tasks: dict[str | None, list[tuple[str, str]]] = field(default_factory=dict)  # variant -> task pairs (task_pairs)
     _job: _Job | None = field(default=None, init=False, repr=False, compare=False)
 
     def prefetch(self, variants: Sequence[str | None], fmt: str, quant: str, imatrix: dict | None = None) -> _Job:
@@ -102,6 +109,84 @@ def held_out_ids(tokenizer) -> list[list[int]]:
         toks = _ids(tokenizer, f.read(4096))  # ~1000 tokens; more than the chunks need
     n = HELD_OUT_CHUNK
     return [toks[i * n: (i + 1) * n] for i in range(HELD_OUT_CHUNKS) if len(toks) >= (i + 1) * n]
+
+
+# ------------------------------------------------------------------ the task: the adapter's own examples
+# examples per adapter, teacher-forced (one forward each). Each costs its positions on both sides: 16 demo examples
+# (~1400 positions) added 7-10 s to a 20 s smollm2-135m Q4_K_M export, so 8
+TASK_EXAMPLES = 8
+TASK_MIN_LEARNED = 4  # examples PyTorch must get right before task_kept is judged
+TASK_MAX_LEN = 256  # as edgepeft.calib.completion_nll
+TASK_KINDS = ("run-held-out", "run-sample", "file")  # a task's data; the bundled wikitext slice is none
+
+
+def task_pairs(req, base: ResolvedBase, plans: Sequence[AdapterPlan], tokenizer=None, calibrations=None,
+               ) -> dict[str | None, list]:
+    """Variant -> the (prompt, completion) pairs its task check runs: each adapter's own data (separate mode,
+    keyed by its name), or every adapter's (merged: the model, keyed None), as ``edgepeft.calib.select_calibration``
+    picks it (``--calib``, else a training run's recorded data). None without task data (the bundled text).
+
+    ``calibrations``: the export's already selected ones, one per pass in the same order (the importance
+    matrix's: ``export.gguf.MatrixPlan``), so the data is read and hash-checked once."""
+    if not plans:
+        return {}
+    keys = [p.name for p in plans] if req.mode == "separate" else [None]
+    if calibrations is None:
+        if not req.calib and not any(p.source for p in plans):
+            return {}
+        from edgepeft.calib import CalibRequest, select_calibration
+
+        passes = [[p.source] if p.source else [] for p in plans] if req.mode == "separate" else [req.adapters]
+        tokenizer = tokenizer or base.load_tokenizer()
+        calibrations = [select_calibration(CalibRequest(adapters=a, calib=req.calib, calib_limit=TASK_EXAMPLES),
+                                           tokenizer, say=lambda _: None) for a in passes]
+    out = {}
+    for key, cal in zip(keys, calibrations, strict=False):
+        pairs = [(p, c) for p, c in cal.pairs if c.strip()][:TASK_EXAMPLES]
+        if cal.kind in TASK_KINDS and pairs:
+            out[key] = pairs
+    return out
+
+
+def task_ids(tokenizer, pairs) -> list[tuple[list[int], int]]:
+    """(prompt + completion ids, prompt length) per pair; pairs with no completion position left are dropped."""
+    out = []
+    for prompt, completion in pairs:
+        p_ids = _ids(tokenizer, prompt) if prompt else []
+        ids = (p_ids + _ids(tokenizer, completion))[:TASK_MAX_LEN]
+        n_ctx = max(len(p_ids), 1)  # the first token has no prediction
+        if len(ids) > n_ctx:
+            out.append((ids, n_ctx))
+    return out
+
+
+def _task_metrics(got: list, ref: list, task: list) -> dict:
+    """The task check's values over the variant's task examples, teacher-forced (an example is right when every
+    completion token is the top-1, which is what greedy decoding of its prompt gives).
+
+    ``task_kept``: of the examples PyTorch gets right (those the fine-tune learned), the share the artifact gets
+    right too; only where PyTorch gets at least TASK_MIN_LEARNED right (an untrained adapter or a random model
+    has no task to keep). The ``task`` entry adds top-1 agreement over the completion positions and exact match
+    on each side."""
+    agree = total = same = 0
+    ref_right, art_right = [], []
+    for (ids, n_ctx), g, r in zip(task, got, ref, strict=True):
+        pos = np.arange(n_ctx - 1, len(ids) - 1)
+        target = np.asarray(ids)[pos + 1]
+        hit = g.argmax[pos] == r.argmax[pos]
+        agree, total, same = agree + int(hit.sum()), total + len(pos), same + int(hit.all())
+        ref_right.append(bool((r.argmax[pos] == target).all()))
+        art_right.append(bool((g.argmax[pos] == target).all()))
+    n = max(len(task), 1)
+    learned = sum(ref_right)
+    kept = sum(a and r for a, r in zip(art_right, ref_right))
+    info = {"examples": len(task), "positions": total, "top1_agreement": round(agree / max(total, 1), 4),
+            "examples_agreeing": same, "learned": learned, "kept": kept,
+            "exact_match": {"reference": round(learned / n, 4), "artifact": round(sum(art_right) / n, 4)}}
+    out = {"task": info}
+    if learned >= TASK_MIN_LEARNED:
+        out["task_kept"] = kept / learned
+    return out
 
 
 # ------------------------------------------------------------------ PyTorch reference (export/reference.py)
@@ -141,7 +226,8 @@ class _Job:
         request = {"imatrix": imatrix}
         if ref is not None:
             request.update(base=ref.base, merged=ref.merged, merge_target=ref.merge_target, adapters=ref.adapters,
-                           variants=variants, keep_rows=keep_rows)
+                           variants=variants, keep_rows=keep_rows,
+                           tasks={v: t for v, t in ref.tasks.items() if v in variants})
         with tempfile.NamedTemporaryFile(prefix="edgepeft-reference-", suffix=".pickle", delete=False) as f:
             # a file, not stdin: plans can be large and the child unpickles them only after importing torch
             pickle.dump(request, f)
@@ -273,11 +359,12 @@ def sequence_logits(rt, ids: Sequence[int]) -> np.ndarray:
     return runtime_logits(rt)(list(ids))
 
 
-def _runtime_stats(rt, seqs, n_prompts: int, keep_rows: bool) -> list:
-    """SeqStats of the runtime's logits per sequence, reduced as the reference's are (one sequence resident)."""
+def _runtime_stats(rt, seqs, n_prompts: int, n_fixed: int, keep_rows: bool) -> list:
+    """SeqStats of the runtime's logits per sequence, reduced as the reference's are (one sequence resident);
+    NLL on the held-out chunks (``n_prompts`` <= k < ``n_fixed``), rows on the prompts."""
     from edgepeft.export.reference import stats
 
-    return [stats(sequence_logits(rt, ids), ids, keep_rows and k < n_prompts, nll=k >= n_prompts)
+    return [stats(sequence_logits(rt, ids), ids, keep_rows and k < n_prompts, nll=n_prompts <= k < n_fixed)
             for k, ids in enumerate(seqs)]
 
 
@@ -317,6 +404,8 @@ def checks(values: dict, b: Bounds) -> list[dict]:
     """One entry per metric the table bounds: value, bound, op, passed."""
     out = []
     for metric, op, bound in b.items():
+        if metric not in values:  # the task check, where the export has no task data
+            continue
         v = values[metric]
         ok = bool(v >= bound) if op == ">=" else bool(v <= bound)
         out.append({"metric": metric, "value": round(float(v), 4), "bound": bound, "op": op, "passed": ok})
@@ -338,24 +427,34 @@ def verify(artifact: Artifact, ref: Reference, *, fmt: str, quant: str, label: s
     job = ref.job(variants, _keep_rows(b))  # the PyTorch side, in a child process (unless already started)
     name = runtime or FORMAT_RUNTIMES[artifact.format][0]
     rt = get_runtime(name)
-    prompts, held, bos = job.inputs()
-    seqs, n = prompts + held, len(prompts)
+    from edgepeft.export.reference import sequences
+
+    prompts, held, bos, task = job.inputs()
+    seqs, n, m = sequences(prompts, held, task), len(prompts), len(prompts) + len(held)
+    spans, at = {}, m  # variant -> its task sequences' slice of seqs
+    for v, entries in task.items():
+        spans[v], at = slice(at, at + len(entries)), at + len(entries)
     refs = job.result()  # first: llama.cpp's threads beside torch's took 63 s for what takes 2 s alone (2 cores)
     rt.load(artifact, _runtime_device(name), n_ctx=max(len(x) for x in seqs) + 8)
     got = {}
     try:
         for v in variants:
             rt.set_adapter(v)
-            got[v] = (_runtime_stats(rt, seqs, n, job.keep_rows), _tokenizer_agreement(rt, prompts, bos))
+            own = seqs[:m] + (seqs[spans[v]] if v in spans else [])  # a variant runs its own task, no other
+            got[v] = (_runtime_stats(rt, own, n, m, job.keep_rows), _tokenizer_agreement(rt, prompts, bos))
     finally:
         rt.close()
     records = []
     for v in variants:
-        values = _metrics(got[v][0], refs[v], seqs, n)
+        values = _metrics(got[v][0][:m], refs[v][:m], seqs[:m], n)
         values["tokenizer_agreement"] = got[v][1]
+        if v in spans and "shape_mismatch" not in values:
+            values.update(_task_metrics(got[v][0][m:], refs[v][spans[v]], task[v]))
         rec = {"passed": False, "runtime": name, "reference": REFERENCE,
                "artifact": label or str(artifact.path), "adapter": v, "format": fmt, "quant": quant,
                "positions": values.get("positions", 0), "checks": []}
+        if "task" in values:
+            rec["task"] = values["task"]
         if "shape_mismatch" in values:
             rec["error"] = values["shape_mismatch"]
         else:

@@ -137,4 +137,8 @@ def test_fixed_ids_from_the_cached_tokenizer_equal_autotokenizer(tiny_llama, tmp
     base = resolve_base(str(tiny_llama))
     assert cached_tokenizer_text(base.path) is not None
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    assert fixed_ids(base) == ([V._ids(tok, p) for p in V.PROMPTS], V.held_out_ids(tok), tok.bos_token_id)
+    pairs = [("<|im_start|>user\nName the colour of the sky.<|im_end|>\n<|im_start|>assistant\n", "Blue."), ("", "a b")]
+    assert fixed_ids(base, {"t": pairs}) == ([V._ids(tok, p) for p in V.PROMPTS], V.held_out_ids(tok), tok.bos_token_id,
+                                             {"t": V.task_ids(tok, pairs)})
+    task = V.task_ids(tok, pairs)
+    assert task[0][1] == len(V._ids(tok, pairs[0][0])) and task[1][1] == 1  # no prompt: from the 2nd token on

@@ -157,3 +157,102 @@ def test_architecture_rows_override_only_their_architecture():
         assert (fmt, quant) in TOLERANCES  # an override, never a type the table lacks
         assert bounds_for(fmt, quant.upper(), arch) == row
         assert bounds_for(fmt, quant, "llama") == bounds_for(fmt, quant) == TOLERANCES[(fmt, quant)] != row
+
+
+# --- the task check: the adapter's own examples ------------------------------------------------------
+
+def test_task_metrics_count_completion_positions_and_whole_examples():
+    import numpy as np
+
+    from edgepeft.export.reference import SeqStats
+    from edgepeft.export.verify import TASK_MIN_LEARNED, _task_metrics
+
+    # (ids, prompt length): positions 1-2 and 0-1 predict the completions; the prompt rows differ and are not read
+    task = [([5, 6, 7, 8], 2), ([1, 2, 3], 1)]
+    ref = [SeqStats(np.array([0, 7, 8, 0]), 0.0, 10), SeqStats(np.array([2, 3, 0]), 0.0, 10)]
+    got = [SeqStats(np.array([9, 7, 8, 9]), 0.0, 10), SeqStats(np.array([2, 4, 0]), 0.0, 10)]
+    m = _task_metrics(got * TASK_MIN_LEARNED, ref * TASK_MIN_LEARNED, task * TASK_MIN_LEARNED)
+    assert m["task_kept"] == 0.5  # PyTorch right on every example, the artifact on the first of each pair
+    t = m["task"]
+    assert t["examples"] == 2 * TASK_MIN_LEARNED and t["positions"] == 4 * TASK_MIN_LEARNED
+    assert t["top1_agreement"] == 0.75 and t["examples_agreeing"] == TASK_MIN_LEARNED
+    assert (t["learned"], t["kept"]) == (2 * TASK_MIN_LEARNED, TASK_MIN_LEARNED)
+    assert t["exact_match"] == {"reference": 1.0, "artifact": 0.5}
+    few = _task_metrics(got[:1] * (TASK_MIN_LEARNED - 1), ref[:1] * (TASK_MIN_LEARNED - 1),
+                        task[:1] * (TASK_MIN_LEARNED - 1))
+    assert "task_kept" not in few and few["task"]["learned"] == TASK_MIN_LEARNED - 1  # too few learned: not judged
+
+
+def _learned_task(base: Path, adapter: Path, out: Path, n: int = 24, new_tokens: int = 4) -> Path:
+    """A task file the reference (base + adapter, PEFT, fp32) has learned: each completion is its own greedy
+    continuation of the chat-rendered prompt, kept where the completion's text tokenizes back to those ids."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgepeft.train.chat import render_prompt
+
+    tok = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()
+    rows = []
+    for i in range(n):
+        prompt = f"Item {i}: what comes next?"
+        p_ids = tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+        ids = list(p_ids)
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        gen = ids[len(p_ids):]
+        text = tok.decode(gen)
+        if tok(text, add_special_tokens=False)["input_ids"] == gen:
+            rows.append({"prompt": prompt, "completion": text})
+    assert len(rows) >= 16, len(rows)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def test_task_check_runs_each_adapters_own_examples(tiny_llama, rslora, tmp_path):
+    """--calib is the adapter's task: its examples are checked on the adapter's variant (separate) or on the
+    merged model, never on the base alone; an adapter that has learned nothing of a file is not judged on it."""
+    from edgepeft.export.tolerances import bounds_for
+    from edgepeft.export.verify import TASK_EXAMPLES
+
+    task = _learned_task(tiny_llama, rslora, tmp_path / "task.jsonl")
+    common = ["--base", tiny_llama, "--adapter", rslora, "--name", "rs", "--merge-into", "original", "--json"]
+    sep = run_cli("export", "--format", "gguf", "--quant", "f32", "--mode", "separate", "--calib", task,
+                  "--out", "g", *common, cwd=tmp_path)
+    assert sep.returncode == 0, sep.stderr
+    base_rec, ad_rec = json.loads(sep.stdout)["verifications"]
+    assert "task" not in base_rec and "task_kept" not in {c["metric"] for c in base_rec["checks"]}
+    assert ad_rec["task"]["examples"] == TASK_EXAMPLES and ad_rec["task"]["learned"] >= TASK_EXAMPLES - 1, ad_rec
+    check = next(c for c in ad_rec["checks"] if c["metric"] == "task_kept")
+    assert check["passed"] and check["bound"] == bounds_for("gguf", "f32").task_kept, check
+    # the standalone verifier runs the same check on the folder
+    alone = run_cli("verify", "g", "--reference", tiny_llama, "--reference-adapter", f"rs={rslora}", "--calib", task,
+                    cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    assert "task_kept" in alone.stdout and f"task: {TASK_EXAMPLES} examples" in alone.stdout, alone.stdout
+    merged = run_cli("export", "--format", "onnx", "--quant", "fp32", "--mode", "merged", "--calib", task,
+                     "--out", "o", *common, cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr
+    rec = json.loads(merged.stdout)["verification"]
+    assert rec["adapter"] is None and rec["task"]["examples"] == TASK_EXAMPLES
+    assert any(c["metric"] == "task_kept" and c["passed"] for c in rec["checks"]), rec["checks"]
+    # a file the adapter never learned: reported, not judged
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f" {2 * i}"}) + "\n"
+                             for i in range(20)))
+    unl = run_cli("export", "--format", "gguf", "--quant", "f32", "--mode", "separate", "--calib", other,
+                  "--out", "u", *common, cwd=tmp_path)
+    assert unl.returncode == 0, unl.stderr
+    rec = json.loads(unl.stdout)["verifications"][1]
+    assert rec["task"]["learned"] < 4 and "task_kept" not in {c["metric"] for c in rec["checks"]}, rec
+
+
+def test_task_check_fails_a_writer_that_loses_the_task(tiny_llama, rslora, tmp_path):
+    """The rsLoRA scale defect, on the adapter's own learned examples: task_kept is named among the failures."""
+    task = _learned_task(tiny_llama, rslora, tmp_path / "task.jsonl")
+    proc = broken("lora_scale", "export", "--base", tiny_llama, "--adapter", rslora, "--name", "rs", "--quant", "f32",
+                  "--mode", "separate", "--calib", task, "--out", "out", "--quiet", cwd=tmp_path)
+    assert_clean_error(proc, "failed verification", "task_kept")
+    assert not (tmp_path / "out").exists()

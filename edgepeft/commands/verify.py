@@ -37,7 +37,11 @@ def _pairs(values, option: str) -> dict[str, Path]:
 @click.option("--quant", default=None, help="Tolerance row to use when the artifact does not say (e.g. q4_k_m, int4).")
 @click.option("--merge-into", default=None, help="original | dequantized: how a merged artifact's adapters were "
               "merged (default: from its export record, else original).")
-def command(artifact, reference, ref_adapters, adapters, quant, merge_into, as_json):
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="JSONL of the adapters' task (prompt/completion, messages or text lines): its examples are "
+                   "checked too (task_kept). A --reference-adapter that is a training run dir brings "
+                   "its own data.")
+def command(artifact, reference, ref_adapters, adapters, quant, merge_into, calib, as_json):
     """Check a bundle's hashes, headers and fits; with --reference, check any artifact against PyTorch.
 
     Without --reference, ARTIFACT is a bundle (directory or .tar): every hash, every header,
@@ -47,12 +51,12 @@ def command(artifact, reference, ref_adapters, adapters, quant, merge_into, as_j
     is printed against its bound (export/tolerances.py). Exit 0 when all checks pass, 2 otherwise.
     """
     if reference is None:
-        if ref_adapters or adapters or quant or merge_into:
-            raise EdgepeftError("--reference-adapter, --adapter, --quant and --merge-into need --reference",
+        if ref_adapters or adapters or quant or merge_into or calib:
+            raise EdgepeftError("--reference-adapter, --adapter, --quant, --merge-into and --calib need --reference",
                                 "Pass --reference BASE to check the artifact against PyTorch")
         return _bundle(artifact, as_json)
     _against_reference(artifact, reference, _pairs(ref_adapters, "--reference-adapter"),
-                       _pairs(adapters, "--adapter"), quant, merge_into, as_json)
+                       _pairs(adapters, "--adapter"), quant, merge_into, calib, as_json)
 
 
 def _bundle(bundle, as_json) -> None:
@@ -74,7 +78,20 @@ def _bundle(bundle, as_json) -> None:
     echo(f"base fingerprint {m['base_fingerprint']}")  # in full, on its own line: the one to compare
 
 
-def _against_reference(path, reference, ref_adapters, adapters, quant, merge_into, as_json) -> None:
+def _tasks(base, active: list, merged: list, calib) -> dict:
+    """The task examples (``verify.task_pairs``): each active adapter's on its variant, the merged ones' on the model."""
+    from types import SimpleNamespace
+
+    from edgepeft.export.verify import task_pairs
+
+    out = {}
+    for mode, plans in (("separate", active), ("merged", merged)):
+        req = SimpleNamespace(mode=mode, calib=calib, adapters=[p.source for p in plans if p.source])
+        out.update(task_pairs(req, base, plans))
+    return out
+
+
+def _against_reference(path, reference, ref_adapters, adapters, quant, merge_into, calib, as_json) -> None:
     from edgepeft.bench import discover
     from edgepeft.export import verify as V
     from edgepeft.export.adapter import load_adapters
@@ -89,7 +106,8 @@ def _against_reference(path, reference, ref_adapters, adapters, quant, merge_int
     active = {p.name: p for p in plans if p.name in art.adapters}
     merged = [p for p in plans if p.name not in art.adapters]
     target = merge_into or _recorded_merge_target(art.path) or "original"
-    ref = V.Reference(base, merged=merged, merge_target=target, adapters=active)
+    ref = V.Reference(base, merged=merged, merge_target=target, adapters=active,
+                      tasks=_tasks(base, list(active.values()), merged, calib) if art.format != "onnx-static" else {})
     records = V.verify(art, ref, fmt=fmt, quant=q, label=str(path))
     runtime = records[0]["runtime"]
     records += [V.skipped("no --reference-adapter with this name", runtime, str(path), n)
@@ -116,6 +134,10 @@ def _print(records: list[dict], merged) -> None:
         for c in r["checks"]:
             mark = "ok" if c["passed"] else "FAIL"
             echo(f"  {c['metric']:<20} {c['value']:>10.4f} {c['op']} {c['bound']:<8g} {mark}")
+        if r.get("task"):
+            t, em = r["task"], r["task"]["exact_match"]
+            echo(f"  task: {t['examples']} examples, {t['positions']} completion tokens; exact match "
+                 f"PyTorch {em['reference']:.0%}, artifact {em['artifact']:.0%}; {t['examples_agreeing']} agree throughout")
 
 
 def _recorded_merge_target(p: Path) -> str | None:
