@@ -132,8 +132,8 @@ def task_pairs(req, base: ResolvedBase, plans: Sequence[AdapterPlan], tokenizer=
         return {}
     keys = [p.name for p in plans] if req.mode == "separate" else [None]
     if calibrations is None:
-        if not req.calib and not any(p.source for p in plans):
-            return {}
+        if not req.calib and not any(_is_run(p.source) for p in plans):
+            return {}  # before the tokenizer loads (2.3 CPU-s on smollm2-135m): a PEFT folder brings no task data
         from edgepeft.calib import CalibRequest, select_calibration
 
         passes = [[p.source] if p.source else [] for p in plans] if req.mode == "separate" else [req.adapters]
@@ -146,6 +146,15 @@ def task_pairs(req, base: ResolvedBase, plans: Sequence[AdapterPlan], tokenizer=
         if cal.kind in TASK_KINDS and pairs:
             out[key] = pairs
     return out
+
+
+def _is_run(source) -> bool:
+    """Whether ``source`` (an adapter's path) is a training run whose manifest records its data."""
+    if not source:
+        return False
+    from edgepeft.train.manifest import read_manifest
+
+    return isinstance(read_manifest(Path(source)).get("data"), dict)
 
 
 def task_ids(tokenizer, pairs) -> list[tuple[list[int], int]]:
