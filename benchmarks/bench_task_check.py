@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -67,7 +66,9 @@ def main() -> None:
     ap.add_argument("--base", default="smollm2-135m")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "task_check.json")
     args = ap.parse_args()
-    doc = {"cpu": platform.processor() or platform.machine(), "load_before": os.getloadavg(), "base": args.base,
+    from edgepeft.train.kernels import cpu_model
+
+    doc = {"cpu": cpu_model(), "cores": os.cpu_count(), "load_before": os.getloadavg(), "base": args.base,
            "adapters": {}}
     with tempfile.TemporaryDirectory(prefix="edgepeft-task-check-") as tmp:
         for spec in args.adapter:

@@ -132,6 +132,14 @@ class Calibration:
         return {"source": self.source, "kind": self.kind, "sha256": self.sha256, "texts": len(self.pairs)}
 
 
+def calibration_passes(req, plans) -> list[list]:
+    """The adapters each calibration set is selected from (``select_calibration``'s ``adapters``), one per pass:
+    separate mode, one per adapter plan, on its own run's data; merged, one on every ``--adapter``."""
+    if req.mode == "separate":
+        return [[p.source] if p.source else [] for p in plans]
+    return [list(req.adapters)]
+
+
 def select_calibration(req, tokenizer, *, say: Callable[[str], None] | None = None) -> Calibration:
     """The calibration set for ``req`` (``.calib``, ``.adapters``, optional ``.calib_limit``); one status line.
 

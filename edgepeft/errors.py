@@ -49,8 +49,6 @@ class VerificationError(EdgepeftError):
                 "separate (--mode separate), pick a higher --quant, or pass --no-verify to keep it anyway")
 
     def __init__(self, what: str, records: list, failed: str, fix: str | None = None):
-        missed = {c.get("metric") for r in records if r.get("passed") is False for c in r.get("checks", [])
-                  if not c.get("passed")}
-        default = self.TASK_FIX if missed == {"task_kept"} else self.EXPORT_FIX  # the task alone: not a writer bug
-        super().__init__(f"{what} failed verification against the PyTorch fp32 reference: {failed}", fix or default)
+        super().__init__(f"{what} failed verification against the PyTorch fp32 reference: {failed}",
+                         fix or self.EXPORT_FIX)
         self.records = records

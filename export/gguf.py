@@ -302,13 +302,12 @@ def _matrix_plan(req, base, plans, quant) -> MatrixPlan:
         # a bad file, or one of another model, is one line now, not a quantizer failure later
         check_matches(read(Path(req.imatrix)), base, Path(req.imatrix), required=quant.imatrix == "requires")
         return MatrixPlan(file=Path(req.imatrix), record={"used": True, "calibration": None})
-    from edgepeft.calib import CalibRequest, select_calibration
+    from edgepeft.calib import CalibRequest, calibration_passes, select_calibration
     from edgepeft.imatrix import TEXTS
 
     tok = base.load_tokenizer()
-    # separate: one pass per adapter, each on its own run's data; merged: one pass on every adapter's
-    passes = [[p.source] if p.source else [] for p in plans] if req.mode == "separate" else [req.adapters]
-    cals = [select_calibration(CalibRequest(adapters=a, calib=req.calib, calib_limit=TEXTS), tok) for a in passes]
+    cals = [select_calibration(CalibRequest(adapters=a, calib=req.calib, calib_limit=TEXTS), tok)
+            for a in calibration_passes(req, plans)]
     return MatrixPlan(calibrations=cals, record={"used": True, "calibration": [c.record() for c in cals]},
                       tokenizer=tok)
 

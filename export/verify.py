@@ -134,12 +134,11 @@ def task_pairs(req, base: ResolvedBase, plans: Sequence[AdapterPlan], tokenizer=
     if calibrations is None:
         if not req.calib and not any(_is_run(p.source) for p in plans):
             return {}  # before the tokenizer loads (2.3 CPU-s on smollm2-135m): a PEFT folder brings no task data
-        from edgepeft.calib import CalibRequest, select_calibration
+        from edgepeft.calib import CalibRequest, calibration_passes, select_calibration
 
-        passes = [[p.source] if p.source else [] for p in plans] if req.mode == "separate" else [req.adapters]
         tokenizer = tokenizer or base.load_tokenizer()
         calibrations = [select_calibration(CalibRequest(adapters=a, calib=req.calib, calib_limit=TASK_EXAMPLES),
-                                           tokenizer, say=lambda _: None) for a in passes]
+                                           tokenizer, say=lambda _: None) for a in calibration_passes(req, plans)]
     out = {}
     for key, cal in zip(keys, calibrations, strict=False):
         pairs = [(p, c) for p, c in cal.pairs if c.strip()][:TASK_EXAMPLES]
@@ -493,6 +492,9 @@ def require_passed(records: list[dict], what: str, fix: str | None = None) -> No
     """Raise :class:`VerificationError` listing every failed metric against its bound."""
     failed = [r for r in records if r.get("passed") is False]
     if failed:
+        missed = {c["metric"] for r in failed for c in r.get("checks", []) if not c["passed"]}
+        if fix is None and missed == {"task_kept"}:  # the task alone: the type loses it, the writer is not wrong
+            fix = VerificationError.TASK_FIX
         raise VerificationError(what, records, "; ".join(describe(r) for r in failed), fix)
 
 

@@ -256,3 +256,20 @@ def test_task_check_fails_a_writer_that_loses_the_task(tiny_llama, rslora, tmp_p
                   "--mode", "separate", "--calib", task, "--out", "out", "--quiet", cwd=tmp_path)
     assert_clean_error(proc, "failed verification", "task_kept")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_task_only_miss_says_the_type_loses_the_task():
+    from edgepeft.errors import VerificationError
+    from edgepeft.export.verify import require_passed
+
+    def rec(*failed):
+        return {"passed": False, "artifact": "m.gguf", "adapter": None,
+                "checks": [{"metric": m, "value": 0.5, "bound": 0.55, "op": ">=", "passed": m not in failed}
+                           for m in ("top1_agreement", "task_kept")]}
+
+    with pytest.raises(VerificationError) as task_only:
+        require_passed([rec("task_kept")], "gguf q4_k_m merged export")
+    assert task_only.value.fix == VerificationError.TASK_FIX and "task_kept 0.5 < 0.55" in str(task_only.value)
+    with pytest.raises(VerificationError) as both:
+        require_passed([rec("task_kept", "top1_agreement")], "gguf q4_k_m merged export")
+    assert both.value.fix == VerificationError.EXPORT_FIX
