@@ -1,21 +1,26 @@
 """One QLoRA step on this CPU against its own FLOP bound, and where the rest goes.
 
 The step is edgepeft's: the NF4 base and LoRA from edgepeft.train.trainer (load_model, attach_lora),
-TRL's SFTTrainer loss (trainer.compute_loss: its fused, chunked log-prob LM head), AdamW, a demo batch of
-4 rows (~78 tokens each), rank 16, all-linear.
+its trainer's loss (TRL's fused, chunked log-prob LM head, over the labelled positions only:
+trainer.labelled_positions_only), AdamW, a demo batch of 4 rows (~78 tokens each), rank 16, all-linear.
 
 1. The bound: torch.mm 1024x1024x1024 in fp32 and bf16 at the step's thread count, best of 5. One step
    needs a forward (2·N·T FLOP) and the input gradients (2·N·T; the frozen base gets no weight gradient),
    N = every matmul weight including the tied LM head, T = tokens in the batch.
-2. Variants, interleaved A B C A B C ... on the same model and batch, medians: the default recipe
-   (dropout 0.05, TRL's loss), dropout 0, and dropout 0 with the LM head scored only at completion
-   positions (TRL scores only those on Triton devices; on a CPU it scores every position).
+2. Variants, interleaved A B C A B C ... on the same model and batch, medians: the recipe before this
+   script's last change (dropout 0.05, TRL's own loss, which on a CPU runs the LM head over every
+   position; it scores only the labelled ones on Triton devices), the same with edgepeft's loss, and
+   edgepeft's loss at dropout 0.
 3. A torch.profiler pass over one default step, self CPU time by category: bitsandbytes dequantize,
    matmul, dropout, the LM-head log-prob, the optimizer, other.
 4. bf16 compute: ``--convergence-steps`` steps of fp32 and of bf16 compute (bnb_4bit_compute_dtype) on
    the same batches and seed, losses side by side.
+5. The recipe check: the quickstart's recipe trained ``--recipe-steps`` steps per variant (before; the
+   labelled-positions loss at dropout 0.05 and 0; and with bf16 compute), each scored on ``--eval-limit``
+   held-out demo examples in PyTorch: which faster step keeps the task.
 
-    nice -n 10 python benchmarks/bench_train_profile.py [--reps 3] [--convergence-steps 8]
+    python benchmarks/bench_train_profile.py [--reps 3] [--convergence-steps 8] [--recipe-steps 48 --eval-limit 100]
+    python benchmarks/bench_train_profile.py --only-recipe   # the recipe check alone, kept beside the rest
 
 Writes benchmarks/results/train_profile.json (with os.getloadavg() at every phase).
 """
@@ -94,26 +99,15 @@ def set_dropout(model, p: float) -> None:
                 d[k] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
 
 
-@contextlib.contextmanager
-def compact_lm_head(on: bool):
-    """TRL scores only the labelled positions where it thinks Triton runs; make it do so on the CPU too
-    (the tile kernel it then calls is still the torch one: kernels.chunked_logprob checks on its own)."""
-    import trl.trainer.utils as U
+def step(trainer, batch: dict, every_position: bool = False) -> dict:
+    """One optimizer step, timed by phase: edgepeft's loss (the LM head over the labelled positions,
+    ``trainer.labelled_positions_only``), or TRL's own on a CPU (every position) with ``every_position``."""
+    from trl import SFTTrainer
 
-    old = U._use_triton
-    if on:
-        U._use_triton = lambda device: True
-    try:
-        yield
-    finally:
-        U._use_triton = old
-
-
-def step(trainer, batch: dict) -> dict:
-    """One optimizer step, timed by phase."""
     model, opt = trainer.model, trainer.optimizer
     t0 = time.perf_counter()
-    loss = trainer.compute_loss(model, dict(batch))
+    loss = (SFTTrainer.compute_loss(trainer, model, dict(batch)) if every_position
+            else trainer.compute_loss(model, dict(batch)))
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()
@@ -164,7 +158,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--convergence-steps", type=int, default=8)
+    ap.add_argument("--recipe-steps", type=int, default=48, help="the quickstart's training steps; 0: skip")
+    ap.add_argument("--eval-limit", type=int, default=100, help="demo held-out examples per recipe variant")
+    ap.add_argument("--only-recipe", action="store_true", help="only the recipe check (kept beside the rest)")
     args = ap.parse_args()
+    if args.only_recipe:
+        doc = _read_json(OUT / "train_profile.json")
+        doc["recipe_check"] = recipe_check(args.recipe_steps, args.eval_limit)
+        from edgepeft import atomic
+
+        atomic.write_json(OUT / "train_profile.json", doc)
+        return
 
     import torch
 
@@ -183,16 +187,16 @@ def main():
     doc["step"] = {**flops, "batch_shape": list(data[0]["input_ids"].shape), "completion_tokens": completion,
                    "bound_fp32_s": round(flops["gflop"] / doc["bound"]["fp32_gflops"], 3),
                    "bound_bf16_s": round(flops["gflop"] / doc["bound"]["bf16_gflops"], 3)}
-    variants = {"default (dropout 0.05, TRL loss)": (0.05, False), "dropout 0": (0.0, False),
-                "dropout 0 + LM head at completion positions": (0.0, True)}
+    variants = {"before (dropout 0.05, TRL's every-position LM head)": (0.05, True),
+                "dropout 0.05, LM head at the labelled positions": (0.05, False),
+                "dropout 0, LM head at the labelled positions": (0.0, False)}
     batch = data[0]
     step(trainer, batch)  # warm-up
     runs: dict = {k: [] for k in variants}
     for _ in range(args.reps):
-        for name, (p, compact) in variants.items():
+        for name, (p, every) in variants.items():
             set_dropout(trainer.model, p)
-            with compact_lm_head(compact):
-                runs[name].append(step(trainer, batch))
+            runs[name].append(step(trainer, batch, every_position=every))
     doc["loadavg"]["variants"] = os.getloadavg()
     base_s = statistics.median(r["step_s"] for r in runs[next(iter(variants))])
     doc["variants"] = {}
@@ -209,6 +213,8 @@ def main():
     if args.convergence_steps > 0:
         doc["bf16_convergence"] = convergence(data[1:1 + args.convergence_steps])
         doc["loadavg"]["convergence"] = os.getloadavg()
+    if args.recipe_steps > 0:
+        doc["recipe_check"] = recipe_check(args.recipe_steps, args.eval_limit)
     OUT.mkdir(parents=True, exist_ok=True)
     atomic.write_json(OUT / "train_profile.json", doc)
     print(f"bound fp32 {doc['bound']['fp32_gflops']} GFLOPS, bf16 {doc['bound']['bf16_gflops']}; step "
@@ -219,6 +225,62 @@ def main():
     if "bf16_convergence" in doc:
         print("losses fp32:", doc["bf16_convergence"]["float32"]["losses"])
         print("losses bf16:", doc["bf16_convergence"]["bfloat16"]["losses"])
+
+
+RECIPE_VARIANTS = {  # name -> (dropout, compute dtype, TRL's every-position LM head)
+    "before: dropout 0.05, fp32, every-position LM head": (0.05, "float32", True),
+    "dropout 0.05, fp32, labelled positions": (0.05, "float32", False),
+    "dropout 0, fp32, labelled positions": (0.0, "float32", False),
+    "dropout 0, bf16 compute, labelled positions": (0.0, "bfloat16", False),
+}
+
+
+def recipe_check(steps: int, limit: int) -> dict:
+    """The quickstart's recipe (``quickstart.train_demo``: rank 16, lr 1e-3, batch 4) trained ``steps`` steps
+    per variant, one after another in this process, then scored by ``edgepeft.evaluate.evaluate_hf`` on
+    ``limit`` held-out demo examples: does a faster step keep the task?"""
+    import shutil
+
+    from edgepeft.evaluate import evaluate_hf
+    from edgepeft.train import trainer as T
+    from edgepeft.train.config import TrainConfig
+    from edgepeft.train.run import run_training
+
+    pick, positions = T.pick_recipe, T.labelled_positions_only
+    out = {"steps": steps, "eval_limit": limit, "variants": {}}
+    for name, (dropout, dtype, every) in RECIPE_VARIANTS.items():
+        run = Path("/tmp/edgepeft-train-recipe") / name.split(":")[0].replace(" ", "_").replace(",", "")
+        shutil.rmtree(run, ignore_errors=True)
+        cfg = TrainConfig(out=str(run), base="smollm2-135m", task="demo", bits=4, rank=16, alpha=32.0, dropout=dropout,
+                          max_steps=steps, batch_size=4, lr=1e-3, max_seq_len=128, warmup_ratio=0.05,
+                          logging_steps=max(1, steps // 8), save_steps=steps, save_total_limit=1)
+
+        def recipe(c, dtype=dtype):
+            r = pick(c)
+            r.compute_dtype = dtype
+            return r
+
+        T.pick_recipe = recipe
+        if every:
+            T.labelled_positions_only = lambda device_type: contextlib.nullcontext(False)
+        try:
+            _, summary = run_training(cfg, say=lambda m: None, log_lines=False)
+        finally:
+            T.pick_recipe, T.labelled_positions_only = pick, positions
+        ev = evaluate_hf("smollm2-135m", adapter=str(run / "adapter"), task="demo", split="eval", limit=limit)
+        out["variants"][name] = {"s_per_step": summary["s_per_step"],
+                                 "final_loss": summary["final_loss"],
+                                 "accuracy": ev["accuracy"], "correct": ev["correct"], "total": ev["total"],
+                                 "loadavg": os.getloadavg()}
+        print(f"{name:55s} {summary['s_per_step']:6.2f} s/step  demo {ev['correct']}/{ev['total']}",
+              flush=True)
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def convergence(data: list[dict]) -> dict:

@@ -135,6 +135,7 @@ def test_4bit_cpu_run_learns_and_writes_run_dir(trained_4bit, tiny_llama):
     assert m["kernels"]["cpu_4bit_path"] == "dequantize-fp32" and m["kernels"]["bitsandbytes_cpu_default"] == bnb_default
     assert set(m["kernels"]["cpu_flags"]) >= {"avx512_bf16", "amx_bf16"}
     assert m["recipe"]["optimizer"] == "adamw_torch" and m["base"]["fingerprint"] == resolve_base(tiny_llama).fingerprint
+    assert m["lora"]["dropout"] == 0.0 and m["hyperparams"]["dropout"] is None  # no --dropout: 0 on a CPU
     assert m["train"]["steps"] == STEPS and m["seed"] == 7 and m["libraries"]["bitsandbytes"]
     losses = [loss for _, loss in m["loss_curve"]]
     assert len(losses) == STEPS and not any(math.isnan(x) for x in losses)  # no NaN: fp32 compute does not diverge
@@ -143,6 +144,42 @@ def test_4bit_cpu_run_learns_and_writes_run_dir(trained_4bit, tiny_llama):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (run / "adapter").iterdir()}
     assert m["data"]["samples"] == 48 and m["data"]["truncated"] == 0
     assert not list(run.rglob(".edgepeft-tmp-*"))
+
+
+def test_cpu_loss_scores_only_the_labelled_positions_with_the_same_loss_and_gradients(trained_4bit, monkeypatch):
+    """The trainer's CPU loss (edgepeft.train.trainer.labelled_positions_only) runs the LM head over the
+    completion positions only, and gives TRL's every-position loss and LoRA gradients."""
+    import types
+
+    import torch
+    import trl.trainer.utils as U
+    from trl import SFTTrainer
+
+    trainer, _, _ = trained_4bit
+    model = trainer.model
+    model.eval()  # no dropout: both losses see the same forward
+    batch = next(iter(trainer.get_train_dataloader()))
+    rows, real, own = [], U._ChunkedLogProbFunction, U._use_triton
+    monkeypatch.setattr(U, "_ChunkedLogProbFunction",
+                        types.SimpleNamespace(apply=lambda h, *a: rows.append(h.shape[0]) or real.apply(h, *a)))
+
+    def loss_and_grads(compute):
+        model.zero_grad(set_to_none=True)
+        loss = compute(model, dict(batch))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    every, every_grads = loss_and_grads(lambda m, b: SFTTrainer.compute_loss(trainer, m, b))
+    ours, our_grads = loss_and_grads(trainer.compute_loss)
+    n, length = batch["input_ids"].shape
+    assert rows == [n * (length - 1), int((batch["labels"][:, 1:] != -100).sum())], rows
+    assert rows[1] < rows[0] / 2, rows  # the prompts are most of each row
+    assert U._use_triton is own  # TRL's hook restored after the step
+    torch.testing.assert_close(ours, every, rtol=1e-5, atol=1e-6)
+    assert every_grads.keys() == our_grads.keys() and every_grads
+    for name, g in every_grads.items():
+        torch.testing.assert_close(our_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    model.zero_grad(set_to_none=True)
 
 
 def test_saved_adapter_in_plain_peft_matches_trainer_logits(trained_4bit, tiny_llama):

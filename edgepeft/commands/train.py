@@ -14,7 +14,7 @@ OPTIONS = {
     "out": (str, "Run directory: adapter/, manifest.json, loss.png, checkpoints/."),
     "rank": (int, "LoRA rank (default 16)."),
     "alpha": (float, "LoRA alpha (default 32)."),
-    "dropout": (float, "LoRA dropout (default 0.05)."),
+    "dropout": (float, "LoRA dropout (default: 0 on a CPU, 0.05 on a GPU)."),
     "target": (str, "all-linear, or comma-separated module names such as q_proj,v_proj."),
     "bits": (click.Choice(["4", "8", "16", "32"]), "Base precision: 4 = NF4 QLoRA (default), 8, 16, 32."),
     "epochs": (float, "Epochs (default 1); ignored when --max-steps is given."),

@@ -28,7 +28,7 @@ class TrainConfig:
     task: str | None = None  # bundled task to train on (same as --data NAME)
     rank: int = 16
     alpha: float = 32.0
-    dropout: float = 0.05
+    dropout: float | None = None  # None: picked per device (trainer.pick_recipe: 0 on a CPU, 0.05 on a GPU)
     target: str = "all-linear"
     bits: int = 4
     epochs: float = 1.0
@@ -74,7 +74,7 @@ class TrainConfig:
             self._bad("max_steps", "an integer >= 1 (or -1: use --epochs)")
         if not self.alpha > 0:
             self._bad("alpha", "a number > 0")
-        if not 0 <= self.dropout < 1:
+        if self.dropout is not None and not 0 <= self.dropout < 1:
             self._bad("dropout", "a number in [0, 1)")
         if not 0 < self.lr < 1:
             self._bad("lr", "a number in (0, 1), e.g. 2e-4")
@@ -137,7 +137,10 @@ def _field_types() -> dict[str, str]:
 def _coerce(name: str, value, source: str):
     """YAML values arrive untyped; convert to the field's type or name the field."""
     kind = _field_types()[name]
+    optional, kind = kind.endswith(" | None"), kind.removesuffix(" | None")
     flag = name.replace("_", "-")
+    if value is None and optional:  # YAML null: the default (picked per device for dropout)
+        return None
     try:
         if kind == "bool":
             if isinstance(value, bool):

@@ -18,7 +18,9 @@ edgepeft pins ``dequantize-fp32`` on every CPU (:func:`pin_cpu_4bit_path`). The 
    mode and the ``--merge-into dequantized`` merge (``export/merge.nf4_round_trip``) agree to 1.1e-4
    in logits on smollm2-135m with the trained demo adapter (2.4e-6 on the tiny test model). With the
    fused path they differ by up to 0.66 (mean 0.072, top-1 97.6 %), and only on some CPUs.
-2. bf16 compute is what made CPU QLoRA diverge (loss 2.8 -> 4.7); fp32 compute converges.
+2. bf16 compute is what made CPU QLoRA diverge once (loss 2.8 -> 4.7), with the fused path in play; on the
+   pinned path it converges (12 steps within 0.012 of fp32, 95/100 demo after 48 steps:
+   ``benchmarks/results/train_profile.json``), but fp32 compute stays the CPU default (trainer.pick_recipe).
 3. The in-place repack is lossy (bf16 absmax): after one eval forward the module no longer holds
    the weights it was trained with.
 

@@ -53,7 +53,7 @@ def build_manifest(*, cfg, base, recipe, data: dict, adapter_dir: Path, lora_tar
         "recipe": {"device": recipe.device, "optimizer": recipe.optimizer,
                    "gradient_checkpointing": recipe.gradient_checkpointing},
         "kernels": kernel_record(recipe.device, recipe.bits),
-        "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "target": cfg.target,
+        "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": recipe.lora_dropout, "target": cfg.target,
                  "target_modules": sorted({t.rsplit(".", 1)[-1] for t in lora_targets})},
         "data": data,
         "hyperparams": hyper,

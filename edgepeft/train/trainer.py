@@ -9,6 +9,7 @@ a progress display, and the run record (adapter, manifest, loss plot).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class Recipe:
     compute_dtype: str
     optimizer: str
     gradient_checkpointing: bool
+    lora_dropout: float = 0.0
 
     def quantization(self) -> dict:
         if self.bits == 4:
@@ -67,9 +69,21 @@ def pick_recipe(cfg: TrainConfig) -> Recipe:
                             "Use --bits 16 or 32 on Apple silicon, or --device cpu")
     if device == "cuda":
         compute = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return Recipe(device, cfg.bits, compute, "paged_adamw_8bit", True)
-    # bf16 compute diverges on CPU (measured); float32 compute is the only safe choice there.
-    return Recipe(device, cfg.bits, "float32", "adamw_torch", False)
+        return Recipe(device, cfg.bits, compute, "paged_adamw_8bit", True, _dropout(cfg, GPU_DROPOUT))
+    # fp32 compute on a CPU: bf16 compute diverged here once (loss 2.8 -> 4.7); it converges with the pinned
+    # kernels now (benchmarks/results/train_profile.json, recipe_check) but is not the default yet.
+    return Recipe(device, cfg.bits, "float32", "adamw_torch", False, _dropout(cfg, CPU_DROPOUT))
+
+
+# LoRA dropout when --dropout is not given. On a CPU the dropout masks cost 16 % of a demo QLoRA step (a
+# Bernoulli draw per module and step; 3.03 -> 2.56 s/step at 0) and the quickstart recipe keeps the task
+# without them (96/100 held-out demo examples after 48 steps, 98/100 at 0.05; benchmarks/bench_train_profile.py
+# recipe_check). On a GPU they cost little, and 0.05 is the usual QLoRA regulariser.
+CPU_DROPOUT, GPU_DROPOUT = 0.0, 0.05
+
+
+def _dropout(cfg: TrainConfig, default: float) -> float:
+    return default if cfg.dropout is None else cfg.dropout
 
 
 def load_model(base, recipe: Recipe):
@@ -110,7 +124,7 @@ def attach_lora(model, cfg: TrainConfig, recipe: Recipe):
     elif recipe.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=recipe.lora_dropout, target_modules=cfg.target_modules,
                       bias="none", task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, lora)
@@ -125,13 +139,44 @@ def attach_lora(model, cfg: TrainConfig, recipe: Recipe):
         raise
 
 
+@contextlib.contextmanager
+def labelled_positions_only(device_type: str):
+    """Make TRL's fused LM head score only the labelled (completion) positions on a CPU, as it already
+    does on Triton devices.
+
+    TRL scores every position elsewhere because, under a compiler, the number of labelled positions would
+    change the tile shapes on every batch (its own comment, ``trl/trainer/utils.py``); on a CPU nothing is
+    compiled. The loss and its gradients are the same (the unlabelled positions are masked out either way),
+    but the 49k-row head runs over the completion tokens only: a demo QLoRA step 3.13 -> 1.88 s here
+    (benchmarks/bench_train_profile.py). Yields whether the switch took (a TRL without the hook keeps its own
+    path)."""
+    try:
+        import trl.trainer.utils as U
+    except ImportError:  # pragma: no cover - TRL older than the fused head
+        U = None
+    own = getattr(U, "_use_triton", None)
+    if device_type != "cpu" or own is None:
+        yield False
+        return
+    U._use_triton = lambda device: device.type == "cpu" or own(device)
+    try:
+        yield True
+    finally:
+        U._use_triton = own
+
+
 def trainer_class():
-    """SFTTrainer whose checkpoints appear atomically (staged, then renamed)."""
+    """SFTTrainer whose checkpoints appear atomically (staged, then renamed), and whose loss on a CPU
+    scores only the labelled positions (``labelled_positions_only``)."""
     from trl import SFTTrainer
 
     class EdgeTrainer(SFTTrainer):
         _staging: str | None = None
         keep_checkpoints: int = 2
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            with labelled_positions_only(self.args.device.type):
+                return super().compute_loss(model, inputs, *args, **kwargs)
 
         def _get_output_dir(self, trial):
             return self._staging or super()._get_output_dir(trial)
