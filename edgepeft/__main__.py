@@ -1,4 +1,4 @@
-from edgepeft.cli import main
+from edgepeft.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -72,6 +72,10 @@ def export(req) -> ExportResult:
                             "Export GGUF instead (edgepeft export --format gguf)")
     base.require_tokenizer()
     plans = load_plans(req, base)
+    if req.verify and _skip_reason(req) is None:
+        from edgepeft.export.verify import prestart
+
+        prestart()  # the PyTorch child's imports run beside the build; the check then starts warm
     t0 = time.perf_counter()
     with atomic.atomic_dir(req.out) as tmp, tempfile.TemporaryDirectory(prefix="edgepeft-onnx-") as work:
         work = Path(work)

@@ -199,12 +199,49 @@ def _task_metrics(got: list, ref: list, task: list) -> dict:
 
 # ------------------------------------------------------------------ PyTorch reference (export/reference.py)
 _RUNNING: set[_Job] = set()
+_WARM: list[tuple] = []  # (process, its stderr log): a reference child prestart() started, not yet given a request
 
 
 @atexit.register
 def _stop_running() -> None:  # a failed export leaves no reference child behind
     for job in list(_RUNNING):
         job.close()
+    while _WARM:
+        _stop(*_WARM.pop())
+
+
+def prestart() -> None:
+    """Start the reference child now, before its request exists; the next ``_Job`` sends it the request.
+
+    Its torch and transformers imports (3-4 CPU-s, the whole of a small model's start-up) then run beside
+    this process's own preparation (the base, the tokenizer, the calibration data) instead of after it.
+    Call it once the request is known to be valid: an export that stops earlier kills the child at exit."""
+    if not _WARM:
+        _WARM.append(_spawn("-"))
+
+
+def _spawn(request: str) -> tuple:
+    """``python -m edgepeft.export.reference REQUEST`` ('-': read the request's path from stdin later)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from edgepeft.ui import STATE
+
+    log = None if STATE.debug else tempfile.TemporaryFile()  # noqa: SIM115 -- closed by _Job.close or _stop
+    proc = subprocess.Popen([sys.executable, "-m", "edgepeft.export.reference", request],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+    return proc, log
+
+
+def _stop(proc, log) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout):
+        pipe.close()
+    if log is not None:
+        log.close()
 
 
 class _Job:
@@ -220,13 +257,8 @@ class _Job:
     def __init__(self, ref: Reference | None, variants: list, keep_rows: bool, imatrix: dict | None = None):
         """The reference of ``ref`` for ``variants``, after the importance matrix of ``imatrix`` where given;
         without ``ref``, the matrix alone (``edgepeft.imatrix.collect_for_export``)."""
-        import os
         import pickle
-        import subprocess
-        import sys
         import tempfile
-
-        from edgepeft.ui import STATE
 
         self.variants, self.keep_rows = variants, keep_rows
         self._inputs = self._stats = self._matrix = None
@@ -240,13 +272,17 @@ class _Job:
             # a file, not stdin: plans can be large and the child unpickles them only after importing torch
             pickle.dump(request, f)
         self._request = Path(f.name)
-        self._log = None if STATE.debug else tempfile.TemporaryFile()  # noqa: SIM115 -- closed in close()
-        # a fixed mmap threshold: glibc's sliding one keeps each freed layer's blocks in the heap (+60 MiB RSS)
-        # (not for the importance matrix: its batches of 2048 positions fault in fresh pages for every op, which
-        # took 16 s of system time on smollm2-135m)
-        env = {**os.environ, **({} if imatrix is not None else {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgepeft.export.reference", str(self._request)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
+        self.proc = self._log = None
+        while _WARM and self.proc is None:  # a child prestart() started: it waits for this path on stdin
+            proc, log = _WARM.pop()
+            try:
+                proc.stdin.write(f"{self._request}\n".encode())
+                proc.stdin.flush()
+                self.proc, self._log = proc, log
+            except (BrokenPipeError, OSError):  # it died while importing: start a fresh one
+                _stop(proc, log)
+        if self.proc is None:
+            self.proc, self._log = _spawn(str(self._request))
         _RUNNING.add(self)
 
     def _receive(self):

@@ -36,6 +36,29 @@ def test_version_and_module_entry(cli):
     assert p.returncode == 0 and __version__ in p.stdout
 
 
+ENTRY = """
+import atexit, sys
+import torch  # a heavy module loaded, as a real command has: the teardown entry() skips
+from edgepeft import cli
+atexit.register(lambda: print("atexit ran", file=sys.stderr, flush=True))
+sys.argv = ["edgepeft", *sys.argv[1:]]
+cli.entry()
+print("not reached", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args, code, stdout", [(["--version"], 0, "edgepeft, version"),
+                                                (["export", "--format", "gguf"], 2, "")])
+def test_entry_keeps_the_status_output_and_atexit_handlers(args, code, stdout):
+    """``edgepeft`` (the console script and ``python -m edgepeft``: cli.entry) skips the interpreter's
+    teardown, but not the atexit handlers (child processes, temporary files) nor buffered output."""
+    p = subprocess.run([sys.executable, "-c", ENTRY, *args], capture_output=True, text=True, check=False)
+    assert p.returncode == code, p.stderr
+    assert stdout in p.stdout and "atexit ran" in p.stderr and "not reached" not in p.stderr, (p.stdout, p.stderr)
+    if code == 2:
+        assert p.stderr.count("edgepeft: error:") == 1 and "Traceback" not in p.stderr, p.stderr
+
+
 def test_every_command_has_debug_and_quiet():
     from click.testing import CliRunner
 
