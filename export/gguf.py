@@ -307,9 +307,10 @@ def _matrix_plan(req, base, plans, quant) -> MatrixPlan:
         check_matches(read(Path(req.imatrix)), base, Path(req.imatrix), required=quant.imatrix == "requires")
         return MatrixPlan(file=Path(req.imatrix), record={"used": True, "calibration": None})
     from edgepeft.calib import CalibRequest, calibration_passes, select_calibration
+    from edgepeft.export.reference import LazyTokenizer
     from edgepeft.imatrix import TEXTS
 
-    tok = base.load_tokenizer()
+    tok = LazyTokenizer(base)  # loads transformers only if the calibration needs more than plain tokenizing
     cals = [select_calibration(CalibRequest(adapters=a, calib=req.calib, calib_limit=TEXTS), tok)
             for a in calibration_passes(req, plans)]
     return MatrixPlan(calibrations=cals, record={"used": True, "calibration": [c.record() for c in cals]},

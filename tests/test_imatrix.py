@@ -285,3 +285,24 @@ def test_bad_matrix_file_is_one_line_and_writes_nothing(exports, run_dir, tiny_l
                    "partial.imatrix.gguf", "--out", "out", cwd=tmp_path)
     assert_clean_error(proc, "partial.imatrix.gguf", "no entry for", "13 of 14")
     assert not (tmp_path / "out").exists()
+
+
+def test_lazy_tokenizer_gives_autotokenizers_ids_and_loads_it_only_when_needed(smollm2):
+    """The export process tokenizes calibration text with the cached effective tokenizer.json
+    (export.reference.LazyTokenizer); its ids are AutoTokenizer's, and a chat template loads AutoTokenizer."""
+    from edgepeft.calib import bundled_calibration, demo_calibration
+    from edgepeft.export.gguf_tokenizer import cached_tokenizer_text, tokenizer_job
+    from edgepeft.export.reference import LazyTokenizer
+    from edgepeft.imatrix import calibration_tokens
+
+    with tokenizer_job(smollm2.path) as job:
+        job.result()  # the cache a first export leaves
+    assert cached_tokenizer_text(smollm2.path) is not None
+    full = smollm2.load_tokenizer()
+    plain = bundled_calibration(8).pairs
+    lazy = LazyTokenizer(smollm2)
+    assert calibration_tokens(lazy, plain) == calibration_tokens(full, plain)
+    assert lazy._fast and lazy._full is None  # plain text: transformers' tokenizer never loaded
+    chat = demo_calibration(lazy, 4)  # renders the chat template: the full tokenizer, loaded once
+    assert lazy._full is not None and chat == demo_calibration(full, 4)
+    assert calibration_tokens(lazy, chat) == calibration_tokens(full, chat)  # special tokens in the text
