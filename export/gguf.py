@@ -69,7 +69,7 @@ def export(req) -> ExportResult:
     if req.verify or (quant.imatrix != "none" and req.imatrix == "auto"):
         from edgepeft.export.verify import prestart
 
-        prestart()  # the PyTorch child imports torch while this process reads the tokenizer and calibration data
+        prestart(base.model_type)  # the PyTorch child imports torch while this process reads the tokenizer and calibration data
     imx = _matrix_plan(req, base, plans, quant)  # so is a training-data hash mismatch
     with tokenizer_job(base.path):  # resolving the tokenizer starts now; write_model picks it up
         return ExportResult.of(_export_checked(req, base, arch, quant, t0, plans, imx))

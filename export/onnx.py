@@ -75,7 +75,7 @@ def export(req) -> ExportResult:
     if req.verify and _skip_reason(req) is None:
         from edgepeft.export.verify import prestart
 
-        prestart()  # the PyTorch child's imports run beside the build; the check then starts warm
+        prestart(base.model_type)  # the PyTorch child's imports run beside the build; the check then starts warm
     t0 = time.perf_counter()
     with atomic.atomic_dir(req.out) as tmp, tempfile.TemporaryDirectory(prefix="edgepeft-onnx-") as work:
         work = Path(work)

@@ -210,18 +210,20 @@ def _stop_running() -> None:  # a failed export leaves no reference child behind
         _stop(*_WARM.pop())
 
 
-def prestart() -> None:
+def prestart(model_type: str | None = None) -> None:
     """Start the reference child now, before its request exists; the next ``_Job`` sends it the request.
 
-    Its torch and transformers imports (3-4 CPU-s, the whole of a small model's start-up) then run beside
-    this process's own preparation (the base, the tokenizer, the calibration data) instead of after it.
-    Call it once the request is known to be valid: an export that stops earlier kills the child at exit."""
+    Its imports (torch, transformers, and ``model_type``'s modeling code: 5-6 CPU-s, the whole of a small
+    model's start-up) then run beside this process's own preparation (the base, the tokenizer, the calibration
+    data, the first tensors) instead of after it. Call it once the request is known to be valid: an export
+    that stops earlier kills the child at exit."""
     if not _WARM:
-        _WARM.append(_spawn("-"))
+        _WARM.append(_spawn("-", *([model_type] if model_type else [])))
 
 
-def _spawn(request: str) -> tuple:
-    """``python -m edgepeft.export.reference REQUEST`` ('-': read the request's path from stdin later)."""
+def _spawn(request: str, *extra: str) -> tuple:
+    """``python -m edgepeft.export.reference REQUEST`` ('-': read the request's path from stdin later,
+    after importing what ``extra``, a model type, needs)."""
     import subprocess
     import sys
     import tempfile
@@ -229,7 +231,7 @@ def _spawn(request: str) -> tuple:
     from edgepeft.ui import STATE
 
     log = None if STATE.debug else tempfile.TemporaryFile()  # noqa: SIM115 -- closed by _Job.close or _stop
-    proc = subprocess.Popen([sys.executable, "-m", "edgepeft.export.reference", request],
+    proc = subprocess.Popen([sys.executable, "-m", "edgepeft.export.reference", request, *extra],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
     return proc, log
 

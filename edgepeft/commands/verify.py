@@ -105,7 +105,7 @@ def _against_reference(path, reference, ref_adapters, adapters, quant, merge_int
     plans = load_adapters(list(ref_adapters.values()), base, list(ref_adapters)) if ref_adapters else []
     active = {p.name: p for p in plans if p.name in art.adapters}
     merged = [p for p in plans if p.name not in art.adapters]
-    V.prestart()  # the PyTorch child imports torch while this process reads the task examples
+    V.prestart(base.model_type)  # the PyTorch child imports torch while this process reads the task examples
     target = merge_into or _recorded_merge_target(art.path) or "original"
     ref = V.Reference(base, merged=merged, merge_target=target, adapters=active,
                       tasks=_tasks(base, list(active.values()), merged, calib) if art.format != "onnx-static" else {})
