@@ -49,15 +49,19 @@ def check(req) -> HtpTarget:
 
 def export(req) -> ExportResult:
     target = check(req)
+    from edgepeft.export import verify as V
     from edgepeft.export.onnx import _record, load_plans
     from edgepeft.models import resolve_base
 
     base = resolve_base(req.base)
     base.require_tokenizer()
     plans = load_plans(req, base)
+    reference = V.Reference(base, merged=plans, merge_target="original" if req.merge_into == "auto" else req.merge_into)
+    if req.verify:  # the PyTorch side, in its child, while the graphs are exported, quantized and compiled
+        reference.prefetch([None], "qnn", req.quant)
     t0 = time.perf_counter()
     with atomic.atomic_dir(req.out) as tmp:
-        record = build(base, plans, tmp, target, req)
+        record = build(base, plans, tmp, target, req, reference)
         record["build_s"] = round(time.perf_counter() - t0, 2)
         record["bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         base_record = _record(req, base, plans, tmp)
@@ -67,7 +71,7 @@ def export(req) -> ExportResult:
     return ExportResult.of(record)
 
 
-def build(base, plans, out: Path, target: HtpTarget, req) -> dict:
+def build(base, plans, out: Path, target: HtpTarget, req, reference) -> dict:
     from edgepeft.export.merge import merged_state_dict
 
     model = base.load_model().eval()
@@ -94,11 +98,11 @@ def build(base, plans, out: Path, target: HtpTarget, req) -> dict:
         graphs[kind] = ctx
     del model
     record = {"qnn": report, "runtime": "onnxruntime-qnn"}
-    _verify(req, record, out, base, plans)
+    _verify(req, record, out, reference)
     return record
 
 
-def _verify(req, record: dict, out: Path, base, plans) -> None:
+def _verify(req, record: dict, out: Path, reference) -> None:
     """The one verifier: both compiled graphs in the HTP simulator (runtimes/ort.py) vs PyTorch fp32."""
     import json
 
@@ -110,9 +114,7 @@ def _verify(req, record: dict, out: Path, base, plans) -> None:
         return
     # the runtime reads the compiled target (SoC, HTP arch) from the manifest, as on a device
     (out / MANIFEST).write_text(json.dumps({"qnn": record["qnn"]}))
-    target = "original" if req.merge_into == "auto" else req.merge_into
-    records = V.verify(Artifact(out, "onnx-static", out, {}, "qnn-ctx"),
-                       V.Reference(base, merged=plans, merge_target=target), fmt="qnn", quant=req.quant,
+    records = V.verify(Artifact(out, "onnx-static", out, {}, "qnn-ctx"), reference, fmt="qnn", quant=req.quant,
                        label="prefill_ctx.onnx", runtime="onnxruntime")
     for r in records:
         r["runtime"] = "qnn-htp"

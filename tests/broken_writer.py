@@ -90,9 +90,9 @@ def _before_qnn_verify(defect) -> None:
 
     verify = qnn._verify
 
-    def broken_verify(req, record, out, base, plans):
+    def broken_verify(req, record, out, *rest):
         defect(out)
-        return verify(req, record, out, base, plans)
+        return verify(req, record, out, *rest)
 
     qnn._verify = broken_verify
 
