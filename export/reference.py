@@ -499,25 +499,34 @@ class _FastTokenizer:
 
 
 class LazyTokenizer:
-    """The base's tokenizer as the export process uses it: a plain ``tok(text, add_special_tokens=...)`` goes
-    through ``_FastTokenizer`` on the cached effective tokenizer.json where an earlier export stored one (the
-    ids AutoTokenizer gives); anything else (a chat template, a special token's name) loads AutoTokenizer, once.
+    """The base's tokenizer as verify calls it: a plain ``tok(text, add_special_tokens=...)`` (and
+    ``bos_token_id``) goes through ``_FastTokenizer`` on the cached effective tokenizer.json where an earlier
+    export stored one (the ids AutoTokenizer gives); anything else (a chat template, a special token's name)
+    loads AutoTokenizer, once.
 
-    With the bundled calibration text, the export process then imports neither transformers nor torch to
-    tokenize it: 4.5 s of a verified Q4_K_M export of smollm2-135m, spent before its first byte was written."""
+    The reference child tokenizes its fixed texts with it (``fixed_ids``: 0.3 CPU-s where AutoTokenizer costs
+    2.3 on smollm2-135m), and so does the export process for the importance matrix's calibration text, which
+    then imports neither transformers nor torch for the bundled text: 4.5 s of a verified Q4_K_M export of
+    smollm2-135m, spent before its first byte was written."""
 
     def __init__(self, base: ResolvedBase):
         self._base, self._fast, self._full = base, None, None
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+    def _fast_path(self) -> _FastTokenizer | None:
         if self._full is None and self._fast is None:
             from edgepeft.export.gguf_tokenizer import cached_tokenizer_text
 
             cached = cached_tokenizer_text(self._base.path)
             self._fast = _FastTokenizer(cached, _bos_token(self._base.path)) if cached is not None else False
-        if self._fast:
-            return self._fast(text, add_special_tokens=add_special_tokens)
-        return self.full(text, add_special_tokens=add_special_tokens)
+        return self._fast or None
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return (self._fast_path() or self.full)(text, add_special_tokens=add_special_tokens)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        fast = self._fast_path()
+        return fast.bos_token_id if fast else getattr(self.full, "bos_token_id", None)
 
     @property
     def full(self):
@@ -547,22 +556,17 @@ def _bos_token(folder) -> str | None:
 
 
 def fixed_ids(base: ResolvedBase, tasks: dict | None = None) -> tuple[list, list, int | None, dict]:
-    """(prompt ids, held-out ids, BOS id, task ids) as transformers' tokenizer gives them.
+    """(prompt ids, held-out ids, BOS id, task ids) as transformers' tokenizer gives them (``LazyTokenizer``:
+    through ``tokenizers`` on the GGUF writer's cached effective tokenizer.json when one is on disk).
 
     ``tasks``: variant -> (prompt, completion) pairs (``verify.task_pairs``); task ids are, per variant,
     ``(ids, n_ctx)`` with the prompt's ids first, as ``edgepeft.calib.completion_nll`` builds them.
-
-    Through ``tokenizers`` on the GGUF writer's cached effective tokenizer.json (the backend
-    AutoTokenizer runs, serialised; ``gguf_tokenizer``) when one is on disk: 0.3 CPU-s where
-    AutoTokenizer costs 2.3 (smollm2-135m, measured). Else AutoTokenizer itself.
     """
-    from edgepeft.export.gguf_tokenizer import cached_tokenizer_text
     from edgepeft.export.verify import PROMPTS, _ids, held_out_ids, task_ids
 
-    text = cached_tokenizer_text(base.path)
-    tok = _FastTokenizer(text, _bos_token(base.path)) if text is not None else base.load_tokenizer()
+    tok = LazyTokenizer(base)
     task = {v: task_ids(tok, pairs) for v, pairs in (tasks or {}).items()}
-    return [_ids(tok, p) for p in PROMPTS], held_out_ids(tok), getattr(tok, "bos_token_id", None), task
+    return [_ids(tok, p) for p in PROMPTS], held_out_ids(tok), tok.bos_token_id, task
 
 
 def sequences(prompts: list, held: list, task: dict) -> list:
@@ -602,7 +606,7 @@ def _serve(request_file: str) -> None:
         imx = req.get("imatrix")
         if imx is None:
             _fixed_mmap_threshold()
-        if imx is not None:  # first: the export's quantizer waits for it (edgepeft.imatrix.matrix_request)
+        else:  # first: the export's quantizer waits for it (edgepeft.imatrix.matrix_request)
             torch.set_num_threads(max(1, min(full, free_cores())))
             pickle.dump(("matrix", *importance_sums(imx["base"], imx["passes"], imx["names"], imx["budget"],
                                                     bf16=imx["bf16"])), out, protocol=pickle.HIGHEST_PROTOCOL)
