@@ -13,6 +13,8 @@ Kinds: :class:`GGUFFile`, :class:`GGUFFolder` (an export folder: one model plus
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +209,8 @@ def runtime_artifact(path: str | Path, adapters: dict | None = None):
         files = [art.model] if art.model.is_file() else [art.model / "model.onnx"] if (art.model / "model.onnx").is_file() else []
         for f in [*files, *art.adapters.values()]:
             check_artifact(f)  # bounded header walk before any file reaches native code
+        if art.quant is None and files and files[0].suffix == ".onnx":  # no edgepeft record: read the graph
+            art = dataclasses.replace(art, quant=onnx_quant(files[0]))
     return art
 
 
@@ -224,3 +228,29 @@ def gguf_quant(path: Path, label: str | None = None) -> str | None:
     except ValueError:
         return None
     return {"ALL_F32": "f32", "MOSTLY_F16": "f16", "MOSTLY_BF16": "bf16"}.get(name, name.replace("MOSTLY_", "").lower())
+
+
+# ONNX tensor element types (onnx.TensorProto.DataType) by the quant name the tolerance table uses
+_ONNX_FLOATS = {1: "fp32", 10: "fp16", 16: "bf16"}
+_ONNX_INT8_OPS = {"MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "DequantizeLinear"}
+
+
+def onnx_quant(path: Path, label: str | None = None) -> str | None:
+    """The quant an ONNX graph's weights are in, read from the graph alone (no external data): int4 or int8
+    from the ``bits`` of its MatMulNBits nodes (int4 wherever any is 4-bit: the ``*_last`` algorithms keep
+    the output projection at 8), int8 for QDQ / integer-matmul graphs, else the float type holding most
+    initializer elements. For ONNX folders without an edgepeft record (the builder's, Olive's, optimum's),
+    so ``verify`` and ``bench`` pick the tolerance row the weights call for."""
+    from edgepeft.security import load_onnx_graph
+
+    graph = load_onnx_graph(path, label).graph
+    bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    if bits:
+        return "int4" if 4 in bits else "int8" if bits == {8} else None
+    if any(n.op_type in _ONNX_INT8_OPS for n in graph.node):
+        return "int8"
+    elements: dict[int, int] = {}
+    for t in graph.initializer:
+        elements[t.data_type] = elements.get(t.data_type, 0) + math.prod(t.dims)
+    top = max(elements, key=elements.get, default=None)
+    return _ONNX_FLOATS.get(top)

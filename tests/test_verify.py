@@ -273,3 +273,39 @@ def test_a_task_only_miss_says_the_type_loses_the_task():
     with pytest.raises(VerificationError) as both:
         require_passed([rec("task_kept", "top1_agreement")], "gguf q4_k_m merged export")
     assert both.value.fix == VerificationError.EXPORT_FIX
+
+
+def test_onnx_quant_is_read_from_the_graph(tmp_path):
+    """A folder without edgepeft's record (the builder's, Olive's) gets its tolerance row from its weights."""
+    import numpy as np
+    from onnx import helper, numpy_helper, save
+
+    from edgepeft.artifacts import onnx_quant
+
+    def graph(nodes, inits):
+        g = helper.make_graph(nodes, "g", [], [], [numpy_helper.from_array(a, n) for n, a in inits.items()])
+        path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.onnx"
+        save(helper.make_model(g), str(path))
+        return onnx_quant(path)
+
+    def nbits(bits, name):
+        return helper.make_node("MatMulNBits", ["x", "w"], [name], domain="com.microsoft", bits=bits, K=8, N=8,
+                                block_size=32)
+
+    assert graph([nbits(4, "a"), nbits(8, "b")], {}) == "int4"  # k_quant_last: int4 body, int8 head
+    assert graph([nbits(8, "a")], {}) == "int8"
+    assert graph([helper.make_node("DequantizeLinear", ["q", "s"], ["y"])], {}) == "int8"
+    assert graph([], {"w": np.zeros((8, 8), np.float16), "b": np.zeros(4, np.float32)}) == "fp16"
+    assert graph([], {"w": np.zeros((8, 8), np.float32)}) == "fp32"
+    assert graph([], {}) is None
+
+
+def test_verify_reads_the_quant_of_a_folder_without_a_record(tiny_llama, tmp_path):
+    """`edgepeft verify` on an ONNX folder another tool wrote (no edgepeft-onnx.json) picks the row itself."""
+    assert run_cli("export", "--format", "onnx", "--base", tiny_llama, "--quant", "int8", "--out", "o",
+                   "--no-verify", cwd=tmp_path).returncode == 0
+    (tmp_path / "o" / "edgepeft-onnx.json").unlink()
+    r = run_cli("verify", "o", "--reference", tiny_llama, "--json", cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    rec = json.loads(r.stdout)["verifications"][0]
+    assert (rec["format"], rec["quant"], rec["passed"]) == ("onnx", "int8", True)
