@@ -16,7 +16,7 @@ from edgepeft.errors import ConfigError
 KEEP_TYPE = "q8_0"
 # the ggml type most tensors of each file type take (llama-quant.cpp llama_ftype_get_default_type);
 # bytes per weight come from gguf-py's GGML_QUANT_SIZES
-_DEFAULT_TYPE = {"q4_0": "Q4_0", "q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K", "iq4_xs": "IQ4_XS",
+_DEFAULT_TYPE = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K", "iq4_xs": "IQ4_XS",
                  "q3_k_m": "Q3_K", "q2_k": "Q2_K", "iq3_xxs": "IQ3_XXS"}
 
 

@@ -37,6 +37,8 @@ QUANTS: dict[str, Quant] = {q.name: q for q in (
     Quant("bf16", "LLAMA_FTYPE_MOSTLY_BF16", "MOSTLY_BF16", True, "none"),
     Quant("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0", "MOSTLY_Q8_0", False, "none"),
     Quant("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0", "MOSTLY_Q4_0", False),
+    # a float minimum per 32 weights: lands exactly on a Q4_1 source's grid (benchmarks/bench_onnx_grid.py)
+    Quant("q4_1", "LLAMA_FTYPE_MOSTLY_Q4_1", "MOSTLY_Q4_1", False),
     Quant("q4_k_m", "LLAMA_FTYPE_MOSTLY_Q4_K_M", "MOSTLY_Q4_K_M", False),
     Quant("q5_k_m", "LLAMA_FTYPE_MOSTLY_Q5_K_M", "MOSTLY_Q5_K_M", False),
     Quant("q6_k", "LLAMA_FTYPE_MOSTLY_Q6_K", "MOSTLY_Q6_K", False),

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from edgepeft.errors import ConfigError
 from edgepeft.export import WRITERS
+from edgepeft.export.quantize import QUANTS
 
-GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "iq4_xs", "q3_k_m", "q2_k", "iq3_xxs")
+GGUF_QUANTS = tuple(QUANTS)  # llama.cpp file types, export/quantize.py
 ONNX_QUANTS = ("int4", "int8", "fp16", "fp32")
 FORMATS = tuple(WRITERS)
 MODES = ("merged", "separate")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from edgepeft.export.request import GGUF_QUANTS, ONNX_QUANTS
 from edgepeft.ui import edgepeft_command, print_json
 
 
@@ -13,8 +14,7 @@ from edgepeft.ui import edgepeft_command, print_json
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(), help="PEFT adapter folder (repeatable).")
 @click.option("--name", "names", multiple=True, help="Name for each --adapter, in order (default: folder name).")
 @click.option("--mode", default="merged", show_default=True, help="merged | separate")
-@click.option("--quant", default=None, help="gguf: f32 f16 bf16 q8_0 q4_0 q4_k_m q5_k_m q6_k iq4_xs q3_k_m q2_k "
-              "iq3_xxs; onnx: int4 int8 fp16 fp32")
+@click.option("--quant", default=None, help=f"gguf: {' '.join(GGUF_QUANTS)}; onnx: {' '.join(ONNX_QUANTS)}")
 @click.option("--adapter-type", default="f16", show_default=True, help="GGUF adapter tensors: f16 | q8_0")
 @click.option("--prune", default=None,
               help="auto | energy=0.99 | rank=8 | size=2MB, optionally ,drop=1e-4 ,modules=q_proj+v_proj. auto: the "
