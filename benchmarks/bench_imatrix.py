@@ -33,7 +33,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "imatrix.json"
 WIKI_FULL = Path("/work/shared/data/wikitext2-valid.txt")
 WIKI_OFFSET = 200_000  # past the package's slice (chars 0..67282) and the verifier's part of it
 ROWS = (("q4_k_m", "merged", None), ("q4_k_m", "separate", None), ("iq4_xs", "merged", None),
-        ("q3_k_m", "merged", None), ("q4_k_m", "merged", "4MB"))
+        ("q3_k_m", "merged", None), ("q4_k_m", "merged", "4MB"),
+        ("q4_1", "merged", None), ("q4_1", "separate", None))  # q4_1: lands on the Q4_1 source's grid
 
 # --- the second task: a generated chat-format dataset ----------------------------------------------
 FIRST = ("Ana", "Ben", "Chloe", "Dev", "Ema", "Femi", "Gus", "Hana", "Ivo", "Jun", "Kira", "Leo", "Mia", "Noor",
@@ -213,6 +214,7 @@ def main():
     ap.add_argument("--base", default="smollm2-135m")
     ap.add_argument("--rows", default=None, help="comma-separated subset of: " + ", ".join(map(_row_name, ROWS)))
     ap.add_argument("--chat-examples", type=int, default=None, help="default: --examples")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON (default: %(default)s)")
     args = ap.parse_args()
     if args.prepare_chat:
         prepare_chat(args.prepare_chat)
@@ -231,8 +233,8 @@ def main():
               "adapters": []}
     wanted = set(args.rows.split(",")) if args.rows else None
     running = {n for n, a in (("demo", args.demo_run), ("chat", args.chat_run)) if a}
-    if RESULTS.is_file():  # adapters measured by an earlier invocation stay
-        kept = [a for a in json.loads(RESULTS.read_text()).get("adapters", []) if a["adapter"] not in running]
+    if args.out.is_file():  # adapters measured by an earlier invocation stay
+        kept = [a for a in json.loads(args.out.read_text()).get("adapters", []) if a["adapter"] not in running]
         result["adapters"].extend(kept)
         result["earlier_invocations_kept"] = [a["adapter"] for a in kept]
 
@@ -240,7 +242,7 @@ def main():
         if entry not in result["adapters"]:
             result["adapters"].append(entry)
         result["machine"]["load_avg_now"] = os.getloadavg()
-        RESULTS.write_text(json.dumps(result, indent=1))
+        args.out.write_text(json.dumps(result, indent=1))
 
     demo = get_task("demo")
     if args.demo_run:
@@ -251,7 +253,7 @@ def main():
         bench_adapter("chat", base, args.chat_run, chat_examples(ev, args.chat_examples or args.examples), ids, 32,
                       work, wanted, save)
     result["machine"]["load_avg_at_end"] = os.getloadavg()
-    RESULTS.write_text(json.dumps(result, indent=1))
+    args.out.write_text(json.dumps(result, indent=1))
     print(markdown(result))
 
 
