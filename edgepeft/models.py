@@ -117,6 +117,16 @@ class ResolvedBase:
     def model_type(self) -> str:
         return self.config.get("model_type", "")
 
+    @cached_property
+    def origin_quant(self) -> str | None:
+        """The file type of the GGUF the weights were dequantized from (``q4_1``, ``q4_k_m``, ``f16``...), or
+        None when they did not come from a GGUF: a block type's grid is still in every weight."""
+        if self.origin is None or self.origin.suffix.lower() != ".gguf" or not self.origin.is_file():
+            return None
+        from edgepeft.artifacts import gguf_quant
+
+        return gguf_quant(self.origin)
+
     @property
     def arch(self) -> Arch:
         return get_arch(self.model_type, str(self.path))

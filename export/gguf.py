@@ -36,7 +36,7 @@ from edgepeft.errors import EdgepeftError
 from edgepeft.export import ExportResult
 from edgepeft.export import gguf_tensors as gt
 from edgepeft.export.plan import AdapterPlan
-from edgepeft.export.quantize import get_quant, quantize
+from edgepeft.export.quantize import get_quant, quantize, regrid_note
 from edgepeft.export.verify import Reference
 from edgepeft.keys import ADAPTER_SUFFIX_GGUF, GGUF_RECORD, IMATRIX_SUFFIX, EdgepeftKeys
 from edgepeft.paths import to_record
@@ -66,6 +66,9 @@ def export(req) -> ExportResult:
     from edgepeft.export.gguf_tokenizer import tokenizer_job
 
     plans = _load_plans(req, base)  # before --out is created or a child starts: a bad adapter is one quick error
+    note = regrid_note(base.origin_quant, "gguf", quant.name)
+    if note:
+        info(note)
     if req.verify or (quant.imatrix != "none" and req.imatrix == "auto"):
         from edgepeft.export.verify import prestart
 

@@ -30,10 +30,11 @@ from pathlib import Path
 from edgepeft import atomic
 from edgepeft.errors import ConfigError, EdgepeftError, IntegrityError
 from edgepeft.export import ExportResult
+from edgepeft.export.quantize import regrid_note
 from edgepeft.export.verify import Reference
 from edgepeft.keys import ADAPTER_SUFFIX_ONNX
 from edgepeft.keys import ONNX_SIDECAR as MANIFEST
-from edgepeft.ui import stage
+from edgepeft.ui import info, stage
 
 ADAPTER_DIR = "adapters"
 
@@ -72,6 +73,9 @@ def export(req) -> ExportResult:
                             "Export GGUF instead (edgepeft export --format gguf)")
     base.require_tokenizer()
     plans = load_plans(req, base)
+    note = regrid_note(base.origin_quant, "onnx", req.quant)
+    if note:
+        info(note)
     if req.verify and _skip_reason(req) is None:
         from edgepeft.export.verify import prestart
 

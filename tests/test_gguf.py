@@ -567,3 +567,15 @@ def test_q4_1_lands_on_a_q4_1_base_exactly(tiny_llama, tmp_path):
     assert all(kind == "Q4_0" and e > 1e-3 for (q, *_), (kind, e) in err.items() if q == "q4_0"), err
     # measured: 0.945 for both q4_1 exports (the embedding and output take other types), q4_0 0.496
     assert min(top1["q4_1"], top1["q4_1+m"]) >= 0.9 > top1["q4_0"] + 0.2, top1
+
+
+def test_a_4_bit_source_names_the_type_that_keeps_it(smollm2):
+    """The default base remembers its Q4_1 source; a 4-bit export onto another grid says which type keeps it."""
+    from edgepeft.export.quantize import regrid_note
+
+    assert smollm2.origin_quant == "q4_1"
+    assert "--quant q4_1 lands on its grid exactly; q4_k_m quantizes it again" in regrid_note("q4_1", "gguf", "q4_k_m")
+    assert "--quant int8 keeps it" in regrid_note("q4_k_m", "onnx", "int4")
+    for source, fmt, quant in (("q4_1", "gguf", "q4_1"), ("q4_1", "gguf", "q8_0"), ("q4_1", "onnx", "int8"),
+                               ("f16", "onnx", "int4"), (None, "gguf", "q4_0"), ("q8_0", "onnx", "int4")):
+        assert regrid_note(source, fmt, quant) is None, (source, fmt, quant)
