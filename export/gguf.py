@@ -66,7 +66,7 @@ def export(req) -> ExportResult:
     from edgepeft.export.gguf_tokenizer import tokenizer_job
 
     plans = _load_plans(req, base)  # before --out is created or a child starts: a bad adapter is one quick error
-    note = regrid_note(base.origin_quant, "gguf", quant.name)
+    note = regrid_note(base.origin_quant, "gguf", quant.name, req.mode)
     if note:
         info(note)
     if req.verify or (quant.imatrix != "none" and req.imatrix == "auto"):

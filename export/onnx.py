@@ -73,7 +73,7 @@ def export(req) -> ExportResult:
                             "Export GGUF instead (edgepeft export --format gguf)")
     base.require_tokenizer()
     plans = load_plans(req, base)
-    note = regrid_note(base.origin_quant, "onnx", req.quant)
+    note = regrid_note(base.origin_quant, "onnx", req.quant, req.mode)
     if note:
         info(note)
     if req.verify and _skip_reason(req) is None:

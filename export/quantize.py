@@ -49,21 +49,26 @@ QUANTS: dict[str, Quant] = {q.name: q for q in (
 )}
 
 
-FLOAT_TYPES = ("f32", "f16", "bf16", "fp32", "fp16")
-
-
-def regrid_note(source: str | None, fmt: str, quant: str) -> str | None:
-    """One status line when a base dequantized from a 4-bit GGUF is about to be quantized again onto another
-    grid, naming the type that keeps its weights. Measured on smollm2-135m, whose source is a Q4_1 GGUF
-    (benchmarks/bench_onnx_grid.py: every block on its grid; the verifier's top-1 / ppl ratio, base alone):
-    GGUF q4_1 0.966 / 1.002 (its blocks come back exactly), q4_k_m 0.903 / 1.055, q4_0 0.677 / 1.295; ONNX
-    int4 0.677 / 1.30 (MatMulNBits' zero points are integers at int4 speed; a float minimum cannot land),
-    int8 0.975 / 0.995."""
-    if not source or source in FLOAT_TYPES or not source.startswith(("q4", "iq4")):
+def regrid_note(source: str | None, fmt: str, quant: str, mode: str) -> str | None:
+    """One status line when a base dequantized from a 4-bit GGUF is about to be quantized onto a grid, naming
+    what keeps the weights. smollm2-135m's source is a Q4_1 GGUF (benchmarks/bench_onnx_grid.py: every block
+    on its grid), with the trained demo adapter (PyTorch 98/100; benchmarks/results/imatrix_q4_1.json):
+    - separate (the base unchanged): GGUF q4_1 99/100, ppl x1.000 (its blocks come back exactly); q4_k_m
+      96/100, x1.039 (98, x1.022 with the importance matrix);
+    - merged into that base, q4_1: 0/100. The adapter moves each weight by less than half a Q4_1 step, so
+      quantizing onto the base's own grid rounds it back to the base;
+    - ONNX int4 requantizes any such base (MatMulNBits' zero points are integers at int4 speed): verifier
+      top-1 0.68, ppl x1.30 for the base alone; int8 0.975, x0.995."""
+    if not source or not source.startswith(("q4", "iq4")):
         return None
-    if fmt == "gguf" and source == "q4_1" and quant != "q4_1" and quant.startswith(("q4", "iq4", "q3", "q2", "iq3")):
-        return (f"the base was dequantized from a Q4_1 GGUF: --quant q4_1 lands on its grid exactly; "
-                f"{quant} quantizes it again (smollm2-135m: top-1 0.97 vs 0.90 for q4_k_m)")
+    if fmt == "gguf" and source == "q4_1":
+        if mode == "separate" and quant != "q4_1" and quant.startswith(("q4", "iq4", "q3", "q2", "iq3")):
+            return ("the base was dequantized from a Q4_1 GGUF: --quant q4_1 keeps its weights exactly "
+                    "(smollm2-135m + demo adapter, separate: 99 % vs 96 % for q4_k_m)")
+        if mode == "merged" and quant == "q4_1":
+            return ("the base was dequantized from a Q4_1 GGUF: merged at q4_1, the adapter's change rounds back "
+                    "onto the base's own grid (smollm2-135m + demo adapter: 0 % of 98 %); "
+                    "use --mode separate, or --quant q4_k_m")
     if fmt == "onnx" and quant == "int4":
         return (f"the base was dequantized from a {source.upper()} GGUF: ONNX int4 (integer zero points) "
                 f"quantizes it again (smollm2-135m: top-1 0.68, ppl x1.30); --quant int8 keeps it (0.98, x1.00)")

@@ -570,12 +570,15 @@ def test_q4_1_lands_on_a_q4_1_base_exactly(tiny_llama, tmp_path):
 
 
 def test_a_4_bit_source_names_the_type_that_keeps_it(smollm2):
-    """The default base remembers its Q4_1 source; a 4-bit export onto another grid says which type keeps it."""
+    """The default base remembers its Q4_1 source; a 4-bit export onto a grid says what keeps its weights."""
     from edgepeft.export.quantize import regrid_note
 
     assert smollm2.origin_quant == "q4_1"
-    assert "--quant q4_1 lands on its grid exactly; q4_k_m quantizes it again" in regrid_note("q4_1", "gguf", "q4_k_m")
-    assert "--quant int8 keeps it" in regrid_note("q4_k_m", "onnx", "int4")
-    for source, fmt, quant in (("q4_1", "gguf", "q4_1"), ("q4_1", "gguf", "q8_0"), ("q4_1", "onnx", "int8"),
-                               ("f16", "onnx", "int4"), (None, "gguf", "q4_0"), ("q8_0", "onnx", "int4")):
-        assert regrid_note(source, fmt, quant) is None, (source, fmt, quant)
+    assert "--quant q4_1 keeps its weights exactly" in regrid_note("q4_1", "gguf", "q4_k_m", "separate")
+    assert "rounds back onto the base's own grid" in regrid_note("q4_1", "gguf", "q4_1", "merged")
+    assert "--quant int8 keeps it" in regrid_note("q4_k_m", "onnx", "int4", "merged")
+    for source, fmt, quant, mode in (("q4_1", "gguf", "q4_1", "separate"), ("q4_1", "gguf", "q4_k_m", "merged"),
+                                     ("q4_1", "gguf", "q8_0", "separate"), ("q4_1", "onnx", "int8", "separate"),
+                                     ("f16", "onnx", "int4", "merged"), (None, "gguf", "q4_0", "separate"),
+                                     ("q8_0", "onnx", "int4", "merged")):
+        assert regrid_note(source, fmt, quant, mode) is None, (source, fmt, quant, mode)
