@@ -355,7 +355,9 @@ def reference_stats(base: ResolvedBase, merged: Sequence[AdapterPlan], merge_tar
     model, decoder, prefix, embed_name = p.model, p.decoder, p.prefix, p.embed_name
     layers = decoder.layers
     head_name = embed_name if p.tied else p.out_name
-    own = {v: (_by_weight([adapters[v]]) if v else {}) for v in variants}
+    # a variant's adapters: one plan, or a list of them (verify.BARE: the merged plans negated)
+    own = {v: (_by_weight(adapters[v] if isinstance(adapters[v], list) else [adapters[v]]) if v else {})
+           for v in variants}
 
     with torch.no_grad():
         # --- 1. the layers' inputs, per batch (and per variant where an adapter changes the embedding)

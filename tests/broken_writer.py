@@ -10,7 +10,9 @@ could have, and each must make the export's own verification fail (tests/test_ve
 - ``lora_scale``: every writer applies alpha/r where the adapter asks for alpha/sqrt(r) (rsLoRA),
   which is what llama.cpp's convert_lora_to_gguf.py does;
 - ``tokenizer``: the tokenizer written with two vocabulary entries swapped (" the" and " of");
-- ``bias``: q/k/v biases (qwen2) written as zeros.
+- ``bias``: q/k/v biases (qwen2) written as zeros;
+- ``adapter_lost``: the merged writers merge nothing (what a 4-bit grid does to an adapter smaller than its step:
+  merged at q4_1 onto its own Q4_1 grid, the demo adapter rounded back to the base).
 
 QNN HTP (``--target qnn-htp``) gets the same defects where its writer has them: the scale (through the
 shared merge), the tokenizer file, the biases of the model its static graphs are traced from.
@@ -152,7 +154,14 @@ def bias() -> None:
     _qnn_model_defect(_zero_biases)
 
 
-DEFECTS = {"qk_permutation": qk_permutation, "lora_scale": lora_scale, "tokenizer": tokenizer, "bias": bias}
+def adapter_lost() -> None:
+    from edgepeft.export import merge
+
+    merge._deltas_by_weight = lambda plans: {}  # both merged writers (GGUF stream, ONNX folder) merge through it
+
+
+DEFECTS = {"qk_permutation": qk_permutation, "lora_scale": lora_scale, "tokenizer": tokenizer, "bias": bias,
+           "adapter_lost": adapter_lost}
 
 if __name__ == "__main__":
     DEFECTS[sys.argv[1]]()
