@@ -20,6 +20,7 @@ and ``on_grid``: the share of blocks whose values sit on ``min + k * (max - min)
 Then the cost of the float zero point: one MatMulNBits 1 x 1536 @ 1536 x 576, uint8 vs float zero points.
 
     python benchmarks/bench_onnx_grid.py [--layers 0,10,20,29]
+    python benchmarks/bench_onnx_grid.py --compare SOURCE.gguf EXPORTED.gguf   # does an export land on its source?
 
 Writes benchmarks/results/onnx_grid.json.
 """
@@ -157,10 +158,43 @@ def float_zero_point_cost(reps: int = 500) -> dict:
     return res
 
 
+def compare(source: Path, exported: Path) -> dict:
+    """Tensor by tensor: same ggml type, bit-identical dequantized values, else the relative error."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    src = {t.name: t for t in GGUFReader(source).tensors}
+    ours = {t.name: t for t in GGUFReader(exported).tensors}
+    counts: dict[str, int] = {}
+    worst = []
+    for name, t in src.items():
+        o = ours.get(name)
+        if o is None:
+            counts["missing"] = counts.get("missing", 0) + 1
+            continue
+        a = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(-1)
+        b = dequantize(o.data, o.tensor_type).astype(np.float32).reshape(-1)
+        key = f"{t.tensor_type.name}->{o.tensor_type.name} {'exact' if np.array_equal(a, b) else 'differs'}"
+        counts[key] = counts.get(key, 0) + 1
+        worst.append((rel(b, a) if np.linalg.norm(a) else 0.0, name))
+    worst.sort(reverse=True)
+    return {"source": str(source), "exported": str(exported), "tensors": counts,
+            "largest_relative_error": [{"tensor": n, "error": round(e, 6)} for e, n in worst[:5]]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", default="0,10,20,29")
+    ap.add_argument("--compare", nargs=2, type=Path, metavar=("SOURCE", "EXPORTED"))
     args = ap.parse_args()
+    if args.compare:
+        res = compare(*args.compare)
+        path = RESULTS / "onnx_grid.json"
+        out = json.loads(path.read_text()) if path.is_file() else {}
+        out.setdefault("compare", {})[args.compare[1].name] = res
+        path.write_text(json.dumps(out, indent=1))
+        print(json.dumps(res, indent=1))
+        return
     t0 = time.time()
     errors = tensor_errors(base_weights([int(x) for x in args.layers.split(",")]))
     cost = float_zero_point_cost()
