@@ -53,19 +53,20 @@ class Bounds:
 # and their perplexity barely moves, so on them a lossy type is judged loosely and the writer defects are tested at
 # f32/fp32 (tests/test_verify.py: wrong Q/K permutation top-1 0.51, max |Δlogit| 1.50 at f32 where 0.03 is normal).
 # adapter_kept (verify._adapter_metrics; smol + the trained demo adapter, merged into the original base unless
-# "separate", benchmarks session 10): f16 1.000, q8_0 separate 0.982; q4_k_m 0.796, separate 0.891; q3_k_m 0.755;
+# "separate", benchmarks session 10): f16 1.000, bf16 separate 1.000, q8_0 separate 0.982, onnx int8 0.965, q6_k
+# 0.875; q4_k_m 0.796, separate 0.891; q3_k_m 0.755;
 # q2_k 0.725; q4_0 0.619; onnx int4 0.658, separate 0.806; tiny llama + rsLoRA r=4 adapter q4_k_m and f32 1.0.
 # An adapter the artifact lost: merged by a writer that drops it (tests/broken_writer.py adapter_lost) 0.093 at
 # q4_k_m, where top-1 (0.87 bound 0.5) and ppl still passed; merged onto its base's own Q4_1 grid at q4_1 0.473
-# (its task: 0 of 98 %; task_kept fails it). Lossy rows judge at 0.35 (40-60 positions decide: about +-0.07),
-# float and 8-bit rows at 0.8.
+# (its task: 0 of 98 %; task_kept fails it). 40-60 positions decide (about +-0.05 to +-0.07), so each bound sits
+# about 3 of those below the type's measured value: float 0.8, 8-bit 0.75, q6_k 0.65, lossier types 0.35.
 TOLERANCES: dict[tuple[str, str], Bounds] = {
     # --- GGUF in llama.cpp (its f16 KV cache is why f32 is not exact)
     ("gguf", "f32"): Bounds(top1=0.98, ppl_ratio=1.005, max_abs_logit=0.25, task_kept=0.9, adapter_kept=0.8),  # smol 1.0/0.046/1.0001 = peer; tiny 0.992/0.026/1.0
     ("gguf", "f16"): Bounds(top1=0.97, ppl_ratio=1.01, max_abs_logit=0.5, task_kept=0.9, adapter_kept=0.8),  # smol 1.0/0.065/1.0005 = peer; tiny 0.992/0.050/1.0
     ("gguf", "bf16"): Bounds(top1=0.93, ppl_ratio=1.03, max_abs_logit=2.0, task_kept=0.9, adapter_kept=0.8),  # smol 0.996/0.41/0.999 = peer; tiny 0.971/0.17/1.003
-    ("gguf", "q8_0"): Bounds(top1=0.85, ppl_ratio=1.05, task_kept=0.75, adapter_kept=0.8),  # smol 0.975/2.7/0.997 = peer; tiny 0.903/0.58/1.003
-    ("gguf", "q6_k"): Bounds(top1=0.85, ppl_ratio=1.08, task_kept=0.75, adapter_kept=0.8),  # smol 0.958/5.0/1.000 = peer; tiny 0.903/0.58/1.003 (q8_0 fallback)
+    ("gguf", "q8_0"): Bounds(top1=0.85, ppl_ratio=1.05, task_kept=0.75, adapter_kept=0.75),  # smol 0.975/2.7/0.997 = peer; tiny 0.903/0.58/1.003
+    ("gguf", "q6_k"): Bounds(top1=0.85, ppl_ratio=1.08, task_kept=0.75, adapter_kept=0.65),  # smol 0.958/5.0/1.000 = peer; tiny 0.903/0.58/1.003 (q8_0 fallback)
     # q5_k_m on this base is the known outlier (docs: Q5_1 fallback on 576-wide rows re-gridding the Q4_1 source)
     ("gguf", "q5_k_m"): Bounds(top1=0.55, ppl_ratio=1.35, task_kept=0.55),  # smol 0.840/9.1/1.190 = peer; tiny 0.618/3.2/1.008
     # q4_k_m ppl_ratio 1.30 -> 1.15 with issue 18's numbers: smol + trained demo adapter, merged, with the task's
@@ -84,7 +85,7 @@ TOLERANCES: dict[tuple[str, str], Bounds] = {
     # --- ONNX (onnxruntime-genai builder, default k_quant_last) in onnxruntime-genai
     ("onnx", "fp32"): Bounds(top1=0.99, ppl_ratio=1.001, max_abs_logit=0.01, task_kept=0.9, adapter_kept=0.8),  # smol 1.0/0.0001/1.0; tiny 1.0/<1e-4/1.0
     ("onnx", "fp16"): Bounds(top1=0.97, ppl_ratio=1.01, max_abs_logit=0.5, task_kept=0.9, adapter_kept=0.8),  # cuda only: not measured here (as gguf f16)
-    ("onnx", "int8"): Bounds(top1=0.85, ppl_ratio=1.05, task_kept=0.75, adapter_kept=0.8),  # smol 0.975/1.5/0.995; tiny 0.950/0.14/1.002
+    ("onnx", "int8"): Bounds(top1=0.85, ppl_ratio=1.05, task_kept=0.75, adapter_kept=0.75),  # smol 0.975/1.5/0.995; tiny 0.950/0.14/1.002
     ("onnx", "int4"): Bounds(top1=0.45, ppl_ratio=1.60, task_kept=0.55),  # smol 0.660/26.7/1.332; tiny 0.555/2.2/1.005
     # --- QNN HTP static graphs (uint8 weights, uint16 activations) in the HTP simulator
     ("qnn", "int8"): Bounds(top1=0.65, ppl_ratio=1.25),  # smol 0.786/-/1.084; tiny llama + r=4 adapter 0.903/-/0.997
