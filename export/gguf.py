@@ -303,6 +303,11 @@ def _matrix_plan(req, base, plans, quant) -> MatrixPlan:
                                 "the bundled wikitext-2 slice)")
         info("importance matrix: off (--imatrix none)")
         return MatrixPlan(record={"used": False, "reason": "--imatrix none"})
+    if req.imatrix == "auto" and req.mode == "separate" and quant.name == "q4_1" == base.origin_quant:
+        # the base's own Q4_1 blocks come back exactly with or without a matrix (benchmarks/results/imatrix_q4_1.json:
+        # the same scores both ways), and the weighted Q4_1 search took 9 s of the export
+        info("importance matrix: off (the base's Q4_1 source grid comes back exactly without one)")
+        return MatrixPlan(record={"used": False, "reason": "q4_1 of a Q4_1 source: its grid comes back exactly"})
     if req.imatrix != "auto":
         from edgepeft.imatrix import check_matches, read
 

@@ -582,3 +582,18 @@ def test_a_4_bit_source_names_the_type_that_keeps_it(smollm2):
                                      ("f16", "onnx", "int4", "merged"), (None, "gguf", "q4_0", "separate"),
                                      ("q8_0", "onnx", "int4", "merged")):
         assert regrid_note(source, fmt, quant, mode) is None, (source, fmt, quant, mode)
+
+
+def test_q4_1_of_a_q4_1_source_separate_skips_the_matrix(smollm2):
+    """Separate q4_1 of the default base re-lands its grid exactly: the importance matrix would cost seconds for
+    the same bytes, so ``auto`` turns it off there (and only there)."""
+    from edgepeft.export.gguf import _matrix_plan
+    from edgepeft.export.quantize import get_quant
+
+    def plan(quant, mode):
+        req = SimpleNamespace(imatrix="auto", mode=mode, calib=None, adapters=[])
+        return _matrix_plan(req, smollm2, [], get_quant(quant)).record
+
+    assert plan("q4_1", "separate") == {"used": False,
+                                        "reason": "q4_1 of a Q4_1 source: its grid comes back exactly"}
+    assert plan("q4_1", "merged")["used"] is True and plan("q4_k_m", "separate")["used"] is True
