@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -57,8 +57,9 @@ def base_weights(layers: list[int]) -> dict[str, np.ndarray]:
     return {f"{i}.{k}": sd[f"model.layers.{i}.{k}.weight"].astype(np.float32) for i in layers for k in KINDS}
 
 
-def ggml_roundtrip(w: np.ndarray, kind: str) -> np.ndarray:
-    """llama.cpp's quantizer and dequantizer (``ggml_quantize_chunk``, type traits' ``to_float``) on ``w``'s rows."""
+@functools.cache
+def _ggml():
+    """The pinned llama-cpp-python's libggml-base, with the two signatures used here."""
     import llama_cpp
 
     lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
@@ -67,6 +68,12 @@ def ggml_roundtrip(w: np.ndarray, kind: str) -> np.ndarray:
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    return lib
+
+
+def ggml_roundtrip(w: np.ndarray, kind: str) -> np.ndarray:
+    """llama.cpp's quantizer (``ggml_quantize_chunk``) on ``w``'s rows, read back by gguf-py's dequantizer."""
+    lib = _ggml()
     t = GGML[kind]
     rows, n = w.shape
     src = np.ascontiguousarray(w, np.float32)
@@ -187,14 +194,16 @@ def main() -> None:
     ap.add_argument("--layers", default="0,10,20,29")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("SOURCE", "EXPORTED"))
     args = ap.parse_args()
+    path = RESULTS / "onnx_grid.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
     if args.compare:
         res = compare(*args.compare)
-        path = RESULTS / "onnx_grid.json"
-        out = json.loads(path.read_text()) if path.is_file() else {}
-        out.setdefault("compare", {})[args.compare[1].name] = res
-        path.write_text(json.dumps(out, indent=1))
+        earlier.setdefault("compare", {})[args.compare[1].name] = res
+        path.write_text(json.dumps(earlier, indent=1))
         print(json.dumps(res, indent=1))
         return
+    from edgepeft.train.kernels import cpu_model
+
     t0 = time.time()
     errors = tensor_errors(base_weights([int(x) for x in args.layers.split(",")]))
     cost = float_zero_point_cost()
@@ -202,11 +211,13 @@ def main() -> None:
     summary = {k: round(statistics.median(r[k] for r in errors.values()), 5) for k in keys}
     summary["on_grid"] = round(statistics.median(r["on_grid"] for r in errors.values()), 4)
     out = {"benchmark": "onnx_grid", "script": "benchmarks/bench_onnx_grid.py", "base": "smollm2-135m (Q4_1 GGUF, dequantized)",
-           "cpu": platform.processor() or "see lscpu", "loadavg": os.getloadavg(), "date": time.strftime("%Y-%m-%d"),
+           "cpu": cpu_model(), "loadavg": os.getloadavg(), "date": time.strftime("%Y-%m-%d"),
            "median_relative_error": summary, "float_zero_point_cost": cost, "tensors": errors,
            "wall_s": round(time.time() - t0, 1)}
+    if "compare" in earlier:  # --compare results stay
+        out["compare"] = earlier["compare"]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "onnx_grid.json").write_text(json.dumps(out, indent=1))
+    path.write_text(json.dumps(out, indent=1))
     print(json.dumps({"median_relative_error": summary, "float_zero_point_cost": cost}, indent=1))
 
 

@@ -36,7 +36,7 @@ from edgepeft.errors import EdgepeftError
 from edgepeft.export import ExportResult
 from edgepeft.export import gguf_tensors as gt
 from edgepeft.export.plan import AdapterPlan
-from edgepeft.export.quantize import get_quant, quantize, regrid_note
+from edgepeft.export.quantize import get_quant, quantize, regrid_note, relands_source_grid
 from edgepeft.export.verify import Reference
 from edgepeft.keys import ADAPTER_SUFFIX_GGUF, GGUF_RECORD, IMATRIX_SUFFIX, EdgepeftKeys
 from edgepeft.paths import to_record
@@ -303,7 +303,7 @@ def _matrix_plan(req, base, plans, quant) -> MatrixPlan:
                                 "the bundled wikitext-2 slice)")
         info("importance matrix: off (--imatrix none)")
         return MatrixPlan(record={"used": False, "reason": "--imatrix none"})
-    if req.imatrix == "auto" and req.mode == "separate" and quant.name == "q4_1" == base.origin_quant:
+    if req.imatrix == "auto" and req.mode == "separate" and relands_source_grid(base.origin_quant, quant.name):
         # the base's own Q4_1 blocks come back exactly with or without a matrix (benchmarks/results/imatrix_q4_1.json:
         # the same scores both ways), and the weighted Q4_1 search took 9 s of the export
         info("importance matrix: off (the base's Q4_1 source grid comes back exactly without one)")

@@ -49,6 +49,12 @@ QUANTS: dict[str, Quant] = {q.name: q for q in (
 )}
 
 
+def relands_source_grid(source: str | None, quant: str) -> bool:
+    """Whether ``quant`` of a base dequantized from a ``source`` GGUF gives its weights back exactly (measured:
+    Q4_1, whose float minimum per block lands on the old grid; benchmarks/bench_onnx_grid.py)."""
+    return quant == source == "q4_1"
+
+
 def regrid_note(source: str | None, fmt: str, quant: str, mode: str) -> str | None:
     """One status line when a base dequantized from a 4-bit GGUF is about to be quantized onto a grid, naming
     what keeps the weights. smollm2-135m's source is a Q4_1 GGUF (benchmarks/bench_onnx_grid.py: every block
@@ -61,11 +67,11 @@ def regrid_note(source: str | None, fmt: str, quant: str, mode: str) -> str | No
       top-1 0.68, ppl x1.30 for the base alone; int8 0.975, x0.995."""
     if not source or not source.startswith(("q4", "iq4")):
         return None
-    if fmt == "gguf" and source == "q4_1":
+    if fmt == "gguf" and relands_source_grid(source, "q4_1"):
         if mode == "separate" and quant != "q4_1" and quant.startswith(("q4", "iq4", "q3", "q2", "iq3")):
             return ("the base was dequantized from a Q4_1 GGUF: --quant q4_1 keeps its weights exactly "
                     "(smollm2-135m + demo adapter, separate: 99 % vs 96 % for q4_k_m)")
-        if mode == "merged" and quant == "q4_1":
+        if mode == "merged" and relands_source_grid(source, quant):
             return ("the base was dequantized from a Q4_1 GGUF: merged at q4_1, the adapter's change rounds back "
                     "onto the base's own grid (smollm2-135m + demo adapter: 0 % of 98 %); "
                     "use --mode separate, or --quant q4_k_m")
