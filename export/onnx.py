@@ -73,7 +73,7 @@ def export(req) -> ExportResult:
                             "Export GGUF instead (edgepeft export --format gguf)")
     base.require_tokenizer()
     plans = load_plans(req, base)
-    note = regrid_note(base.origin_quant, "onnx", req.quant, req.mode)
+    note = regrid_note(base.origin_quant, "onnx", req.quant, req.mode, req.quant_algo)
     if note:
         info(note)
     if req.verify and _skip_reason(req) is None:
@@ -214,6 +214,8 @@ def _export_separate(req, base, plans, out: Path, work: Path) -> dict:
     else:
         build_genai(base.path, out, quant=req.quant, ep=BUILDER_EP[req.target], block_size=req.block_size,
                     accuracy_level=req.accuracy_level, cache=work / "cache", extra=extra)
+        if req.quant_algo == "source_grid":
+            calibrated = _land_on_grid(base, out / oa.MODEL_FILE)
         slots = oa.make_lora_inputs(out / oa.MODEL_FILE)
     (out / ADAPTER_DIR).mkdir()
     record = _record(req, base, plans, out)
@@ -231,6 +233,18 @@ def _export_separate(req, base, plans, out: Path, work: Path) -> dict:
     _verify(req, record, out, {p.name: out / e["file"] for p, e in zip(plans, record["adapters"])},
             Reference(base, adapters={p.name: p for p in plans}, tasks=_tasks(req, base, plans)))
     return record
+
+
+def _land_on_grid(base, model: Path) -> dict:
+    """--quant-algo source_grid: the base's MatMulNBits back on its GGUF source's 4-bit grid (onnx_grid.py)."""
+    from edgepeft.export import onnx_grid
+
+    with stage("put int4 weights on the source's 4-bit grid"):
+        stats = onnx_grid.land_on_grid(model, onnx_grid.base_weights(base))
+    share = stats["blocks"] / max(stats["blocks_total"], 1)
+    info(f"source grid: {stats['blocks']}/{stats['blocks_total']} blocks ({share:.1%}) of {stats['tensors']} "
+         f"tensors kept exactly; the rest keep the builder's k-quant")
+    return {"source_grid": {**stats, "share": round(share, 6)}}
 
 
 def _slot_adapter(base, targets: list[str], folder: Path) -> Path:
@@ -257,7 +271,9 @@ def _slot_adapter(base, targets: list[str], folder: Path) -> Path:
 
 # ------------------------------------------------------------------ builder
 def _algo(req) -> dict:
-    return {"algo_config": req.quant_algo} if req.quant in ("int4", "int8") and not is_calibrated(req) else {}
+    # source_grid starts from the builder's k_quant_last (lm_head at 8 bits, off-grid blocks) and rewrites it
+    algo = "k_quant_last" if req.quant_algo == "source_grid" else req.quant_algo
+    return {"algo_config": algo} if req.quant in ("int4", "int8") and not is_calibrated(req) else {}
 
 
 def is_calibrated(req) -> bool:

@@ -55,7 +55,7 @@ def relands_source_grid(source: str | None, quant: str) -> bool:
     return quant == source == "q4_1"
 
 
-def regrid_note(source: str | None, fmt: str, quant: str, mode: str) -> str | None:
+def regrid_note(source: str | None, fmt: str, quant: str, mode: str, algo: str | None = None) -> str | None:
     """One status line when a base dequantized from a 4-bit GGUF is about to be quantized onto a grid, naming
     what keeps the weights. smollm2-135m's source is a Q4_1 GGUF (benchmarks/bench_onnx_grid.py: every block
     on its grid), with the trained demo adapter (PyTorch 98/100; benchmarks/results/imatrix_q4_1.json):
@@ -75,9 +75,12 @@ def regrid_note(source: str | None, fmt: str, quant: str, mode: str) -> str | No
             return ("the base was dequantized from a Q4_1 GGUF: merged at q4_1, the adapter's change rounds back "
                     "onto the base's own grid (smollm2-135m + demo adapter: 0 % of 98 %); "
                     "use --mode separate, or --quant q4_k_m")
-    if fmt == "onnx" and quant == "int4":
+    if fmt == "onnx" and quant == "int4" and algo != "source_grid":
+        keep = ("--quant-algo source_grid keeps it exactly (top-1 0.91, ppl x1.01, demo 98 % vs 72 %; decode 0.83x)"
+                if mode == "separate" else "--quant int8 keeps it (0.98, x1.00), or --mode separate "
+                "--quant-algo source_grid")
         return (f"the base was dequantized from a {source.upper()} GGUF: ONNX int4 (integer zero points) "
-                f"quantizes it again (smollm2-135m: top-1 0.68, ppl x1.30); --quant int8 keeps it (0.98, x1.00)")
+                f"quantizes it again (smollm2-135m: top-1 0.68, ppl x1.30); {keep}")
     return None
 
 

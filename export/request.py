@@ -21,7 +21,8 @@ ONNX_TARGETS = ("cpu", "cuda", "qnn-htp")
 # keeps a fine-tune's answers at int4 (docs/onnx.md has the full table).
 # gptq_last / gptq: ONNX Runtime's GPTQ on calibration data (edgepeft.calib.select_calibration; export/onnx_calib.py),
 # int4 only.
-ONNX_QUANT_ALGOS = ("k_quant_last", "rtn_last", "k_quant", "rtn", "k_quant_mixed", "default", "gptq_last", "gptq")
+ONNX_QUANT_ALGOS = ("k_quant_last", "rtn_last", "k_quant", "rtn", "k_quant_mixed", "default", "gptq_last", "gptq",
+                    "source_grid")
 
 
 @dataclass
@@ -73,6 +74,11 @@ class ExportRequest:
             raise ConfigError("--quant-algo", self.quant_algo, ", ".join(ONNX_QUANT_ALGOS))
         if self.quant_algo.startswith("gptq") and self.format == "onnx" and self.quant != "int4":
             raise ConfigError("--quant-algo", self.quant_algo, "gptq* with --quant int4 only")
+        if self.quant_algo == "source_grid" and self.format == "onnx" and (
+                self.quant != "int4" or self.mode != "separate" or self.block_size != 32):
+            raise ConfigError("--quant-algo", self.quant_algo,
+                              "source_grid with --quant int4 --mode separate --block-size 32 (a merged model's "
+                              "weights are off the source grid)")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError("--accuracy-level", self.accuracy_level, "0-4")
         if self.imatrix not in ("auto", "none") and not str(self.imatrix).endswith(".gguf"):

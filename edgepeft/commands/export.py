@@ -35,8 +35,9 @@ from edgepeft.ui import edgepeft_command, print_json
 @click.option("--accuracy-level", default=4, show_default=True, type=int, help="onnx MatMulNBits accuracy level")
 @click.option("--quant-algo", default="k_quant_last", show_default=True,
               help="onnx int4/int8 weight algorithm: k_quant_last | rtn_last | k_quant | rtn | k_quant_mixed | default "
-                   "| gptq_last | gptq (*_last: lm_head at int8; gptq*: int4 calibrated on the adapter's training "
-                   "data or --calib, in ONNX Runtime)")
+                   "| gptq_last | gptq | source_grid (*_last: lm_head at int8; gptq*: int4 calibrated on the adapter's "
+                   "training data or --calib, in ONNX Runtime; source_grid: --mode separate int4 that keeps a 4-bit "
+                   "GGUF base's grid exactly)")
 @click.option("--target", default="cpu", show_default=True, help="onnx target: cpu | cuda | qnn-htp")
 @click.option("--device", default=None, help="Device profile name or YAML path (onnx qnn-htp).")
 @click.option("--dynamic-shapes", is_flag=True, help="onnx: dynamic shapes (cpu/cuda graphs already are; qnn-htp refuses them).")
