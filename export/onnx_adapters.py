@@ -117,11 +117,19 @@ def make_lora_inputs(model_path: Path) -> dict[str, dict]:
     for vi in list(g.value_info):
         if vi.name in old_names or vi.name in lora_outputs:
             g.value_info.remove(vi)
+    save_rewritten(model, model_path)
+    return slots
+
+
+def save_rewritten(model, model_path: Path) -> None:
+    """Save a graph rewrite of ``model_path`` (loaded with its external data) back in place, its tensors in
+    ``<name>.data`` beside it. onnx appends to an existing data file, so the old one is removed first."""
+    import onnx
+
     data = model_path.with_name(model_path.name + ".data")
     data.unlink(missing_ok=True)
     onnx.save(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
               location=data.name, size_threshold=1024)
-    return slots
 
 
 # ------------------------------------------------------------------ adapter files

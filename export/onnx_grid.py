@@ -21,10 +21,9 @@ tensor is never further from the base than the builder's. Each block's grid is r
 weights themselves (``recover``), so Q/K row permutations of the GGUF conversion do not matter, and every
 recovered block is checked against the weights it came from.
 
-The cost is the extra nodes: measured per decode token in ``benchmarks/results/onnx_grid.json``
-(``source_grid``). It applies where the weights are the base's own: ``--mode separate`` (the base carries
-no adapter) and the base alone; a merged folder's weights are off the grid after the merge, and
-:func:`land_on_grid` then finds (and rewrites) nothing, which it reports.
+The cost is the extra nodes and one float per block (``benchmarks/results/onnx_source_grid.json``: decode
+0.83x, +12 % bytes). It applies where the weights are the base's own, ``--mode separate``; a merged model's
+weights are off the grid after the merge, so the request refuses ``--mode merged``.
 """
 
 from __future__ import annotations
@@ -61,9 +60,9 @@ def recover(w):
     """Per block of 32 inputs of ``w`` (N, K): ``(q, d, m, on_grid)`` with ``d * q + m == w`` on the blocks
     where ``on_grid``; q is uint8 (N, K/32, 32), d and m float32 (N, K/32), on_grid bool (N, K/32).
 
-    The step is the smallest gap between a block's distinct values (ties of one level compare equal, the
-    next level is at least one step away), the minimum its smallest value; a block is on its grid when
-    every value is within ``REL_TOL`` of the block's range from ``m + d * q`` with q in 0..15.
+    Two steps are tried per block, from its smallest value: its range over 15, then the smallest gap
+    between its distinct values (ties of one level compare equal, the next level is at least one step
+    away); a block is on its grid when every value is within ``REL_TOL`` of ``m + d * q`` with q in 0..15.
     """
     import numpy as np
 
@@ -80,8 +79,7 @@ def recover(w):
     q2, d2, m2, on2 = _fit(b, lo, span, gaps.min(axis=-1))
     take = ~on & on2
     q = np.where(take[..., None], q2, q)
-    d, m, on = np.where(take, d2, d), np.where(take, m2, m), on | on2
-    return q.clip(0, LEVELS - 1).astype(np.uint8), d.astype(np.float32), m.astype(np.float32), on
+    return q, np.where(take, d2, d), np.where(take, m2, m), on | on2
 
 
 def _fit(b, lo, span, step):
@@ -97,7 +95,7 @@ def _fit(b, lo, span, step):
     d = np.where(var > 0, ((q - qm[..., None]) * (b - bm[..., None])).sum(-1) / np.where(var > 0, var, 1), 0.0)
     m = bm - d * qm
     err = np.abs(d[..., None] * q + m[..., None] - b).max(-1)
-    on = (q.max(-1) < LEVELS) & (q.min(-1) >= 0) & (err <= REL_TOL * np.maximum(span, np.abs(lo)))
+    on = (q.max(-1) < LEVELS) & (err <= REL_TOL * np.maximum(span, np.abs(lo)))  # q >= 0: lo is the minimum
     on |= flat
     return q.clip(0, LEVELS - 1).astype(np.uint8), d.astype(np.float32), m.astype(np.float32), on
 
@@ -137,6 +135,8 @@ def land_on_grid(model_path: Path, weights) -> dict:
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
+
+    from edgepeft.export.onnx_adapters import save_rewritten
 
     model_path = Path(model_path)
     model = onnx.load(str(model_path), load_external_data=True)
@@ -209,11 +209,7 @@ def land_on_grid(model_path: Path, weights) -> dict:
     if stats["tensors"]:
         del g.node[:]
         g.node.extend(new_nodes)
-        # onnx appends external data to an existing file: everything is in memory, so write afresh
-        data = model_path.with_name(model_path.name + ".data")
-        data.unlink(missing_ok=True)
-        onnx.save(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=data.name, size_threshold=1024)
+        save_rewritten(model, model_path)
     return stats
 
 

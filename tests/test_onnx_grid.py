@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from edgepeft.export.onnx_grid import land_on_grid, recover
 
@@ -106,9 +105,8 @@ def test_source_grid_refuses_merged_mode_before_anything_is_built(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("mode", ["separate"])
-def test_regrid_note_names_source_grid(mode):
+def test_regrid_note_names_source_grid():
     from edgepeft.export.quantize import regrid_note
 
-    assert "source_grid" in regrid_note("q4_1", "onnx", "int4", mode)
-    assert regrid_note("q4_1", "onnx", "int4", mode, "source_grid") is None
+    assert "source_grid" in regrid_note("q4_1", "onnx", "int4", "separate")
+    assert regrid_note("q4_1", "onnx", "int4", "separate", "source_grid") is None
