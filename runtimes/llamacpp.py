@@ -46,6 +46,11 @@ def last_error() -> str:
     return _LOG[-1].strip() if _LOG else "no log"
 
 
+def amx_build(llama_cpp) -> bool:
+    """True when this llama.cpp build runs its AMX kernels (an Intel CPU with AMX, built native)."""
+    return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+
+
 def physical_cores() -> int:
     try:
         import psutil
@@ -81,6 +86,13 @@ class LlamaCppRuntime:
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = int(opts.get("n_gpu_layers", 0))
+        # llama-cpp-python 0.3.36 built native on a Xeon with amx_int8 segfaults in llama_decode on any
+        # prompt of 2+ tokens once weights sit in the AMX buffer (SmolLM2's Q4_1 file, a Q8_0 tiny
+        # Qwen2; its own high-level Llama.eval too). One token works, so the crash waits for the first
+        # real prompt. There the extra buffers (weight repacking, llama-bench's --no-repack 0) stay
+        # off; everywhere else they are llama.cpp's fast path and stay on.
+        self.extra_bufts = not amx_build(llama_cpp)
+        mp.use_extra_bufts = self.extra_bufts
         self.model = llama_cpp.llama_model_load_from_file(str(artifact.model).encode(), mp)
         if not self.model:
             raise IntegrityError(f"llama.cpp could not load {artifact.model} ({last_error()})",
