@@ -85,18 +85,18 @@ def run_edgepeft(model: Path) -> dict:
     return {"pp": rec["pp"]["mean"], "tg": rec["tg"]["mean"], "pp_std": rec["pp"]["std"], "tg_std": rec["tg"]["std"]}
 
 
-def run_llama_bench(binary: Path, model: Path, threads: int) -> dict:
+def run_llama_bench(binary: Path, model: Path, threads: int, repack: bool) -> dict:
     from edgepeft.bench.remote import parse_llama_bench
 
     proc = sh(binary, "-m", model, "-p", SHAPE["prompt_tokens"], "-n", SHAPE["gen_tokens"], "-r", SHAPE["repetitions"],
-              "-t", threads, "-o", "json", capture_output=True, text=True)
+              "-t", threads, "--repack", int(repack), "-o", "json", capture_output=True, text=True)
     rows = parse_llama_bench(proc.stdout, "json")
     pp = next(r for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
     tg = next(r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
     return {"pp": round(pp["avg_ts"], 2), "tg": round(tg["avg_ts"], 2), "pp_std": round(pp["stddev_ts"], 2),
             "tg_std": round(tg["stddev_ts"], 2),
             "settings": {k: pp.get(k) for k in ("n_threads", "n_batch", "n_ubatch", "flash_attn", "type_k", "type_v",
-                                                "build_commit", "cpu_info", "model_type")}}
+                                                "repack", "build_commit", "cpu_info", "model_type")}}
 
 
 def main():
@@ -106,7 +106,7 @@ def main():
     args = ap.parse_args()
 
     from edgepeft import atomic
-    from edgepeft.runtimes.llamacpp import physical_cores
+    from edgepeft.runtimes.llamacpp import amx_build, physical_cores
     from edgepeft.train.kernels import cpu_model
 
     WORK.mkdir(parents=True, exist_ok=True)
@@ -114,6 +114,9 @@ def main():
     quants = args.quants.split(",")
     models = {q: base_gguf(q) for q in quants}
     threads = physical_cores()  # what edgepeft's llama.cpp runtime uses; llama-bench's default is the same count
+    import llama_cpp
+
+    repack = not amx_build(llama_cpp)  # the runtime's own rule: an AMX build crashes with weights repacked
     runs: dict = {q: {"edgepeft": [], "llama-bench": [], "load": []} for q in quants}
     t0 = time.perf_counter()
     for rnd in range(args.rounds):
@@ -122,7 +125,7 @@ def main():
             for tool in order:
                 print(f"round {rnd + 1}/{args.rounds} {q}: {tool}", file=sys.stderr)
                 runs[q]["load"].append(os.getloadavg()[0])
-                res = run_edgepeft(models[q]) if tool == "edgepeft" else run_llama_bench(binary, models[q], threads)
+                res = run_edgepeft(models[q]) if tool == "edgepeft" else run_llama_bench(binary, models[q], threads, repack)
                 runs[q][tool].append(res)
     rows = {}
     for q in quants:

@@ -89,7 +89,7 @@ class LlamaCppRuntime:
         # llama-cpp-python 0.3.36 built native on a Xeon with amx_int8 segfaults in llama_decode on any
         # prompt of 2+ tokens once weights sit in the AMX buffer (SmolLM2's Q4_1 file, a Q8_0 tiny
         # Qwen2; its own high-level Llama.eval too). One token works, so the crash waits for the first
-        # real prompt. There the extra buffers (weight repacking, llama-bench's --no-repack 0) stay
+        # real prompt. There the extra buffers (weight repacking; llama-bench's --repack 0) stay
         # off; everywhere else they are llama.cpp's fast path and stay on.
         self.extra_bufts = not amx_build(llama_cpp)
         mp.use_extra_bufts = self.extra_bufts
