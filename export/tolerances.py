@@ -16,7 +16,7 @@ the comment beside each row. Issue 18 (task-aware quantization) raises the 4-bit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edgepeft.errors import EdgepeftError
 
@@ -111,7 +111,15 @@ TOLERANCES: dict[tuple[str, str], Bounds] = {
 #   base ppl 2.128 (seeded training: the same in two runs); separate 0.701 / 1.459; g8's earlier adapter merged
 #   0.639 / 0.50. Held-out ppl swings 0.39-2.13 across equally valid pipelines here, so on this model top-1 is the
 #   check that discriminates and the ppl bound only catches gross breakage (broken writers land in the thousands).
+# Float types on the same model: one position of one fixed prompt (the logits after "The capital of France is Paris") moves
+# far more than the rest in llama.cpp, and a small adapter moves it more. Base alone / + the suite's 2-step q,v r8
+# adapter (tests/test_gemma.py; top-1 1.000, ppl 0.999 both): f32 0.18 / 0.29, f16 0.21 / 0.68 (Xeon AMX, session 12),
+# and llama.cpp's own convert_lora_to_gguf.py writes an adapter that gives exactly 0.678 on the f16 base: the file
+# is the peer's, the arithmetic is llama.cpp's (f16 activations into F16 matmuls, the f16 KV cache). Elsewhere in
+# the prompt 0.02-0.06. A wrong LoRA scale moves that position by several logits (the adapter alone moves it 2.2).
 ARCH_TOLERANCES: dict[tuple[str, str, str], Bounds] = {
+    ("gguf", "f32", "gemma3_text"): replace(TOLERANCES[("gguf", "f32")], max_abs_logit=0.6),
+    ("gguf", "f16", "gemma3_text"): replace(TOLERANCES[("gguf", "f16")], max_abs_logit=1.5),
     ("gguf", "q4_k_m", "gemma3_text"): Bounds(top1=0.50, ppl_ratio=1.80),
     ("onnx", "int4", "gemma3_text"): Bounds(top1=0.45, ppl_ratio=2.50),
 }

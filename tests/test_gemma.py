@@ -159,12 +159,18 @@ def test_gemma3_270m_trains_exports_gguf_and_matches(tmp_path, llama_cpp_src):  
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert m["train"]["steps"] == 2 and all(math.isfinite(loss) for _, loss in m["loss_curve"])
 
+    from edgepeft.export.tolerances import bounds_for
+
     rec = export("gemma3-270m", tmp_path / "out", [tmp_path / "run" / "adapter"], names=["demo"], mode="separate",
                  quant="f16", verify=True)
     v = verifications(rec)
+    # the base alone holds the generic f16 bound (0.21 measured); the adapter gemma3_text's own row (0.68, which
+    # llama.cpp's convert_lora_to_gguf.py adapter gives too: export/tolerances.py)
+    worst = {None: 0.5, "demo": bounds_for("gguf", "f16", "gemma3_text").max_abs_logit}
+    assert worst["demo"] < 2.0
     for name in (None, "demo"):
         assert value(v[name], "tokenizer_agreement") == 1.0, v
-        assert value(v[name], "top1_agreement") >= 0.99 and value(v[name], "max_abs_logit_diff") <= 0.5, v
+        assert value(v[name], "top1_agreement") >= 0.99 and value(v[name], "max_abs_logit_diff") <= worst[name], v
     assert rec["peak_rss_mb"] < 8 * 1024
     base_gguf = Path(rec["files"][0])
 
