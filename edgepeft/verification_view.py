@@ -154,13 +154,20 @@ def render(record: dict, console, folder: str | Path | None = None) -> None:
     auto = merge_auto(record)
     if auto:
         scored = f", scored in {auto['scored_in']}" if auto.get("scored_in") else ""
-        console.print(f"--merge-into auto: held-out loss on {auto.get('calib_pairs', '?')} calibration pairs{scored}")
+        parts = auto.get("parts") or {}
+        sets = sorted({k for v in parts.values() for k in v}, key=("task", "text").index)
+        on = (f"{auto.get('calib_pairs', '?')} calibration pairs" if not parts else
+              " + ".join({"task": f"{auto.get('calib_pairs', '?')} task pairs", "text": "generic text"}[k] for k in sets))
+        console.print(f"--merge-into auto: held-out loss on {on}{scored}")
         m = Table(box=box.SIMPLE_HEAD, pad_edge=False)
         m.add_column("merge target")
-        m.add_column("loss", justify="right")
+        for k in sets:
+            m.add_column(k, justify="right")
+        m.add_column("loss" if not sets else "sum", justify="right")
         m.add_column("")
         for target, loss in auto["losses"].items():
-            m.add_row(target, f"{loss:.4f}", "[green]chosen[/green]" if target == auto.get("chosen") else "")
+            m.add_row(target, *(f"{parts.get(target, {}).get(k, float('nan')):.4f}" for k in sets), f"{loss:.4f}",
+                      "[green]chosen[/green]" if target == auto.get("chosen") else "")
         console.print(m)
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from edgepeft import __version__, atomic
 from edgepeft.archs import Arch
+from edgepeft.calib import MergeChoice
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import ExportResult
 from edgepeft.export import gguf_tensors as gt
@@ -148,7 +149,7 @@ def _export_into(req, base, plans, quant, arch, out: Path, imx: MatrixPlan) -> d
             imx.variants = [(plans, c, target) for c in imx.calibrations]
             early = _prefetch(req, quant, Reference(base, merged=plans, merge_target=target,
                                                     tasks=_tasks(req, base, plans, imx)), [None], imx, base)
-        path, merge = write_merged(base, plans, out, quant.name, req.merge_into, req.calib, imx=imx)
+        path, merge = write_merged(base, plans, out, quant.name, req, imx=imx)
         record["files"].append(str(path))
         record["merge"] = merge
         _cleanup_reference(merge)  # the reference is rebuilt from base + plans, not from the writer's merge
@@ -327,13 +328,13 @@ def _matrix_plan(req, base, plans, quant) -> MatrixPlan:
 
 # --- model files (base or merged) --------------------------------------------------------------
 
-def write_merged(base, plans, out: Path, quant: str, merge_into: str, calib, imx: MatrixPlan | None = None
-                 ) -> tuple[Path, dict]:
-    """Merge ``plans`` into ``base`` and write one GGUF. Returns (path, merge record).
+def write_merged(base, plans, out: Path, quant: str, req, imx: MatrixPlan | None = None) -> tuple[Path, dict]:
+    """Merge ``plans`` into ``base`` as ``req.merge_into`` says and write one GGUF. Returns (path, merge record).
 
-    The ``auto`` choice scores both candidates quantized without a matrix; the chosen one is then
-    quantized with it.
+    The ``auto`` choice scores both candidates quantized without a matrix (``edgepeft.calib.MergeChoice``);
+    the chosen one is then quantized with it.
     """
+    merge_into = req.merge_into
     name = "+".join(p.name for p in plans) or "base"
     final = out / f"{name}-merged-{quant}.gguf"
     merge = {"target": "original" if merge_into == "auto" and not plans else merge_into, "reference_folder": None}
@@ -344,12 +345,14 @@ def write_merged(base, plans, out: Path, quant: str, merge_into: str, calib, imx
 
     keep = Path(atomic.TMP_PREFIX + "merge")
     keep = out / keep
-    pairs = _calibration_pairs(base, calib)
-    evaluate = _gguf_loss_evaluator(out, quant, pairs)
-    chosen, losses = choose_merge_target(base, plans, evaluate, keep=keep)
-    merge.update(target=chosen, auto={"chosen": chosen, "losses": losses, "calib_pairs": len(pairs)},
+    sets = MergeChoice.for_request(req, base.load_tokenizer())
+    parts: dict[str, dict] = {}
+    chosen, losses = choose_merge_target(base, plans, _gguf_loss_evaluator(out, quant, sets, parts), keep=keep)
+    merge.update(target=chosen, auto={"chosen": chosen, "losses": losses, "parts": parts,
+                                      "calib_pairs": len(sets.task.pairs) if sets.task else 0,
+                                      "sets": sets.record(), "scored_in": f"llama.cpp {quant}"},
                  reference_folder=keep)
-    info(f"merge-into auto: {chosen} (held-out loss after {quant}: "
+    info(f"merge-into auto: {chosen} (held-out loss after {quant}, {sets.describe()}: "
          + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()) + ")")
     merged_base = resolve_base(str(keep))
     if imx is not None:
@@ -564,29 +567,24 @@ def _check_free_space(out: Path, base, quant: str, mode: str) -> None:
                             f"{need / 2**20:.0f} MiB", "Free some space or choose another --out")
 
 
-def _calibration_pairs(base, calib) -> list[tuple[str, str]]:
-    """Held-out (prompt, completion) pairs, chat-rendered as training and eval render them (same as ONNX)."""
-    from edgepeft.calib import calibration_pairs
+def _gguf_loss_evaluator(out: Path, quant: str, sets: MergeChoice, parts: dict):
+    """``evaluate_loss`` for choose_merge_target: quantize the merged folder as asked, score it in llama.cpp
+    (each set's loss also lands in ``parts`` under the candidate's name)."""
 
-    return calibration_pairs(base.load_tokenizer(), calib)
-
-
-def _gguf_loss_evaluator(out: Path, quant: str, pairs):
-    """``evaluate_loss`` for choose_merge_target: quantize the merged folder as asked, score it in llama.cpp."""
-
-    def evaluate(folder: Path) -> float:
-        from edgepeft.calib import completion_nll, runtime_logits
+    def evaluate(folder: Path) -> dict[str, float]:
+        from edgepeft.calib import runtime_logits
         from edgepeft.models import resolve_base
         from edgepeft.runtimes.base import Artifact, get_runtime
 
         merged = resolve_base(str(folder))
         with scratch_file(out, ".auto-candidate.gguf") as tmp:
             write_model(merged, [], tmp, quant)
-            with stage(f"held-out loss in llama.cpp ({len(pairs)} calibration pairs)"):
+            with stage(f"held-out loss in llama.cpp ({sets.describe()})"):
                 rt = get_runtime("llama.cpp")
                 rt.load(Artifact(tmp, "gguf", tmp, {}, quant), None, n_ctx=264)
                 try:
-                    return completion_nll(runtime_logits(rt), merged.load_tokenizer(), pairs)
+                    parts[folder.name] = sets.losses(runtime_logits(rt), merged.load_tokenizer())
+                    return parts[folder.name]
                 finally:
                     rt.close()
 

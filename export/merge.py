@@ -18,7 +18,7 @@ import contextlib
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from edgepeft import atomic
@@ -218,17 +218,20 @@ def _deltas_by_weight(plans: list[AdapterPlan]) -> dict[str, list]:
 
 # --- --merge-into auto -------------------------------------------------------------------------
 
-def choose_merge_target(base: ResolvedBase, plans: Iterable[AdapterPlan], evaluate_loss: Callable[[Path], float],
+def choose_merge_target(base: ResolvedBase, plans: Iterable[AdapterPlan],
+                        evaluate_loss: Callable[[Path], float | Mapping[str, float]],
                         *, keep: Path | None = None) -> tuple[str, dict[str, float]]:
     """Merge into both targets, score each with ``evaluate_loss(merged_hf_folder)``, keep the lower loss.
 
     The writer supplies ``evaluate_loss``: quantize the folder to its target format and return
-    held-out loss on the calibration set, so the choice accounts for the second quantization.
-    With ``keep``, the winning merged folder is moved there (saving a third merge). Ties go to
-    ``dequantized``, the weights the adapter was trained against.
+    held-out loss (``edgepeft.calib.MergeChoice``: one mean NLL per set, task and generic text, summed
+    here), so the choice accounts for the second quantization. With ``keep``, the winning merged folder
+    is moved there (saving a third merge) and its record holds the parts. Ties go to ``dequantized``,
+    the weights the adapter was trained against.
     """
     plans = list(plans)
     losses: dict[str, float] = {}
+    parts: dict[str, dict[str, float]] = {}
     work = Path(tempfile.mkdtemp(prefix="edgepeft-merge-auto-"))
     try:
         # a non-NF4 training base has no "dequantized" candidate: original is the only one
@@ -237,7 +240,10 @@ def choose_merge_target(base: ResolvedBase, plans: Iterable[AdapterPlan], evalua
             with stage(f"merge-into auto: build and score the {target} base") as st:
                 with stage(f"merge into the {target} base"):
                     folder = merge_into_folder(base, plans, work / target, target=target)
-                losses[target] = float(evaluate_loss(folder))
+                got = evaluate_loss(folder)
+                if isinstance(got, Mapping):
+                    parts[target] = {k: float(v) for k, v in got.items()}
+                losses[target] = float(sum(got.values())) if isinstance(got, Mapping) else float(got)
                 st.update(note=f"held-out loss {losses[target]:.4f}")
         chosen = min(candidates, key=lambda t: (losses[t], t != "dequantized"))
         if keep is not None:
@@ -248,7 +254,7 @@ def choose_merge_target(base: ResolvedBase, plans: Iterable[AdapterPlan], evalua
             shutil.move(str(work / chosen), str(keep))
             record = keep / MERGE_RECORD
             data = json.loads(record.read_text())
-            data["auto"] = {"chosen": chosen, "losses": losses}
+            data["auto"] = {"chosen": chosen, "losses": losses, **({"parts": parts} if parts else {})}
             atomic.write_json(record, data)
         return chosen, losses
     finally:

@@ -166,30 +166,34 @@ def _skip_reason(req) -> str | None:
 
 
 def _merge_auto(req, base, plans, work: Path, build) -> tuple[Path, dict]:
-    """--merge-into auto: build both merge targets at the requested quant, keep the lower held-out loss in ORT."""
-    from edgepeft.calib import calibration_pairs, completion_nll, runtime_logits
+    """--merge-into auto: build both merge targets at the requested quant, keep the lower held-out loss in ORT
+    (``edgepeft.calib.MergeChoice``: the task's data plus generic text)."""
+    from edgepeft.calib import MergeChoice, runtime_logits
     from edgepeft.export.merge import choose_merge_target
 
     tok = base.load_tokenizer()
-    pairs = calibration_pairs(tok, req.calib)
+    sets = MergeChoice.for_request(req, tok)
+    parts: dict[str, dict] = {}
 
-    def evaluate(folder: Path) -> float:
+    def evaluate(folder: Path) -> dict[str, float]:
         from edgepeft.runtimes.base import Artifact, get_runtime
 
         built = work / "built" / folder.name  # choose_merge_target names the folders by target
         build(folder, built)
-        with stage(f"held-out loss in onnxruntime ({len(pairs)} calibration pairs)"):
+        with stage(f"held-out loss in onnxruntime ({sets.describe()})"):
             rt = get_runtime("onnxruntime")
             rt.load(Artifact(built, "onnx-genai", built, {}, req.quant), None, n_ctx=264)
             try:
-                return completion_nll(runtime_logits(rt), tok, pairs)
+                parts[folder.name] = sets.losses(runtime_logits(rt), tok)
+                return parts[folder.name]
             finally:
                 rt.close()
 
     hf = work / "merged"
     chosen, losses = choose_merge_target(base, plans, evaluate, keep=hf)
-    return hf, {"target": chosen, "auto": {"chosen": chosen, "losses": losses, "calib_pairs": len(pairs),
-                                           "scored_in": f"onnxruntime {req.quant}"}}
+    return hf, {"target": chosen, "auto": {"chosen": chosen, "losses": losses, "parts": parts,
+                                           "calib_pairs": len(sets.task.pairs) if sets.task else 0,
+                                           "sets": sets.record(), "scored_in": f"onnxruntime {req.quant}"}}
 
 
 # ------------------------------------------------------------------ separate

@@ -516,18 +516,26 @@ def test_merge_into_auto_records_choice(tiny_llama, adapters, tmp_path):
     # the factory's adapter is not known to be non-NF4-trained, so both candidates are scored
     assert set(losses) == {"dequantized", "original"} and losses["dequantized"] != losses["original"]
     assert auto["chosen"] == min(losses, key=losses.get) and rec["merge"]["target"] == auto["chosen"]
-    # the file written is the chosen candidate: scored again in llama.cpp, it has the recorded (lower) loss
+    # each candidate's loss is its task loss (the --calib file) plus its loss on generic text, both recorded
+    assert auto["sets"]["task"]["kind"] == "file" and auto["sets"]["text"]["kind"] == "bundled", auto
+    for target, loss in losses.items():
+        assert set(auto["parts"][target]) == {"task", "text"}
+        assert loss == pytest.approx(sum(auto["parts"][target].values()), rel=1e-12)
+    # the file written is the chosen candidate: scored again in llama.cpp, it has the recorded (lower) losses
+    from types import SimpleNamespace
+
     from transformers import AutoTokenizer
 
-    from edgepeft.calib import calibration_pairs, completion_nll, runtime_logits
+    from edgepeft.calib import MergeChoice, runtime_logits
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
+    sets = MergeChoice.for_request(SimpleNamespace(calib=calib, adapters=[adapters["llama"]["a"]]), tok)
     rt = llama_runtime(tmp_path / "out" / "llama-a-merged-f16.gguf", n_ctx=264)
     try:
-        written = completion_nll(runtime_logits(rt), tok, calibration_pairs(tok, calib))
+        written = sets.losses(runtime_logits(rt), tok)
     finally:
         rt.close()
-    assert written == pytest.approx(losses[auto["chosen"]], rel=1e-5)
+    assert written == pytest.approx(auto["parts"][auto["chosen"]], rel=1e-5)
     verifications(rec)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gguf-export.json", "llama-a-merged-f16.gguf"]
 
