@@ -193,8 +193,16 @@ class MergeChoice:
     text: Calibration
 
     @classmethod
-    def for_request(cls, req, tokenizer) -> MergeChoice:
-        sets = select_calibration(_Limited(req, MERGE_TASK_LIMIT), tokenizer, say=lambda _line: None)
+    def for_request(cls, req, tokenizer, also: str = "") -> MergeChoice:
+        """The sets for ``req``; a run whose data moved or changed is refused with a fix naming
+        ``--merge-into`` (``also``: further options the same data needs, e.g. `` --imatrix none``)."""
+        try:
+            sets = select_calibration(_Limited(req, MERGE_TASK_LIMIT), tokenizer, say=lambda _line: None)
+        except EdgepeftError as e:
+            if getattr(req, "calib", None):
+                raise
+            raise EdgepeftError(f"--merge-into auto: {e.problem}", "Restore the run's data, pass --calib FILE, "
+                                f"or choose --merge-into original (or dequantized){also}") from e
         return cls(sets if sets.kind != "bundled" else None, bundled_calibration(MERGE_TEXT_CHUNKS))
 
     def losses(self, logits: Callable[[list[int]], np.ndarray], tokenizer) -> dict[str, float]:

@@ -46,7 +46,7 @@ class Plan:
     task_limit: int  # demo eval examples: every row (PyTorch and each artifact) is scored on these
     swap_cycles: int
     verify_exports: bool  # run each exporter's parity check against PyTorch
-    merge_into: str  # auto: pick original vs dequantized base by calibration loss (costs two extra builds)
+    merge_into: str  # auto: pick original vs dequantized base by task + generic-text loss (two extra builds)
 
 
 FULL = Plan(train_steps=48, batch_size=4, lr=1e-3, rank=16, prompt_tokens=128, gen_tokens=32,

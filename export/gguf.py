@@ -70,33 +70,37 @@ def export(req) -> ExportResult:
     note = regrid_note(base.origin_quant, "gguf", quant.name, req.mode)
     if note:
         info(note)
-    if req.verify or (quant.imatrix != "none" and req.imatrix == "auto"):
+    matrix_reads_run = quant.imatrix != "none" and req.imatrix == "auto"
+    if req.verify or matrix_reads_run:
         from edgepeft.export.verify import prestart
 
         prestart(base.model_type)  # the PyTorch child imports torch while this process reads the tokenizer and calibration data
+    # what --merge-into auto scores, selected (and its data hash-checked) before --out is touched
+    choice = (MergeChoice.for_request(req, base.load_tokenizer(), " --imatrix none" if matrix_reads_run else "")
+              if req.mode == "merged" and req.merge_into == "auto" and plans else None)
     imx = _matrix_plan(req, base, plans, quant)  # so is a training-data hash mismatch
     with tokenizer_job(base.path):  # resolving the tokenizer starts now; write_model picks it up
-        return ExportResult.of(_export_checked(req, base, arch, quant, t0, plans, imx))
+        return ExportResult.of(_export_checked(req, base, arch, quant, t0, plans, imx, choice))
 
 
-def _export_checked(req, base, arch, quant, t0: float, plans, imx) -> dict:
+def _export_checked(req, base, arch, quant, t0: float, plans, imx, choice) -> dict:
     created = not Path(req.out).exists()
     out = atomic.ensure_writable_dir(req.out)
     try:
-        return _export_staged(req, base, plans, quant, arch, out, t0, imx)
+        return _export_staged(req, base, plans, quant, arch, out, t0, imx, choice)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a failed export (its check included) does not leave the folder it created
         raise
 
 
-def _export_staged(req, base, plans, quant, arch, out: Path, t0: float, imx) -> dict:
+def _export_staged(req, base, plans, quant, arch, out: Path, t0: float, imx, choice) -> dict:
     _check_free_space(out, base, quant.name, req.mode)
     # Every file of the set is written and verified in a staging dir inside --out, then renamed
     # into place: a kill or a failed parity check leaves no file under a final name.
     stage = Path(tempfile.mkdtemp(prefix=atomic.TMP_PREFIX + "stage-", dir=out))
     try:
-        record = _export_into(req, base, plans, quant, arch, stage, imx)
+        record = _export_into(req, base, plans, quant, arch, stage, imx, choice)
         finals = []
         for f in record["files"]:
             final = out / Path(f).name
@@ -130,7 +134,7 @@ def stored_record(record: dict, record_file: Path, base) -> dict:
     return stored
 
 
-def _export_into(req, base, plans, quant, arch, out: Path, imx: MatrixPlan) -> dict:
+def _export_into(req, base, plans, quant, arch, out: Path, imx: MatrixPlan, choice: MergeChoice | None) -> dict:
     record: dict = {"format": "gguf", "mode": req.mode, "quant": quant.name, "base": req.base,
                     "base_fingerprint": base.fingerprint, "architecture": arch.model_type, "files": [],
                     "adapters": [_plan_summary(p) for p in plans], "edgepeft_version": __version__,
@@ -149,7 +153,7 @@ def _export_into(req, base, plans, quant, arch, out: Path, imx: MatrixPlan) -> d
             imx.variants = [(plans, c, target) for c in imx.calibrations]
             early = _prefetch(req, quant, Reference(base, merged=plans, merge_target=target,
                                                     tasks=_tasks(req, base, plans, imx)), [None], imx, base)
-        path, merge = write_merged(base, plans, out, quant.name, req, imx=imx)
+        path, merge = write_merged(base, plans, out, quant.name, req.merge_into, choice, imx=imx)
         record["files"].append(str(path))
         record["merge"] = merge
         _cleanup_reference(merge)  # the reference is rebuilt from base + plans, not from the writer's merge
@@ -328,13 +332,13 @@ def _matrix_plan(req, base, plans, quant) -> MatrixPlan:
 
 # --- model files (base or merged) --------------------------------------------------------------
 
-def write_merged(base, plans, out: Path, quant: str, req, imx: MatrixPlan | None = None) -> tuple[Path, dict]:
-    """Merge ``plans`` into ``base`` as ``req.merge_into`` says and write one GGUF. Returns (path, merge record).
+def write_merged(base, plans, out: Path, quant: str, merge_into: str, sets: MergeChoice | None,
+                 imx: MatrixPlan | None = None) -> tuple[Path, dict]:
+    """Merge ``plans`` into ``base`` and write one GGUF. Returns (path, merge record).
 
-    The ``auto`` choice scores both candidates quantized without a matrix (``edgepeft.calib.MergeChoice``);
-    the chosen one is then quantized with it.
+    The ``auto`` choice scores both candidates quantized without a matrix, on ``sets``; the chosen one
+    is then quantized with it.
     """
-    merge_into = req.merge_into
     name = "+".join(p.name for p in plans) or "base"
     final = out / f"{name}-merged-{quant}.gguf"
     merge = {"target": "original" if merge_into == "auto" and not plans else merge_into, "reference_folder": None}
@@ -345,7 +349,6 @@ def write_merged(base, plans, out: Path, quant: str, req, imx: MatrixPlan | None
 
     keep = Path(atomic.TMP_PREFIX + "merge")
     keep = out / keep
-    sets = MergeChoice.for_request(req, base.load_tokenizer())
     parts: dict[str, dict] = {}
     chosen, losses = choose_merge_target(base, plans, _gguf_loss_evaluator(out, quant, sets, parts), keep=keep)
     merge.update(target=chosen, auto={"chosen": chosen, "losses": losses, "parts": parts,

@@ -80,11 +80,16 @@ def export(req) -> ExportResult:
         from edgepeft.export.verify import prestart
 
         prestart(base.model_type)  # the PyTorch child's imports run beside the build; the check then starts warm
+    choice = None  # what --merge-into auto scores, selected (its data hash-checked) before --out is touched
+    if req.mode == "merged" and req.merge_into == "auto" and plans:
+        from edgepeft.calib import MergeChoice
+
+        choice = MergeChoice.for_request(req, base.load_tokenizer())
     t0 = time.perf_counter()
     with atomic.atomic_dir(req.out) as tmp, tempfile.TemporaryDirectory(prefix="edgepeft-onnx-") as work:
         work = Path(work)
         if req.mode == "merged":
-            record = _export_merged(req, base, plans, tmp, work)
+            record = _export_merged(req, base, plans, tmp, work, choice)
         else:
             record = _export_separate(req, base, plans, tmp, work)
         record["build_s"] = round(time.perf_counter() - t0, 2)
@@ -106,13 +111,13 @@ def load_plans(req, base) -> list:
 
 
 # ------------------------------------------------------------------ merged
-def _export_merged(req, base, plans, out: Path, work: Path) -> dict:
+def _export_merged(req, base, plans, out: Path, work: Path, choice) -> dict:
     hf = base.path
     merge_info = None
     calibrated = {}  # the calibration used by a GPTQ build (--quant-algo gptq*), for the record
     build = partial(_build, req, base, work, calibrated)
     if plans and req.merge_into == "auto":
-        hf, merge_info = _merge_auto(req, base, plans, work, build)
+        hf, merge_info = _merge_auto(req, base, plans, work, build, choice)
         shutil.copytree(work / "built" / merge_info["target"], out, dirs_exist_ok=True)
     else:
         if plans:
@@ -165,14 +170,13 @@ def _skip_reason(req) -> str | None:
     return None
 
 
-def _merge_auto(req, base, plans, work: Path, build) -> tuple[Path, dict]:
+def _merge_auto(req, base, plans, work: Path, build, sets) -> tuple[Path, dict]:
     """--merge-into auto: build both merge targets at the requested quant, keep the lower held-out loss in ORT
-    (``edgepeft.calib.MergeChoice``: the task's data plus generic text)."""
-    from edgepeft.calib import MergeChoice, runtime_logits
+    on ``sets`` (``edgepeft.calib.MergeChoice``: the task's data plus generic text)."""
+    from edgepeft.calib import runtime_logits
     from edgepeft.export.merge import choose_merge_target
 
     tok = base.load_tokenizer()
-    sets = MergeChoice.for_request(req, tok)
     parts: dict[str, dict] = {}
 
     def evaluate(folder: Path) -> dict[str, float]:

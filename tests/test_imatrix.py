@@ -151,6 +151,15 @@ def test_changed_training_data_is_one_line_and_writes_nothing(run_dir, tiny_llam
                    cwd=tmp_path)
     assert_clean_error(proc, "train.jsonl", "changed since training", "--imatrix none")
     assert not (tmp_path / "out").exists()
+    # without the matrix, --merge-into auto still scores the run's data: its own line, and a fix that works
+    proc = run_cli("export", "--base", tiny_llama, "--adapter", "run/adapter", "--quant", "q4_k_m", "--imatrix", "none",
+                   "--out", "out", cwd=tmp_path)
+    assert_clean_error(proc, "--merge-into auto", "changed since training", "--merge-into original")
+    assert not (tmp_path / "out").exists()
+    proc = run_cli("export", "--base", tiny_llama, "--adapter", "run/adapter", "--quant", "q4_k_m", "--imatrix", "none",
+                   "--merge-into", "original", "--no-verify", "--out", "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    shutil.rmtree(tmp_path / "out")
     proc = run_cli("export", "--base", tiny_llama, "--quant", "iq3_xxs", "--imatrix", "none", "--out", "out",
                    cwd=tmp_path)
     assert_clean_error(proc, "iq3_xxs needs an importance matrix")
