@@ -203,6 +203,8 @@ class MergeChoice:
                 raise
             raise EdgepeftError(f"--merge-into auto: {e.problem}", "Restore the run's data, pass --calib FILE, "
                                 f"or choose --merge-into original (or dequantized){also}") from e
+        if sets.kind != "bundled":
+            require_scoreable(tokenizer, sets.pairs)
         return cls(sets if sets.kind != "bundled" else None, bundled_calibration(MERGE_TEXT_CHUNKS))
 
     def losses(self, logits: Callable[[list[int]], np.ndarray], tokenizer) -> dict[str, float]:
@@ -318,22 +320,37 @@ def token_nll(logits, targets: Sequence[int]) -> np.ndarray:
     return -logp[np.arange(len(targets)), np.asarray(targets)]
 
 
-def completion_nll(logits: Callable[[list[int]], np.ndarray], tokenizer, pairs: Pairs, max_len: int = 256) -> float:
-    """Mean NLL per completion token; ``logits(ids)`` gives (len(ids), vocab) logits for every position."""
-    total, count = 0.0, 0
+def _scored(tokenizer, pairs: Pairs, max_len: int):
+    """(ids, index of the first scored token) of each pair with a completion token to score."""
     for prompt, completion in pairs:
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
         c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
         ids = (list(p_ids) + list(c_ids))[:max_len]
         n_ctx = max(len(p_ids), 1)  # the first token has no prediction
-        if len(ids) <= n_ctx:
-            continue
+        if len(ids) > n_ctx:
+            yield ids, n_ctx
+
+
+def require_scoreable(tokenizer, pairs: Pairs, max_len: int = 256) -> None:
+    """Raise the one-line error :func:`completion_nll` would, before any work is done on ``pairs``."""
+    if next(_scored(tokenizer, pairs, max_len), None) is None:
+        raise _no_tokens()
+
+
+def _no_tokens() -> EdgepeftError:
+    return EdgepeftError("the calibration set has no completion tokens to score",
+                         "Pass --calib lines with non-empty completions (or text)")
+
+
+def completion_nll(logits: Callable[[list[int]], np.ndarray], tokenizer, pairs: Pairs, max_len: int = 256) -> float:
+    """Mean NLL per completion token; ``logits(ids)`` gives (len(ids), vocab) logits for every position."""
+    total, count = 0.0, 0
+    for ids, n_ctx in _scored(tokenizer, pairs, max_len):
         nll = token_nll(logits(ids)[n_ctx - 1: len(ids) - 1], ids[n_ctx:])
         total += float(nll.sum())
         count += len(nll)
     if count == 0:
-        raise EdgepeftError("the calibration set has no completion tokens to score",
-                            "Pass --calib lines with non-empty completions (or text)")
+        raise _no_tokens()
     return total / count
 
 

@@ -522,8 +522,6 @@ def test_merge_into_auto_records_choice(tiny_llama, adapters, tmp_path):
         assert set(auto["parts"][target]) == {"task", "text"}
         assert loss == pytest.approx(sum(auto["parts"][target].values()), rel=1e-12)
     # the file written is the chosen candidate: scored again in llama.cpp, it has the recorded (lower) losses
-    from types import SimpleNamespace
-
     from transformers import AutoTokenizer
 
     from edgepeft.calib import MergeChoice, runtime_logits
@@ -538,6 +536,19 @@ def test_merge_into_auto_records_choice(tiny_llama, adapters, tmp_path):
     assert written == pytest.approx(auto["parts"][auto["chosen"]], rel=1e-5)
     verifications(rec)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gguf-export.json", "llama-a-merged-f16.gguf"]
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_merge_into_auto_refuses_calib_without_completions_before_any_work(fmt, tiny_llama, adapters, tmp_path):
+    """A --calib whose lines have nothing to score is one line before --out exists (it was found after both
+    candidates were built and quantized)."""
+    from conftest import run_cli
+
+    (tmp_path / "c.jsonl").write_text(json.dumps({"prompt": "Order 1:", "completion": ""}) + "\n")
+    proc = run_cli("export", "--format", fmt, "--base", tiny_llama, "--adapter", adapters["llama"]["a"],
+                   "--calib", "c.jsonl", "--quant", "f16" if fmt == "gguf" else "fp32", "--out", "out", cwd=tmp_path)
+    assert_clean_error(proc, "no completion tokens", "--calib")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
 
 
 def test_q4_1_lands_on_a_q4_1_base_exactly(tiny_llama, tmp_path):
