@@ -86,7 +86,9 @@ TOLERANCES: dict[tuple[str, str], Bounds] = {
     ("onnx", "fp32"): Bounds(top1=0.99, ppl_ratio=1.001, max_abs_logit=0.01, task_kept=0.9, adapter_kept=0.8),  # smol 1.0/0.0001/1.0; tiny 1.0/<1e-4/1.0
     ("onnx", "fp16"): Bounds(top1=0.97, ppl_ratio=1.01, max_abs_logit=0.5, task_kept=0.9, adapter_kept=0.8),  # cuda only: not measured here (as gguf f16)
     ("onnx", "int8"): Bounds(top1=0.85, ppl_ratio=1.05, task_kept=0.75, adapter_kept=0.75),  # smol 0.975/1.5/0.995; tiny 0.950/0.14/1.002
-    ("onnx", "int4"): Bounds(top1=0.45, ppl_ratio=1.60, task_kept=0.55),  # smol 0.660/26.7/1.332; tiny 0.555/2.2/1.005
+    # ppl 1.60 -> 1.85: merged with the quickstart's demo adapter (k_quant_last, --merge-into auto) the artifact
+    # reaches 1.558 (EPYC, session 10) and 1.570 (Xeon, session 12), demo 90-96 % on 50 examples; 1.60 sat 2 % above
+    ("onnx", "int4"): Bounds(top1=0.45, ppl_ratio=1.85, task_kept=0.55),  # smol 0.660/26.7/1.332; tiny 0.555/2.2/1.005
     # --- QNN HTP static graphs (uint8 weights, uint16 activations) in the HTP simulator
     ("qnn", "int8"): Bounds(top1=0.65, ppl_ratio=1.25),  # smol 0.786/-/1.084; tiny llama + r=4 adapter 0.903/-/0.997
 }
