@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -187,30 +187,34 @@ class MergeChoice:
     wikitext-2 slice, after the part the verifier scores). A candidate's loss is the sum of both mean NLLs per
     token: the task alone picked a merge into the NF4-dequantized base that kept the demo (96 vs 92 % for the
     original base) at 1.31x the original's perplexity on held-out wikitext (smollm2-135m, Q4_K_M, session 12).
+    ``tokenizer`` (the base's; a merge keeps it) turns both into ids.
     """
 
     task: Calibration | None
     text: Calibration
+    tokenizer: object = field(repr=False, compare=False)
 
     @classmethod
     def for_request(cls, req, tokenizer, also: str = "") -> MergeChoice:
-        """The sets for ``req``; a run whose data moved or changed is refused with a fix naming
-        ``--merge-into`` (``also``: further options the same data needs, e.g. `` --imatrix none``)."""
+        """The sets for ``req`` (``.calib``, ``.adapters``); a run whose data moved or changed is refused with a
+        fix naming ``--merge-into`` (``also``: further options the same data needs, e.g. `` --imatrix none``)."""
         try:
-            sets = select_calibration(_Limited(req, MERGE_TASK_LIMIT), tokenizer, say=lambda _line: None)
+            found = select_calibration(CalibRequest(adapters=req.adapters, calib=req.calib,
+                                                    calib_limit=MERGE_TASK_LIMIT), tokenizer, say=lambda _line: None)
         except EdgepeftError as e:
-            if getattr(req, "calib", None):
+            if req.calib:
                 raise
             raise EdgepeftError(f"--merge-into auto: {e.problem}", "Restore the run's data, pass --calib FILE, "
                                 f"or choose --merge-into original (or dequantized){also}") from e
-        if sets.kind != "bundled":
-            require_scoreable(tokenizer, sets.pairs)
-        return cls(sets if sets.kind != "bundled" else None, bundled_calibration(MERGE_TEXT_CHUNKS))
+        task = found if found.kind != "bundled" else None
+        if task:
+            require_scoreable(tokenizer, task.pairs)
+        return cls(task, bundled_calibration(MERGE_TEXT_CHUNKS), tokenizer)
 
-    def losses(self, logits: Callable[[list[int]], np.ndarray], tokenizer) -> dict[str, float]:
+    def losses(self, logits: Callable[[list[int]], np.ndarray]) -> dict[str, float]:
         """{"task": mean NLL, "text": mean NLL} of one candidate's ``logits(ids)``."""
-        out = {"task": completion_nll(logits, tokenizer, self.task.pairs)} if self.task else {}
-        out["text"] = completion_nll(logits, tokenizer, self.text.pairs)
+        out = {"task": completion_nll(logits, self.tokenizer, self.task.pairs)} if self.task else {}
+        out["text"] = completion_nll(logits, self.tokenizer, self.text.pairs)
         return out
 
     def record(self) -> dict:
@@ -219,17 +223,6 @@ class MergeChoice:
     def describe(self) -> str:
         task = f"{len(self.task.pairs)} task pairs" if self.task else "no task data"
         return f"{task} + {len(self.text.pairs)} wikitext-2 chunks"
-
-
-@dataclass(frozen=True)
-class _Limited:
-    """``req``'s calibration fields with another limit."""
-
-    _req: object
-    calib_limit: int
-
-    def __getattr__(self, name):
-        return getattr(self._req, name)
 
 
 def _from_run(adapter: Path, tokenizer, limit: int) -> Calibration | None:

@@ -154,10 +154,10 @@ def render(record: dict, console, folder: str | Path | None = None) -> None:
     auto = merge_auto(record)
     if auto:
         scored = f", scored in {auto['scored_in']}" if auto.get("scored_in") else ""
-        parts = auto.get("parts") or {}
-        sets = sorted({k for v in parts.values() for k in v}, key=("task", "text").index)
-        on = (f"{auto.get('calib_pairs', '?')} calibration pairs" if not parts else
-              " + ".join({"task": f"{auto.get('calib_pairs', '?')} task pairs", "text": "generic text"}[k] for k in sets))
+        parts = auto.get("parts") or {}  # {target: {"task": nll, "text": nll}}; records before session 12 have none
+        sets = [k for k in ("task", "text") if any(k in v for v in parts.values())]
+        said = {"task": f"{auto.get('calib_pairs', '?')} task pairs", "text": "generic text"}
+        on = " + ".join(said[k] for k in sets) if sets else f"{auto.get('calib_pairs', '?')} calibration pairs"
         console.print(f"--merge-into auto: held-out loss on {on}{scored}")
         m = Table(box=box.SIMPLE_HEAD, pad_edge=False)
         m.add_column("merge target")

@@ -579,14 +579,13 @@ def _gguf_loss_evaluator(out: Path, quant: str, sets: MergeChoice, parts: dict):
         from edgepeft.models import resolve_base
         from edgepeft.runtimes.base import Artifact, get_runtime
 
-        merged = resolve_base(str(folder))
         with scratch_file(out, ".auto-candidate.gguf") as tmp:
-            write_model(merged, [], tmp, quant)
+            write_model(resolve_base(str(folder)), [], tmp, quant)
             with stage(f"held-out loss in llama.cpp ({sets.describe()})"):
                 rt = get_runtime("llama.cpp")
                 rt.load(Artifact(tmp, "gguf", tmp, {}, quant), None, n_ctx=264)
                 try:
-                    parts[folder.name] = sets.losses(runtime_logits(rt), merged.load_tokenizer())
+                    parts[folder.name] = sets.losses(runtime_logits(rt))
                     return parts[folder.name]
                 finally:
                     rt.close()

@@ -176,7 +176,6 @@ def _merge_auto(req, base, plans, work: Path, build, sets) -> tuple[Path, dict]:
     from edgepeft.calib import runtime_logits
     from edgepeft.export.merge import choose_merge_target
 
-    tok = base.load_tokenizer()
     parts: dict[str, dict] = {}
 
     def evaluate(folder: Path) -> dict[str, float]:
@@ -188,7 +187,7 @@ def _merge_auto(req, base, plans, work: Path, build, sets) -> tuple[Path, dict]:
             rt = get_runtime("onnxruntime")
             rt.load(Artifact(built, "onnx-genai", built, {}, req.quant), None, n_ctx=264)
             try:
-                parts[folder.name] = sets.losses(runtime_logits(rt), tok)
+                parts[folder.name] = sets.losses(runtime_logits(rt))
                 return parts[folder.name]
             finally:
                 rt.close()

@@ -91,8 +91,7 @@ class LlamaCppRuntime:
         # Qwen2; its own high-level Llama.eval too). One token works, so the crash waits for the first
         # real prompt. There the extra buffers (weight repacking; llama-bench's --repack 0) stay
         # off; everywhere else they are llama.cpp's fast path and stay on.
-        self.extra_bufts = not amx_build(llama_cpp)
-        mp.use_extra_bufts = self.extra_bufts
+        mp.use_extra_bufts = not amx_build(llama_cpp)
         self.model = llama_cpp.llama_model_load_from_file(str(artifact.model).encode(), mp)
         if not self.model:
             raise IntegrityError(f"llama.cpp could not load {artifact.model} ({last_error()})",

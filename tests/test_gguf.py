@@ -530,7 +530,7 @@ def test_merge_into_auto_records_choice(tiny_llama, adapters, tmp_path):
     sets = MergeChoice.for_request(SimpleNamespace(calib=calib, adapters=[adapters["llama"]["a"]]), tok)
     rt = llama_runtime(tmp_path / "out" / "llama-a-merged-f16.gguf", n_ctx=264)
     try:
-        written = sets.losses(runtime_logits(rt), tok)
+        written = sets.losses(runtime_logits(rt))
     finally:
         rt.close()
     assert written == pytest.approx(auto["parts"][auto["chosen"]], rel=1e-5)
