@@ -136,6 +136,30 @@ def speed(base, plans, adapter: Path | None, work: Path, reps: int) -> dict:
                                               / best["peft_merge_then_llama.cpp"]["peak_rss_mb"], 3)} if adapter else {})}
 
 
+def open_llama(model: Path, lora: Path | None = None):
+    """llama-cpp-python's high-level ``Llama`` (logits of every position), under the runtime's AMX rule:
+    weight repacking stays off on an AMX build, which segfaults in ``llama_decode`` with it on
+    (runtimes/llamacpp.py ``amx_build``). ``Llama`` takes no such option, so its default params are wrapped."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as C
+
+    from edgepeft.runtimes.llamacpp import amx_build
+
+    defaults = C.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = not amx_build(C)
+        return p
+
+    C.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(model), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
+                               n_threads=2, lora_path=str(lora) if lora else None)
+    finally:
+        C.llama_model_default_params = defaults
+
+
 def llama_logits(llm, ids: list[int]) -> np.ndarray:
     llm.reset()
     llm.eval(ids)
@@ -169,8 +193,6 @@ def accuracy(llm, tok, examples, max_tokens: int) -> float:
 
 
 def quality(base, adapter: Path | None, work: Path, quants, n_eval: int, wiki_tokens: int) -> list[dict]:
-    from llama_cpp import Llama
-
     from edgepeft.export.gguf import export
     from edgepeft.export.request import ExportRequest
     from edgepeft.train.tasks import get_task
@@ -190,8 +212,7 @@ def quality(base, adapter: Path | None, work: Path, quants, n_eval: int, wiki_to
             secs = time.perf_counter() - t0
             model = Path(rec["files"][0])
             lora = Path(rec["files"][1]) if mode == "separate" and adapter else None
-            llm = Llama(model_path=str(model), n_ctx=512, n_batch=512, logits_all=True, verbose=False, n_threads=2,
-                        lora_path=str(lora) if lora else None)
+            llm = open_llama(model, lora)
             row = {"quant": q, "mode": mode, "export_seconds": round(secs, 1),
                    "bytes": sum(Path(f).stat().st_size for f in rec["files"]),
                    "perplexity": round(perplexity(llm, ids), 3)}

@@ -114,8 +114,7 @@ def torch_reference(base, adapter: Path, examples, ids: list[int], max_new: int)
 
 def gguf_row(base, run: Path, quant: str, mode: str, keep: str | None, matrix: bool, examples, ids, max_new,
              work: Path) -> dict:
-    from bench_gguf import accuracy, perplexity
-    from llama_cpp import Llama
+    from bench_gguf import accuracy, open_llama, perplexity
 
     from edgepeft.errors import VerificationError
     from edgepeft.export.gguf import export
@@ -137,8 +136,7 @@ def gguf_row(base, run: Path, quant: str, mode: str, keep: str | None, matrix: b
     secs = time.perf_counter() - t0
     models = [Path(f) for f in rec["files"]]
     lora = models[1] if mode == "separate" else None
-    llm = Llama(model_path=str(models[0]), n_ctx=512, n_batch=512, logits_all=True, verbose=False, n_threads=2,
-                lora_path=str(lora) if lora else None)
+    llm = open_llama(models[0], lora)
     tok = base.load_tokenizer()
     try:
         acc = accuracy(llm, tok, examples, max_new)

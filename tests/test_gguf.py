@@ -9,6 +9,7 @@ Tolerances (fp32 tiny models, peaked logits; observed values in parentheses):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -382,16 +383,14 @@ def test_q4_k_m_uses_llama_cpp_quantizer_and_leaves_no_temp(tiny_llama, tokenize
     assert positions == sum(len(x) for x in ids) == 280 and top1 >= 0.68, top1
 
 
-def _cli(*args):
-    from click.testing import CliRunner
+def _cli(*args, env=None):
+    """``edgepeft export --format gguf ARGS`` as a user runs it: the real CLI in a subprocess."""
+    from conftest import run_cli
 
-    from edgepeft.commands.export import command
-
-    res = CliRunner().invoke(command, ["--format", "gguf", *map(str, args)])
-    return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=res.stderr)
+    return run_cli("export", "--format", "gguf", *args, env=env)
 
 
-def test_bad_input_one_line_exit_2_no_files(tiny_llama, tiny_qwen2, adapters, tmp_path, monkeypatch):
+def test_bad_input_one_line_exit_2_no_files(tiny_llama, tiny_qwen2, adapters, tmp_path):
     out = tmp_path / "out"
     assert_clean_error(_cli("--base", tiny_llama, "--quant", "q3_x", "--out", out), "--quant", "q4_k_m")
     # unsupported architecture: a gpt2 config
@@ -415,12 +414,10 @@ def test_bad_input_one_line_exit_2_no_files(tiny_llama, tiny_qwen2, adapters, tm
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert_clean_error(_cli("--base", tiny_llama, "--out", blocker / "sub", "--quant", "f16"), "output directory")
-    # full disk
-    import shutil as sh
-
-    monkeypatch.setattr(sh, "disk_usage", lambda p: SimpleNamespace(total=1 << 30, used=1 << 30, free=1024))
-    assert_clean_error(_cli("--base", tiny_llama, "--out", out, "--quant", "q8_0"), "free")
-    monkeypatch.undo()
+    # full disk: every shutil.disk_usage in the child reports 1 KiB free (tests/disk_full/sitecustomize.py)
+    full = str(Path(__file__).parent / "disk_full")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [full, os.environ.get("PYTHONPATH")]))}
+    assert_clean_error(_cli("--base", tiny_llama, "--out", out, "--quant", "q8_0", env=env), "free")
     assert not out.exists() or not list(out.iterdir())
 
 
