@@ -84,9 +84,18 @@ def entry() -> None:
     call in-process, exits as usual."""
     import atexit
     import os
+    import signal
     import sys
     import threading
 
+    def terminated(signum, frame):
+        # `kill`, a CI timeout, a closed terminal: unwind like Ctrl-C, so every atomic write and temp
+        # folder (export/merge.py's merge-auto candidates, the ONNX work dir) is removed, not left in /tmp
+        print("edgepeft: terminated", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, terminated)
     try:
         main()
         code = 0

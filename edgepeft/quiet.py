@@ -29,6 +29,9 @@ ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "false",  # its fork warning after the tokenizer child process
+    # bars drawn with plain tqdm, past transformers' switch: its GGUF loader's "Converting and de-quantizing
+    # GGUF tensors" on the first use of an alias (edgepeft's own progress is rich, never tqdm)
+    "TQDM_DISABLE": "1",
 }
 
 

@@ -240,6 +240,7 @@ def choose_merge_target(base: ResolvedBase, plans: Iterable[AdapterPlan],
             with stage(f"merge-into auto: build and score the {target} base") as st:
                 with stage(f"merge into the {target} base"):
                     folder = merge_into_folder(base, plans, work / target, target=target)
+                atomic.fault_point(f"merge-auto:built:{target}")
                 got = evaluate_loss(folder)
                 if isinstance(got, Mapping):
                     parts[target] = {k: float(v) for k, v in got.items()}

@@ -142,3 +142,34 @@ def test_kill_mid_export_leaves_no_final_file(tiny_llama, lora_dir, tmp_path):
     assert not (out / "two.lora.gguf").exists()
     now = snapshot(out)
     assert {k: now[k] for k in earlier} == earlier
+
+
+def test_sigterm_mid_export_removes_its_temp_folders(tiny_llama, lora_dir, tmp_path):
+    """`kill` (SIGTERM), unlike SIGKILL, lets edgepeft unwind: exit 143, one line, and neither the
+    --merge-into auto candidates (in TMPDIR) nor the atomic output folder are left behind."""
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    out = tmp_path / "exp"
+    marker = tmp_path / "marker"
+    env = {**os.environ, "TMPDIR": str(tmp), "EDGEPEFT_PAUSE_AT": f"merge-auto:built:*={marker}"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgepeft", "export", "--format", "gguf", "--base",
+                             str(tiny_llama), "--adapter", str(lora_dir), "--quant", "q8_0", "--merge-into", "auto",
+                             "--no-verify", "--out", str(out)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "edgepeft never reached the merge-auto candidate"
+            time.sleep(0.05)
+        assert [p.name for p in tmp.iterdir() if p.name.startswith("edgepeft-merge-auto-")]  # it was there
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "edgepeft: terminated", err
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith("edgepeft-")], list(tmp.iterdir())
+    assert not out.exists() or not [p for p in out.iterdir()], list(out.iterdir())
