@@ -106,7 +106,10 @@ def ppl_and_acc(rt, template, task: str, args) -> dict:
 
 
 def _ppl(rt, token_nll, args) -> float:
-    toks = rt.tokenize(WIKITEXT.read_text()[: args.ppl_tokens * 8])[: args.ppl_tokens + 1]
+    text = WIKITEXT.read_text()
+    if args.ppl_offset:  # from the first line start at or after the offset
+        text = text[text.index("\n", args.ppl_offset) + 1:]
+    toks = rt.tokenize(text[: args.ppl_tokens * 8])[: args.ppl_tokens + 1]
     nll, n = 0.0, 0
     for s in range(0, len(toks) - 1, 256):
         chunk = toks[s: s + 257]
@@ -138,6 +141,7 @@ def pytorch_row(name: str, run: Path, task: str, args) -> dict:
 
 
 def onnx_row(name: str, run: Path, task: str, mode: str, algo: str, work: Path, args) -> dict:
+    from edgepeft import calib
     from edgepeft.bench.artifacts import task_template
     from edgepeft.export.onnx import export
     from edgepeft.export.request import ExportRequest
@@ -146,10 +150,17 @@ def onnx_row(name: str, run: Path, task: str, mode: str, algo: str, work: Path, 
     out = work / "onnx" / f"{name}-{mode}-{algo}"
     shutil.rmtree(out, ignore_errors=True)
     load0 = os.getloadavg()
+    # "<algo>:task-only": GPTQ's Hessians on the task's data alone, without calib.with_generic_text's chunks
+    algo_name, _, variant = algo.partition(":")
+    chunks = calib.GPTQ_TEXT_CHUNKS
+    calib.GPTQ_TEXT_CHUNKS = 0 if variant == "task-only" else chunks
     req = ExportRequest(format="onnx", base=BASE, adapters=[run], names=[name], out=out, mode=mode, quant="int4",
-                        quant_algo=algo, merge_into="original", verify=args.verify)
+                        quant_algo=algo_name, merge_into="original", verify=args.verify)
     t = time.perf_counter()
-    rec = export(req).record
+    try:
+        rec = export(req).record
+    finally:
+        calib.GPTQ_TEXT_CHUNKS = chunks
     seconds = time.perf_counter() - t
     ad = {name: out / "adapters" / f"{name}.onnx_adapter"} if mode == "separate" else {}
     art = Artifact(out, "onnx-genai", out, ad, "int4")
@@ -198,6 +209,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgepeft-bench-onnx-calib"))
     ap.add_argument("--eval-n", type=int, default=100)
     ap.add_argument("--ppl-tokens", type=int, default=2048)
+    ap.add_argument("--ppl-offset", type=int, default=0,
+                    help="score perplexity from this character of the file on (200000: past the bundled slice, "
+                         "which GPTQ's generic text chunks come from)")
     ap.add_argument("--adapters", default="demo,chat")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--train-only", action="store_true")
@@ -247,6 +261,7 @@ def _write(rows: list[dict], args, like: dict | None = None) -> None:
            "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "omp_threads": os.environ.get("OMP_NUM_THREADS")},
            "eval_n": args.eval_n, "ppl_file": str(WIKITEXT), "ppl_tokens": args.ppl_tokens,
+           "ppl_offset_chars": args.ppl_offset,
            "recipe": "quickstart FULL: 48 QLoRA steps, rank 16, lr 1e-3, batch 4", "rows": rows}
     doc["rows"] = rows
     if not like and args.out.is_file():  # rows of the adapters this run did not measure are kept (one file, run per adapter)

@@ -1,15 +1,17 @@
-"""ONNX int4 with a calibration-based algorithm: ONNX Runtime's GPTQ (``onnxruntime.quantization``'s
-MatMulNBits weight-only quantizer, its bundled Neural Compressor GPTQ) on a float build of the model.
+"""ONNX int4 with a calibration-based algorithm: GPTQ on a float build of the model, Hessians collected in ONNX
+Runtime, the solver ``export/gptq.py`` (ORT's bundled Neural Compressor GPTQ never moves an error: see there),
+MatMulNBits packed by ORT's own helper.
 
 The builder's own int4 methods (RTN, k-quant) use no data. GPTQ needs the inputs each MatMul sees,
 so the builder writes the model in fp32, ORT runs the calibration texts (:func:`edgepeft.calib.select_calibration`:
-the run's training data, ``--calib`` or the bundled fallback) through it and quantizes every body
+the run's training data, ``--calib`` or the bundled fallback; plus generic text, :func:`edgepeft.calib.with_generic_text`,
+which measured better than the task alone) through it and quantizes every body
 MatMul to 4 bits against its input Hessian, block size as asked, asymmetric, like the builder.
 For ``--mode separate`` the adapter is active during calibration: its tensors are fed as the
 model's LoRA inputs, so the base is quantized where the adapter actually uses it. The output
 projection (``*_last`` in the builder's names) stays 8-bit (RTN), as ``k_quant_last`` keeps it.
 
-What ran here (onnxruntime 1.32): GPTQ works on CPU; HQQ needs no data (it is not calibration-based);
+What ran here (onnxruntime 1.32): ORT's GPTQ runs on CPU but is RTN in effect (``export/gptq.py``); HQQ needs no data (it is not calibration-based);
 ``nvidia_awq`` needs NVIDIA ModelOpt and a CUDA device, neither of which this toolkit can assume.
 """
 
@@ -78,17 +80,18 @@ def quantize_folder(req, base, src: Path, out: Path, adapters: Sequence[dict] = 
     Returns the record entries (``calibration``, ``gptq``)."""
     import shutil
 
-    from edgepeft.calib import select_calibration
+    from edgepeft.calib import select_calibration, with_generic_text
 
     tok = base.load_tokenizer()
-    cal = select_calibration(req, tok)
-    feeds = Feeds(src / "model.onnx", calibration_ids(tok, cal.texts), adapters)
+    cal, text = with_generic_text(select_calibration(req, tok))
+    feeds = Feeds(src / "model.onnx", calibration_ids(tok, cal.texts + (text.texts if text else [])), adapters)
     info = gptq(src / "model.onnx", out / "model.onnx", feeds, block_size=req.block_size,
                 accuracy_level=req.accuracy_level, last_int8=req.quant_algo.endswith("_last"))
     for f in src.iterdir():  # genai_config.json, tokenizer files: the fp32 build's, unchanged by quantizing
         if f.is_file() and not f.name.startswith("model.onnx"):
             shutil.copy2(f, out / f.name)
     info["adapters_active"] = len(adapters)
+    info["generic_text"] = text.record() if text else None
     return {"calibration": cal.record(), "gptq": info}
 
 
@@ -104,13 +107,13 @@ def calibration_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 def gptq(model: Path, out: Path, feeds: Feeds, *, block_size: int, accuracy_level: int,
          last_int8: bool = True) -> dict:
-    """Quantize ``model`` (fp32 ONNX) into ``out`` (``model.onnx`` + ``model.onnx.data``) with ORT's GPTQ.
+    """Quantize ``model`` (fp32 ONNX) into ``out`` (``model.onnx`` + ``model.onnx.data``) with GPTQ.
 
-    The solver and the MatMulNBits packing are ORT's (``neural_compressor.weight_only``: ``gptq``,
-    ``quant_tensor``, ``make_matmul_weight_only_node``). The driver is ours for one reason: ORT's
+    The solver is ``export/gptq.py`` (ORT's ``neural_compressor.weight_only.gptq`` returns RTN whatever the
+    Hessian); the MatMulNBits packing is ORT's (``make_matmul_weight_only_node``). The driver is ours too: ORT's
     ``gptq_quantize`` runs the whole model once per distinct MatMul input per text (121 x 64 forward
     passes on smollm2-135m, hours on 2 cores); here one pass per text collects every Hessian at once,
-    accumulated exactly as ORT does (rows averaged per text, scaled by 2)."""
+    accumulated as ORT does (rows averaged per text, scaled by 2; GPTQ is invariant to the scale)."""
     import onnx
     from onnx import numpy_helper
     from onnxruntime.quantization.neural_compressor import weight_only as W
@@ -129,16 +132,11 @@ def gptq(model: Path, out: Path, feeds: Feeds, *, block_size: int, accuracy_leve
                total=len(body), unit="MatMuls") as st:
         for k, node in body:
             w_name = node.input[1]  # node is rewritten in place below
-            weight = numpy_helper.to_array(inits[w_name]).astype(np.float32)
-            q = W.gptq(weight, hessians[node.input[0]], num_bits=4, group_size=block_size, scheme="asym",
-                       blocksize=128, percdamp=0.01, actorder=False, mse=False, perchannel=True)
-            k_blocks = (weight.shape[0] + block_size - 1) // block_size
-            q = W.pad_tensor(q, block_size, k_blocks)
-            qw, scale, zp = W.quant_tensor(q.T, 4, block_size, "asym", "uint")
+            weight = numpy_helper.to_array(inits[w_name]).astype(np.float32)  # (K, N), ONNX's MatMul layout
+            qw, scale, zp, k_blocks = _solve(weight, hessians[node.input[0]], block_size)
             new, new_inits = W.make_matmul_weight_only_node(
                 node=node, weight_shape=weight.shape, num_bits=4, group_size=block_size, k_blocks=k_blocks,
-                q_weight=qw.astype("uint8"), scale=scale.astype(np.float32), zero_point=zp,
-                accuracy_level=accuracy_level)
+                q_weight=qw, scale=scale, zero_point=zp, accuracy_level=accuracy_level)
             m.graph.node[k].CopyFrom(new)  # in place: the graph stays topologically sorted
             m.graph.initializer.remove(inits[w_name])
             m.graph.initializer.extend(new_inits)
@@ -157,10 +155,28 @@ def gptq(model: Path, out: Path, feeds: Feeds, *, block_size: int, accuracy_leve
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(m, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=out.name + ".data", size_threshold=0)
-    return {"algorithm": "gptq", "solver": "onnxruntime.quantization.neural_compressor.weight_only.gptq",
+    return {"algorithm": "gptq", "solver": "edgepeft.export.gptq",
             "quantized_matmuls": len(body), "last_matmul": "int8 rtn" if last_int8 else "int4 gptq",
             "embedding": embedding,
             "calibration_texts": len(feeds.ids), "calibration_tokens": sum(map(len, feeds.ids))}
+
+
+def _solve(weight: np.ndarray, hessian: np.ndarray, block_size: int):
+    """GPTQ of one ONNX MatMul weight (K, N) against its input's Hessian (K, K) (``export/gptq.py``), in the form
+    ORT's MatMulNBits packer takes: levels (N * k_blocks, block) uint8, scales and zero points (N * k_blocks, 1).
+    K is padded to whole blocks with zero columns that saw no input."""
+    import torch
+
+    from edgepeft.export import gptq as G
+
+    k, n = weight.shape
+    k_blocks = (k + block_size - 1) // block_size
+    pad = k_blocks * block_size - k
+    w = torch.nn.functional.pad(torch.from_numpy(np.ascontiguousarray(weight.T)), (0, pad))
+    h = torch.nn.functional.pad(torch.from_numpy(np.asarray(hessian, dtype=np.float64)), (0, pad, 0, pad))
+    q, scale, zero = G.quantize(w, h, block_size)
+    return (q.reshape(n * k_blocks, block_size).numpy(), scale.reshape(-1, 1).numpy().astype(np.float32),
+            zero.reshape(-1, 1).numpy(), k_blocks)
 
 
 def _share_head_with_table(m) -> str | None:

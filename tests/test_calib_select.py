@@ -118,3 +118,21 @@ def test_bundled_task_run_samples_its_train_split(tmp_path, tok):
     (run / "manifest.json").write_text(json.dumps({"data": {"source": "task:demo", "sha256": "0" * 64}}))
     with pytest.raises(EdgepeftError, match="changed since training"):
         select_calibration(CalibRequest(adapters=[run]), tok, say=lambda _: None)
+
+
+def test_gptq_mix_adds_generic_chunks_disjoint_from_merge_auto(tmp_path, tok):
+    """GPTQ's Hessians: the task texts (cut to GPTQ_TASK_TEXTS) plus wikitext-2 chunks that --merge-into auto
+    does not score on; the bundled slice as the task gets no second copy of itself."""
+    from edgepeft import calib as C
+
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(40)]
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task, text = C.with_generic_text(select_calibration(CalibRequest(calib=f), tok))
+    assert [c for _, c in task.pairs] == [f"a{i}" for i in range(C.GPTQ_TASK_TEXTS)] and task.kind == "file"
+    merge_text = C.MergeChoice.for_request(CalibRequest(calib=f), tok).text
+    assert len(text.pairs) == C.GPTQ_TEXT_CHUNKS and text.kind == "bundled"
+    assert not set(text.texts) & set(merge_text.texts)
+    assert bundled_calibration(C.MERGE_TEXT_CHUNKS + C.GPTQ_TEXT_CHUNKS).pairs[C.MERGE_TEXT_CHUNKS:] == text.pairs
+    same, none = C.with_generic_text(bundled_calibration())
+    assert none is None and len(same.pairs) == C.GPTQ_TASK_TEXTS

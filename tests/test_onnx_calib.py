@@ -61,7 +61,12 @@ def test_gptq_export_is_calibrated_verified_and_keeps_lora_float(mode, tiny_llam
     assert rec["quant_algo"] == "gptq_last" and rec["calibration"]["kind"] == "file"
     assert rec["calibration"]["texts"] == 6 and "--calib calib.jsonl" in rec["calibration"]["source"]
     g = rec["gptq"]
-    assert g["calibration_texts"] == 6 and g["calibration_tokens"] > 6 * 20 and g["last_matmul"] == "int8 rtn"
+    # the 6 task texts plus calib.with_generic_text's wikitext-2 chunks (disjoint from --merge-into auto's)
+    from edgepeft.calib import GPTQ_TEXT_CHUNKS
+
+    assert g["generic_text"]["kind"] == "bundled" and g["generic_text"]["texts"] == GPTQ_TEXT_CHUNKS
+    assert g["calibration_texts"] == 6 + GPTQ_TEXT_CHUNKS and g["calibration_tokens"] > 6 * 20 + GPTQ_TEXT_CHUNKS * 100
+    assert g["last_matmul"] == "int8 rtn"
     assert g["adapters_active"] == (1 if mode == "separate" else 0)
     ops, float_matmuls = _ops(out)
     assert ops["MatMulNBits"] == g["quantized_matmuls"] + 1  # + lm_head at int8
