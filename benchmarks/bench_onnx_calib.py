@@ -150,12 +150,14 @@ def onnx_row(name: str, run: Path, task: str, mode: str, algo: str, work: Path, 
     out = work / "onnx" / f"{name}-{mode}-{algo}"
     shutil.rmtree(out, ignore_errors=True)
     load0 = os.getloadavg()
-    # "<algo>:task-only": GPTQ's Hessians on the task's data alone, without calib.with_generic_text's chunks
+    # "<algo>:task-only": GPTQ's Hessians on the task's data alone, without calib.with_generic_text's chunks;
+    # "<algo>:acc1": --accuracy-level 1 (fp32 activations in MatMulNBits; the default 4 quantizes them to int8)
     algo_name, _, variant = algo.partition(":")
     chunks = calib.GPTQ_TEXT_CHUNKS
     calib.GPTQ_TEXT_CHUNKS = 0 if variant == "task-only" else chunks
     req = ExportRequest(format="onnx", base=BASE, adapters=[run], names=[name], out=out, mode=mode, quant="int4",
-                        quant_algo=algo_name, merge_into="original", verify=args.verify)
+                        quant_algo=algo_name, merge_into="original", verify=args.verify,
+                        **({"accuracy_level": 1} if variant == "acc1" else {}))
     t = time.perf_counter()
     try:
         rec = export(req).record
@@ -196,7 +198,9 @@ def markdown(rows: list[dict]) -> str:
             out.append(f"| {r['adapter']} | PyTorch fp32 + adapter | – | {r['accuracy']:.0%} ({r['correct']}/{r['total']}) "
                        f"| {r['perplexity']:.2f} | – | – |")
             continue
-        calib = "GPTQ, run data" if r["algo"].startswith("gptq") else "none (k_quant_last)"
+        calib = {"gptq_last": "GPTQ: run data + wikitext chunks", "gptq_last:task-only": "GPTQ: run data only",
+                 "gptq_last:acc1": "GPTQ, fp32 activations", "source_grid": "none (source_grid)"}.get(
+                     r["algo"], f"none ({r['algo']})")
         out.append(f"| {r['adapter']} | ONNX int4 {r['mode']} | {calib} | {r['accuracy']:.0%} ({r['correct']}/{r['total']}, "
                    f"{100 * (r['accuracy'] - p['accuracy']):+.0f} pt) | {r['perplexity']:.2f} "
                    f"({100 * (r['perplexity'] / p['perplexity'] - 1):+.1f} %) | {r['bytes'] / 1e6:.1f} | "

@@ -193,15 +193,11 @@ def _acc(r: dict) -> dict:
 def export_one(base: str, adapter: Path, out: Path, fmt: str, mode: str, quant: str, plan: Plan) -> dict:
     """One artifact through the same writer ``edgepeft export`` dispatches to."""
     from edgepeft.export import export
-    from edgepeft.export.onnx_grid import keeps_source_grid
     from edgepeft.export.request import ExportRequest
-    from edgepeft.models import resolve_base
 
-    extra = {}
-    if fmt == "onnx" and mode == "separate" and quant == "int4" and keeps_source_grid(resolve_base(base).origin_quant):
-        extra["quant_algo"] = "source_grid"  # the base's own 4-bit grid, not a second quantization of it
+    # ONNX: --quant-algo auto, as `edgepeft export` (source_grid separate on a 4-bit GGUF base, GPTQ merged)
     req = ExportRequest(format=fmt, base=base, adapters=[adapter], names=[ADAPTER_NAME], out=out, mode=mode,
-                        quant=quant, verify=plan.verify_exports, merge_into=plan.merge_into, **extra)
+                        quant=quant, verify=plan.verify_exports, merge_into=plan.merge_into)
     return export(req).record
 
 

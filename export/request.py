@@ -19,10 +19,10 @@ ONNX_TARGETS = ("cpu", "cuda", "qnn-htp")
 # projection (lm_head) at int8. Measured on the trained demo adapter (PyTorch 100/100): RTN block 32
 # 80/100, rtn_last 82/100, k_quant_last 100/100, so k-quant's scale search on the body is what
 # keeps a fine-tune's answers at int4 (docs/onnx.md has the full table).
-# gptq_last / gptq: ONNX Runtime's GPTQ on calibration data (edgepeft.calib.select_calibration; export/onnx_calib.py),
-# int4 only.
-ONNX_QUANT_ALGOS = ("k_quant_last", "rtn_last", "k_quant", "rtn", "k_quant_mixed", "default", "gptq_last", "gptq",
-                    "source_grid")
+# gptq_last / gptq: GPTQ on calibration data (edgepeft.calib.select_calibration; export/onnx_calib.py, export/gptq.py),
+# int4 only. auto (the default): export/onnx.py:resolve_quant_algo picks one of them per export.
+ONNX_QUANT_ALGOS = ("auto", "k_quant_last", "rtn_last", "k_quant", "rtn", "k_quant_mixed", "default", "gptq_last",
+                    "gptq", "source_grid")
 
 
 @dataclass
@@ -46,7 +46,7 @@ class ExportRequest:
     # ONNX
     block_size: int = 32
     accuracy_level: int = 4
-    quant_algo: str = "k_quant_last"
+    quant_algo: str = "auto"
     target: str = "cpu"
     device: str | None = None
     static_shapes: bool = True

@@ -90,11 +90,15 @@ def test_onnx_calib_pads_k_to_whole_blocks():
     from edgepeft.export.onnx_calib import _solve
 
     w, _x, h = _data(k=96)
-    qw, scale, zp, k_blocks = _solve(w[:, :80].T.numpy().copy(), h[:80, :80].numpy(), 32)  # K = 80: 3 blocks
+    (qw, scale, zp, k_blocks), = _solve([w[:, :80].T.numpy().copy()], h[:80, :80].numpy(), 32)  # K = 80: 3 blocks
     assert k_blocks == 3 and qw.shape == (48 * 3, 32) and scale.shape == zp.shape == (48 * 3, 1)
     assert qw.dtype == np.uint8 and scale.dtype == np.float32 and zp.dtype == np.uint8
     deq = ((qw.astype(np.float32) - zp) * scale).reshape(48, 96)
     assert np.allclose(deq[:, 80:], 0, atol=1e-7)  # the padding columns quantize to exact zeros
+    # weights that share an input are solved as one matrix: the same levels as one by one
+    parts = _solve([w[:20].T.numpy().copy(), w[20:].T.numpy().copy()], h.numpy(), 32)
+    (whole, *_), = _solve([w.T.numpy().copy()], h.numpy(), 32)
+    assert np.array_equal(np.concatenate([p[0] for p in parts]), whole)
 
 
 def test_onnxruntime_port_ignores_the_hessian():

@@ -33,11 +33,12 @@ from edgepeft.ui import edgepeft_command, print_json
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against the PyTorch reference.")
 @click.option("--block-size", default=32, show_default=True, type=int, help="onnx int4 block size")
 @click.option("--accuracy-level", default=4, show_default=True, type=int, help="onnx MatMulNBits accuracy level")
-@click.option("--quant-algo", default="k_quant_last", show_default=True,
-              help="onnx int4/int8 weight algorithm: k_quant_last | rtn_last | k_quant | rtn | k_quant_mixed | default "
-                   "| gptq_last | gptq | source_grid (*_last: lm_head at int8; gptq*: int4 calibrated on the adapter's "
-                   "training data or --calib, in ONNX Runtime; source_grid: --mode separate int4 that keeps a 4-bit "
-                   "GGUF base's grid exactly)")
+@click.option("--quant-algo", default="auto", show_default=True,
+              help="onnx int4/int8 weight algorithm: auto | k_quant_last | rtn_last | k_quant | rtn | k_quant_mixed | "
+                   "default | gptq_last | gptq | source_grid (*_last: lm_head at int8; gptq*: int4 calibrated on the "
+                   "adapter's training data or --calib plus generic text; source_grid: --mode separate int4 that keeps "
+                   "a 4-bit GGUF base's grid exactly; auto: source_grid where it applies, gptq_last for merged int4 "
+                   "with task data, else k_quant_last)")
 @click.option("--target", default="cpu", show_default=True, help="onnx target: cpu | cuda | qnn-htp")
 @click.option("--device", default=None, help="Device profile name or YAML path (onnx qnn-htp).")
 @click.option("--dynamic-shapes", is_flag=True, help="onnx: dynamic shapes (cpu/cuda graphs already are; qnn-htp refuses them).")
