@@ -152,9 +152,17 @@ def onnx_row(name: str, run: Path, task: str, mode: str, algo: str, work: Path, 
     load0 = os.getloadavg()
     # "<algo>:task-only": GPTQ's Hessians on the task's data alone, without calib.with_generic_text's chunks;
     # "<algo>:acc1": --accuracy-level 1 (fp32 activations in MatMulNBits; the default 4 quantizes them to int8)
+    # "gptq_mixed:mods=A+B[:all]": int8 for those builder modules instead of MORE_BITS_MODULES (":all": every layer)
     algo_name, _, variant = algo.partition(":")
     chunks = calib.GPTQ_TEXT_CHUNKS
     calib.GPTQ_TEXT_CHUNKS = 0 if variant == "task-only" else chunks
+    from edgepeft.export import onnx_calib
+
+    mods, rule = onnx_calib.MORE_BITS_MODULES, onnx_calib.use_more_bits
+    if variant.startswith("mods="):
+        onnx_calib.MORE_BITS_MODULES = tuple(variant.split(":")[0][5:].split("+"))
+        if variant.endswith(":all"):
+            onnx_calib.use_more_bits = lambda layer, layers: True
     req = ExportRequest(format="onnx", base=BASE, adapters=[run], names=[name], out=out, mode=mode, quant="int4",
                         quant_algo=algo_name, merge_into="original", verify=args.verify,
                         **({"accuracy_level": 1} if variant == "acc1" else {}))
@@ -163,6 +171,7 @@ def onnx_row(name: str, run: Path, task: str, mode: str, algo: str, work: Path, 
         rec = export(req).record
     finally:
         calib.GPTQ_TEXT_CHUNKS = chunks
+        onnx_calib.MORE_BITS_MODULES, onnx_calib.use_more_bits = mods, rule
     seconds = time.perf_counter() - t
     ad = {name: out / "adapters" / f"{name}.onnx_adapter"} if mode == "separate" else {}
     art = Artifact(out, "onnx-genai", out, ad, "int4")
@@ -199,8 +208,10 @@ def markdown(rows: list[dict]) -> str:
                        f"| {r['perplexity']:.2f} | – | – |")
             continue
         calib = {"gptq_last": "GPTQ: run data + wikitext chunks", "gptq_last:task-only": "GPTQ: run data only",
-                 "gptq_last:acc1": "GPTQ, fp32 activations", "source_grid": "none (source_grid)"}.get(
-                     r["algo"], f"none ({r['algo']})")
+                 "gptq_last:acc1": "GPTQ, fp32 activations",
+                 "gptq_mixed": "GPTQ + Q4_K_M's int8 layers", "source_grid": "none (source_grid)"}.get(
+                     r["algo"], f"GPTQ, int8 {r['algo'][16:]}" if r["algo"].startswith("gptq_mixed:mods=")
+                     else f"none ({r['algo']})")
         out.append(f"| {r['adapter']} | ONNX int4 {r['mode']} | {calib} | {r['accuracy']:.0%} ({r['correct']}/{r['total']}, "
                    f"{100 * (r['accuracy'] - p['accuracy']):+.0f} pt) | {r['perplexity']:.2f} "
                    f"({100 * (r['perplexity'] / p['perplexity'] - 1):+.1f} %) | {r['bytes'] / 1e6:.1f} | "

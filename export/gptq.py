@@ -19,24 +19,25 @@ them, as the reference implementation does. Damping 1 % of the mean diagonal, as
 
 from __future__ import annotations
 
-LEVELS = 15  # int4: q in 0..15
+LEVELS = 15  # int4: q in 0..15 (int8: 255)
 DAMP = 0.01  # of the mean diagonal of H, added to its diagonal (GPTQ's default)
 
 
-def grid(block):
-    """MatMulNBits' asymmetric int4 grid of ``block`` (N, G): ``(scale, zero)``, each (N,), float32; zero is an
-    integer level in 0..15, so 0.0 is always a level."""
+def grid(block, levels: int = LEVELS):
+    """MatMulNBits' asymmetric grid of ``block`` (N, G): ``(scale, zero)``, each (N,), float32; zero is an
+    integer level in 0..levels (15 for int4, 255 for int8), so 0.0 is always a level."""
     import torch
 
     lo = torch.clamp(block.min(1).values, max=0)
     hi = torch.clamp(block.max(1).values, min=0)
-    scale = (hi - lo) / LEVELS
+    scale = (hi - lo) / levels
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale, torch.round(-lo / scale).clamp(0, LEVELS)
+    return scale, torch.round(-lo / scale).clamp(0, levels)
 
 
-def quantize(w, h, group: int = 32):
-    """GPTQ of ``w`` (N, K) against ``h`` (K, K), the second moment of its inputs; K a multiple of ``group``.
+def quantize(w, h, group: int = 32, levels: int = LEVELS):
+    """GPTQ of ``w`` (N, K) against ``h`` (K, K), the second moment of its inputs; K a multiple of ``group``;
+    ``levels``: 15 (int4) or 255 (int8).
 
     Returns ``(q, scale, zero)``: uint8 levels (N, K), float32 scales (N, K/group) and uint8 zero points
     (N, K/group), with ``w ≈ (q - zero) * scale`` per group (:func:`dequantize`). Input columns that never saw a
@@ -68,13 +69,13 @@ def quantize(w, h, group: int = 32):
     for b0 in range(0, k, group):
         b1 = b0 + group
         wb = w[:, b0:b1].clone()
-        s, z = grid(wb)
+        s, z = grid(wb, levels)
         scale[:, b0 // group], zero[:, b0 // group] = s, z
         err = torch.empty_like(wb)
         ub = u[b0:b1, b0:b1]
         for j in range(group):
             col = wb[:, j]
-            lv = torch.clamp(torch.round(col / s) + z, 0, LEVELS)
+            lv = torch.clamp(torch.round(col / s) + z, 0, levels)
             q[:, b0 + j] = lv.to(torch.uint8)
             e = (col - (lv - z) * s) / ub[j, j]
             wb[:, j + 1:] -= e[:, None] * ub[j, j + 1:][None, :]

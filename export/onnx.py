@@ -107,8 +107,9 @@ def resolve_quant_algo(req, base):
     (``benchmarks/results/onnx_gptq.json``; PyTorch fp32 demo 96 % / chat 94 %):
     - separate, on a base from a 4-bit GGUF: ``source_grid`` keeps the base exactly (demo 97 %, ppl +1.0 %,
       where ``k_quant_last`` is 72 % / +27 % and ``gptq_last`` 95 % / +11 %);
-    - merged, with the task's data (``--calib``, or a training run's data): ``gptq_last`` (demo 95 %, chat 93 %,
-      ppl +14 % / +11 %, where ``k_quant_last`` is 94 % / 89 % at +20 % / +11 %), at about 3x the build time;
+    - merged, with the task's data (``--calib``, or a training run's data): ``gptq_mixed``, GPTQ with llama.cpp's
+      Q4_K_M choice of MatMuls at int8 (demo 95 %, chat 92 %, ppl +5.9 % / +4.6 %, +10 % bytes; ``gptq_last`` 96 % /
+      93 % at +14.5 % / +11.2 %, ``k_quant_last`` 94 % / 89 % at +19.8 % / +10.7 %), at about 3.5x the build time;
     - otherwise ``k_quant_last``, the builder's data-free k-quant (GPTQ on generic text alone is not measured)."""
     import dataclasses
 
@@ -127,7 +128,7 @@ def resolve_quant_algo(req, base):
         except EdgepeftError:  # the run's data moved or changed: no task data to calibrate on
             found = None
         if found is not None and found.kind != "bundled":
-            algo, why = "gptq_last", f"GPTQ on {found.source} plus generic text"
+            algo, why = "gptq_mixed", f"GPTQ on {found.source} plus generic text, Q4_K_M's int8 layers"
     if why:
         info(f"--quant-algo auto: {algo} ({why})")
     return dataclasses.replace(req, quant_algo=algo)

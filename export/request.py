@@ -20,9 +20,10 @@ ONNX_TARGETS = ("cpu", "cuda", "qnn-htp")
 # 80/100, rtn_last 82/100, k_quant_last 100/100, so k-quant's scale search on the body is what
 # keeps a fine-tune's answers at int4 (docs/onnx.md has the full table).
 # gptq_last / gptq: GPTQ on calibration data (edgepeft.calib.select_calibration; export/onnx_calib.py, export/gptq.py),
-# int4 only. auto (the default): export/onnx.py:resolve_quant_algo picks one of them per export.
+# int4 only; gptq_mixed also keeps Q4_K_M's more-bits MatMuls (attn_v, ffn_down of some layers) at int8.
+# auto (the default): export/onnx.py:resolve_quant_algo picks one of them per export.
 ONNX_QUANT_ALGOS = ("auto", "k_quant_last", "rtn_last", "k_quant", "rtn", "k_quant_mixed", "default", "gptq_last",
-                    "gptq", "source_grid")
+                    "gptq", "gptq_mixed", "source_grid")
 
 
 @dataclass

@@ -86,6 +86,35 @@ def test_dead_columns_get_zero_weight_and_k_must_fill_groups():
         G.quantize(w[:, :100], h[:100, :100])
 
 
+def test_int8_levels_use_the_whole_byte_and_cut_the_error():
+    """levels=255 (gptq_mixed's int8 MatMuls): the same solver on MatMulNBits' 8-bit grid."""
+    w, x, h = _data()
+    q4, s4, z4 = G.quantize(w, h)
+    q8, s8, z8 = G.quantize(w, h, levels=255)
+    assert int(q8.max()) > 15 and int(z8.max()) <= 255
+    e4, e8 = _out_err(G.dequantize(q4, s4, z4), w, x), _out_err(G.dequantize(q8, s8, z8), w, x)
+    assert e8 < e4 / 100  # 16x finer steps: the squared error falls by about 256x
+
+
+def test_more_bits_follows_llama_cpp_q4_k_m():
+    """attn_v and ffn_down of llama.cpp's use_more_bits layers (src/llama-quant.cpp), on builder node names:
+    30 layers (smollm2-135m) -> 0-2, 5, 8, ..., 23, 26-29; two layers -> the last one."""
+    from edgepeft.export.onnx_calib import more_bits
+
+    def names(layers):
+        return [f"/model/layers.{i}/{part}/MatMul" for i in range(layers)
+                for part in ("attn/q_proj", "attn/v_proj", "attn/o_proj", "mlp/up_proj", "mlp/down_proj")]
+
+    got = more_bits(names(30))
+    layers = sorted({int(n.split("/")[2].split(".")[1]) for n in got})
+    assert layers == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    assert {n.split("/")[-2] for n in got} == {"v_proj", "down_proj"} and len(got) == 28
+    assert more_bits(names(2)) == {"/model/layers.1/attn/v_proj/MatMul", "/model/layers.1/mlp/down_proj/MatMul"}
+    fused = more_bits([n.replace("q_proj", "qkv_proj") for n in names(2) if "v_proj" not in n])  # merged builds
+    assert fused == {"/model/layers.1/attn/qkv_proj/MatMul", "/model/layers.1/mlp/down_proj/MatMul"}
+    assert more_bits(["/lm_head/MatMul"]) == set()
+
+
 def test_onnx_calib_pads_k_to_whole_blocks():
     from edgepeft.export.onnx_calib import _solve
 

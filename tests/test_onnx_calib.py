@@ -116,6 +116,29 @@ def _assert_table_rows_match(out, base):
     assert got.shape == want.shape and np.all(np.abs(got - want) <= step * 0.51 + 1e-7)
 
 
+def test_gptq_mixed_keeps_q4_k_m_more_bits_matmuls_at_int8(tiny_llama, adapter, calib_file, tmp_path):
+    """--quant-algo gptq_mixed: GPTQ int4, with the attention input projection and ffn_down of llama.cpp's
+    use_more_bits layers (of two layers: the last) solved at int8 too; verified like any int4 export."""
+    from onnx import helper
+
+    p = run_cli("export", "--format", "onnx", "--base", tiny_llama, "--adapter", adapter, "--name", "a",
+                "--quant", "int4", "--quant-algo", "gptq_mixed", "--merge-into", "original", "--calib", calib_file,
+                "--out", tmp_path / "out", "--json")
+    assert p.returncode == 0, p.stderr
+    rec = json.loads((tmp_path / "out" / ONNX_SIDECAR).read_text())
+    assert rec["quant_algo"] == "gptq_mixed" and rec["gptq"]["int8_matmuls"] == 2
+    import onnx
+
+    m = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    bits = {n.name: {a.name: helper.get_attribute_value(a) for a in n.attribute}["bits"]
+            for n in m.graph.node if n.op_type == "MatMulNBits"}
+    eight = sorted(n for n, b in bits.items() if b == 8)
+    assert len(eight) == 3 and all("layers.1/" in n or "lm_head" in n for n in eight), eight
+    assert {n.split("/")[-2] for n in eight if "layers.1/" in n} == {"qkv_proj", "down_proj"}, eight
+    assert all(b == 4 for n, b in bits.items() if n not in eight)
+    assert all(c["passed"] for c in rec["verification"]["checks"])
+
+
 def test_gptq_refuses_other_quants(tiny_llama, tmp_path):
     assert_clean_error(run_cli("export", "--format", "onnx", "--base", tiny_llama, "--quant", "int8",
                                "--quant-algo", "gptq_last", "--out", tmp_path / "o"), "--quant-algo", "int4")
@@ -176,7 +199,7 @@ def test_quant_algo_auto_picks_gptq_only_with_task_data(case, tiny_llama, adapte
     p = run_cli(*args)
     assert p.returncode == 0, p.stderr
     rec = json.loads((tmp_path / "out" / ONNX_SIDECAR).read_text())
-    want = "gptq_last" if case == "merged-calib" else "k_quant_last"
+    want = "gptq_mixed" if case == "merged-calib" else "k_quant_last"
     assert rec["quant_algo"] == want
-    assert ("--quant-algo auto: gptq_last (GPTQ on --calib" in p.stderr) == (case == "merged-calib"), p.stderr
+    assert ("--quant-algo auto: gptq_mixed (GPTQ on --calib" in p.stderr) == (case == "merged-calib"), p.stderr
     assert ("gptq" in rec) == (case == "merged-calib")

@@ -35,9 +35,10 @@ from edgepeft.ui import edgepeft_command, print_json
 @click.option("--accuracy-level", default=4, show_default=True, type=int, help="onnx MatMulNBits accuracy level")
 @click.option("--quant-algo", default="auto", show_default=True,
               help="onnx int4/int8 weight algorithm: auto | k_quant_last | rtn_last | k_quant | rtn | k_quant_mixed | "
-                   "default | gptq_last | gptq | source_grid (*_last: lm_head at int8; gptq*: int4 calibrated on the "
-                   "adapter's training data or --calib plus generic text; source_grid: --mode separate int4 that keeps "
-                   "a 4-bit GGUF base's grid exactly; auto: source_grid where it applies, gptq_last for merged int4 "
+                   "default | gptq_last | gptq | gptq_mixed | source_grid (*_last: lm_head at int8; gptq*: int4 calibrated "
+                   "on the adapter's training data or --calib plus generic text; gptq_mixed: also attn_v and ffn_down "
+                   "of the layers Q4_K_M keeps at more bits at int8; source_grid: --mode separate int4 that keeps "
+                   "a 4-bit GGUF base's grid exactly; auto: source_grid where it applies, gptq_mixed for merged int4 "
                    "with task data, else k_quant_last)")
 @click.option("--target", default="cpu", show_default=True, help="onnx target: cpu | cuda | qnn-htp")
 @click.option("--device", default=None, help="Device profile name or YAML path (onnx qnn-htp).")
