@@ -108,8 +108,9 @@ def resolve_quant_algo(req, base):
     - separate, on a base from a 4-bit GGUF: ``source_grid`` keeps the base exactly (demo 97 %, ppl +1.0 %,
       where ``k_quant_last`` is 72 % / +27 % and ``gptq_last`` 95 % / +11 %);
     - merged, with the task's data (``--calib``, or a training run's data): ``gptq_mixed``, GPTQ with llama.cpp's
-      Q4_K_M choice of MatMuls at int8 (demo 95 %, chat 92 %, ppl +5.9 % / +4.6 %, +10 % bytes; ``gptq_last`` 96 % /
-      93 % at +14.5 % / +11.2 %, ``k_quant_last`` 94 % / 89 % at +19.8 % / +10.7 %), at about 3.5x the build time;
+      Q4_K_M choice of MatMuls at int8 (demo 96 %, chat 93 %, ppl +6.3 % / +4.4 %, +10 % bytes, 0.90x decode;
+      ``gptq_last`` 96 % / 93 % at +14.3 % / +11.5 %, ``k_quant_last`` 94 % / 89 % at +19.8 % / +10.7 %), at 2.6x
+      the build time;
     - otherwise ``k_quant_last``, the builder's data-free k-quant (GPTQ on generic text alone is not measured)."""
     import dataclasses
 

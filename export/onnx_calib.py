@@ -31,11 +31,15 @@ LAST = "/lm_head/MatMul"
 # between them. The builder fuses q, k and v into one ``/model/layers.{i}/attn/qkv_proj/MatMul`` (unfused where an
 # adapter plugs in: ``.../attn/v_proj/MatMul``), so the whole fused projection goes to int8. Measured on smollm2-135m
 # + the demo adapter, merged (benchmarks/results/onnx_gptq.json, ppl vs PyTorch on held-out wikitext-2): int4 body
-# +14.5 %; int8 ffn_down of those layers +9.6 %, of every layer +8.5 %; + qkv of those layers +5.9 %; all int8 -0.4 %.
+# +14.5 %; int8 ffn_down of those layers +9.6 %, of every layer +8.5 %; + qkv of those layers +5.9 % (+6.3 % after the
+# Hessians' GEMMs were pooled: fp32 order); qkv + ffn_down of every layer +2.8 % (+21 % bytes); all int8 -0.4 %.
 MORE_BITS_MODULES = ("qkv_proj", "v_proj", "down_proj")
 _LAYER = re.compile(r"/layers\.(\d+)/.*/(\w+)/MatMul$")
 _PAST = re.compile(r"^past_key_values\.\d+\.(key|value)$")
 MAX_TOKENS = 256  # per calibration text: the builder's attention and our Hessians stay small
+# rows of MatMul inputs pooled (over texts) into one x^T x GEMM: held as fp32, 1024 x the widths of every MatMul
+# input (400 MB on smollm2-135m)
+GEMM_ROWS = 1024
 
 
 class Feeds:
@@ -281,17 +285,29 @@ def _hessians(m, names: list[str], feeds: Feeds) -> dict[str, np.ndarray]:
     sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
     del probe
     sums: dict[str, np.ndarray] = {}
+    pending: dict[str, list[np.ndarray]] = {name: [] for name in names}
+
+    def flush(name: str) -> None:
+        # x^T x as one fp32 GEMM over the rows of several texts, summed in fp64. GEMM rows matter: on 2 AVX-512
+        # cores numpy reaches 16-100 GFLOP/s at a text's 60-250 rows and 255-320 at 1024 (smollm2-135m, 48 texts:
+        # 29 s of GEMMs per text, 2.5 s pooled; the ORT forward is 9 s)
+        x = np.concatenate(pending[name]) if len(pending[name]) > 1 else pending[name][0]
+        xtx = (x.T @ x).astype(np.float64)
+        sums[name] = xtx if name not in sums else sums[name] + xtx
+        pending[name] = []
+
     n = 0
     with stage("collect MatMul input statistics in onnxruntime", total=len(feeds.ids), unit="texts") as st:
         for feed in feeds:
             outs = sess.run(names, feed)
             n += 1
             for name, x in zip(names, outs):
-                # x^T x in fp32 GEMM (a text is at most MAX_TOKENS rows), summed in fp64: 38 -> 13 s for 48 texts
-                # on smollm2-135m, where an fp64 GEMM per text was the whole cost
-                x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
-                xtx = (x.T @ x).astype(np.float64)
-                sums[name] = xtx if name not in sums else sums[name] + xtx
+                pending[name].append(np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32))
+                if sum(len(p) for p in pending[name]) >= GEMM_ROWS:
+                    flush(name)
             st.advance()
+    for name in names:
+        if pending[name]:
+            flush(name)
     # ORT's form: the mean over texts of 2 x^T x (GPTQ itself is invariant to the scale)
     return {name: h * (2.0 / n) for name, h in sums.items()}
