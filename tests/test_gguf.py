@@ -593,6 +593,7 @@ def test_a_4_bit_source_names_the_type_that_keeps_it(smollm2):
     assert "--quant q4_1 keeps its weights exactly" in regrid_note("q4_1", "gguf", "q4_k_m", "separate")
     assert "rounds back onto the base's own grid" in regrid_note("q4_1", "gguf", "q4_1", "merged")
     assert "--quant int8 keeps it" in regrid_note("q4_k_m", "onnx", "int4", "merged")
+    assert "gptq_mixed on the task's data held" in regrid_note("q4_1", "onnx", "int4", "merged", "gptq_mixed")
     for source, fmt, quant, mode in (("q4_1", "gguf", "q4_1", "separate"), ("q4_1", "gguf", "q4_k_m", "merged"),
                                      ("q4_1", "gguf", "q8_0", "separate"), ("q4_1", "onnx", "int8", "separate"),
                                      ("f16", "onnx", "int4", "merged"), (None, "gguf", "q4_0", "separate"),
