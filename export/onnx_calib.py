@@ -34,7 +34,6 @@ LAST = "/lm_head/MatMul"
 # +14.5 %; int8 ffn_down of those layers +9.6 %, of every layer +8.5 %; + qkv of those layers +5.9 % (+6.3 % after the
 # Hessians' GEMMs were pooled: fp32 order); qkv + ffn_down of every layer +2.8 % (+21 % bytes); all int8 -0.4 %.
 MORE_BITS_MODULES = ("qkv_proj", "v_proj", "down_proj")
-_LAYER = re.compile(r"/layers\.(\d+)/.*/(\w+)/MatMul$")
 _PAST = re.compile(r"^past_key_values\.\d+\.(key|value)$")
 MAX_TOKENS = 256  # per calibration text: the builder's attention and our Hessians stay small
 # rows of MatMul inputs pooled (over texts) into one x^T x GEMM: held as fp32, 1024 x the widths of every MatMul
@@ -125,9 +124,11 @@ def use_more_bits(layer: int, layers: int) -> bool:
 
 def more_bits(names: Sequence[str]) -> set[str]:
     """The MatMuls of ``names`` that ``gptq_mixed`` quantizes at int8 (:data:`MORE_BITS_MODULES` x :func:`use_more_bits`)."""
-    found = {n: m for n in names if (m := _LAYER.search(n))}
-    layers = 1 + max((int(m.group(1)) for m in found.values()), default=-1)
-    return {n for n, m in found.items() if m.group(2) in MORE_BITS_MODULES and use_more_bits(int(m.group(1)), layers)}
+    from edgepeft.export.onnx_grid import BUILDER_NODE  # the builder's node names, kept in one place
+
+    found = {n: m for n in names if (m := BUILDER_NODE.match(n))}
+    layers = 1 + max((int(m["layer"]) for m in found.values()), default=-1)
+    return {n for n, m in found.items() if m["proj"] in MORE_BITS_MODULES and use_more_bits(int(m["layer"]), layers)}
 
 
 def gptq(model: Path, out: Path, feeds: Feeds, *, block_size: int, accuracy_level: int,
@@ -290,7 +291,7 @@ def _hessians(m, names: list[str], feeds: Feeds) -> dict[str, np.ndarray]:
     def flush(name: str) -> None:
         # x^T x as one fp32 GEMM over the rows of several texts, summed in fp64. GEMM rows matter: on 2 AVX-512
         # cores numpy reaches 16-100 GFLOP/s at a text's 60-250 rows and 255-320 at 1024 (smollm2-135m, 48 texts:
-        # 29 s of GEMMs per text, 2.5 s pooled; the ORT forward is 9 s)
+        # 29 s of GEMMs one text at a time; pooled, the whole stage is 13.5 s, 9 s of it the ORT forward)
         x = np.concatenate(pending[name]) if len(pending[name]) > 1 else pending[name][0]
         xtx = (x.T @ x).astype(np.float64)
         sums[name] = xtx if name not in sums else sums[name] + xtx

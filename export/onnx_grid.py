@@ -38,7 +38,7 @@ LEVELS = 16
 REL_TOL = 1e-5
 
 # builder MatMulNBits node -> Hugging Face weight (names as data)
-_NODE = re.compile(r"^/model/layers\.(?P<layer>\d+)/(?P<block>attn|mlp)/(?P<proj>\w+)/MatMul(_Q4)?$")
+BUILDER_NODE = re.compile(r"^/model/layers\.(?P<layer>\d+)/(?P<block>attn|mlp)/(?P<proj>\w+)/MatMul(_Q4)?$")
 _BLOCKS = {"attn": "self_attn", "mlp": "mlp"}
 
 
@@ -50,7 +50,7 @@ def keeps_source_grid(origin_quant: str | None) -> bool:
 
 def hf_weight(node_name: str) -> str | None:
     """The Hugging Face weight a builder MatMulNBits node computes with, or None (lm_head and the rest)."""
-    m = _NODE.match(node_name)
+    m = BUILDER_NODE.match(node_name)
     if not m:
         return None
     return f"model.layers.{m['layer']}.{_BLOCKS[m['block']]}.{m['proj']}.weight"
